@@ -1,0 +1,1 @@
+"""Pallas attention kernels for jaxvllm, each with a pure-jnp reference beside it."""
