@@ -1,0 +1,47 @@
+"""The `jaxvllm` command line: one sub-command per entry point.
+
+    jaxvllm generate [--model M] PROMPT...   generate text (greedy by default)
+    jaxvllm convert SRC OUT                  HF folder / Hub id / GGUF -> orbax checkpoint
+    jaxvllm --version
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jaxvllm
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxvllm", description="jaxvllm: LLM inference in JAX with paged attention.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  jaxvllm generate 'The capital of France is'\n"
+               "  jaxvllm convert Qwen/Qwen2.5-0.5B-Instruct ./qwen-jax --dtype bfloat16")
+    parser.add_argument("--version", action="version", version=f"jaxvllm {jaxvllm.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from jaxvllm.entrypoints import generate_cmd
+
+    generate_cmd.add_parser(sub)
+    from convert import cli as convert_cli
+
+    convert_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxvllm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
