@@ -80,7 +80,7 @@ class LayerStack(nnx.Module):
         self.names = tuple(layer_param_shapes(cfg))
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name).value for name in self.names}
+        return {name: getattr(self, name)[...] for name in self.names}
 
 
 class CausalLM(nnx.Module):
@@ -97,11 +97,11 @@ class CausalLM(nnx.Module):
                  kv: KVCache) -> tuple[jax.Array, KVCache]:
         """input_ids, positions: [T]. Returns the final hidden states [T, E] and the new cache."""
         cfg = self.cfg
-        x = self.embed.value[input_ids].astype(self.dtype)
+        x = self.embed[...][input_ids].astype(self.dtype)
         if cfg.has_projections:
-            x = x @ self.project_in.value
+            x = x @ self.project_in[...]
         if cfg.position == "learned":
-            x = x + self.pos_embed.value[positions + cfg.position_offset]
+            x = x + self.pos_embed[...][positions + cfg.position_offset]
         inv_freq = jnp.asarray(L.rope_inv_freq(cfg), jnp.float32) if cfg.position == "rope" else None
 
         def one_layer(carry, xs):
@@ -114,18 +114,18 @@ class CausalLM(nnx.Module):
         (x, kv), _ = jax.lax.scan(one_layer, (x, kv), (self.layers.arrays(), layer_ids))
 
         if cfg.final_norm:
-            x = self._norm(x, self.final_norm_scale.value,
-                           self.final_norm_bias.value if cfg.norm == "layer" else None)
+            x = self._norm(x, self.final_norm_scale[...],
+                           self.final_norm_bias[...] if cfg.norm == "layer" else None)
         if cfg.has_projections:
-            x = x @ self.project_out.value
+            x = x @ self.project_out[...]
         return x, kv
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """[N, E] hidden states -> [N, vocab] float32 logits."""
         if self.cfg.tie_word_embeddings:
-            logits = hidden @ self.embed.value.T
+            logits = hidden @ self.embed[...].T
         else:
-            logits = hidden @ self.lm_head.value
+            logits = hidden @ self.lm_head[...]
         return logits.astype(jnp.float32)
 
     def _norm(self, x, scale, bias):

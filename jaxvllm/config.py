@@ -1,0 +1,83 @@
+"""EngineConfig: every engine knob in one frozen dataclass, with vLLM's names and defaults.
+
+`LLM(**kwargs)` and `jaxvllm serve` flags land here; unknown names are an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+
+# On CPU the KV cache is not sized from free memory (that would take most of the host's RAM):
+# it holds max_num_seqs full-length requests, capped at this many bytes unless raised.
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: Any = "auto"
+    seed: int = 0
+    max_model_len: Optional[int] = None
+    block_size: int = 16
+    max_num_seqs: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: Optional[int] = None
+    cpu_kv_cache_bytes: int = DEFAULT_CPU_KV_CACHE_BYTES
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    tensor_parallel_size: int = 1
+    scheduling_policy: str = "fcfs"
+    attention_backend: Optional[str] = None
+    served_model_name: Optional[str] = None
+
+    def __post_init__(self):
+        def check(ok: bool, field: str, rule: str):
+            if not ok:
+                raise ValueError(f"{field}={getattr(self, field)!r}: {rule}")
+
+        check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size",
+              "must be a power of two up to 256")
+        check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", "must be >= 1")
+        check(self.max_num_seqs is None or self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+              "max_num_batched_tokens", "must be >= 1")
+        check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,
+              "num_gpu_blocks_override", "must be >= 2 (block 0 is reserved)")
+        check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy",
+              "must be 'fcfs' or 'priority'")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        if self.tensor_parallel_size > len(jax.devices()):
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} exceeds the "
+                             f"{len(jax.devices())} available devices")
+        check(self.tensor_parallel_size == 1, "tensor_parallel_size",
+              "tensor parallelism is not implemented yet; use 1")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unexpected engine argument(s): {', '.join(unknown)}; "
+                            f"accepted: {', '.join(sorted(names))}")
+        return cls(**kwargs)
+
+    @property
+    def on_cpu(self) -> bool:
+        return jax.default_backend() == "cpu"
+
+    def resolved_max_num_seqs(self) -> int:
+        return self.max_num_seqs or (16 if self.on_cpu else 256)
+
+    def resolved_max_num_batched_tokens(self, max_model_len: int) -> int:
+        if self.max_num_batched_tokens:
+            return self.max_num_batched_tokens
+        return 256 if self.on_cpu else 8192
+
+    def resolved_attention_backend(self) -> str:
+        return self.attention_backend or "reference"
