@@ -1,0 +1,68 @@
+"""Incremental detokenization and stop strings.
+
+Text grows token by token without re-decoding the whole output: a small window of earlier
+tokens (`prefix_offset..read_offset`) is decoded with the new ones so that byte-level BPE
+merges and leading spaces come out right; text ending in an incomplete UTF-8 character
+(U+FFFD) waits for the next token.
+"""
+
+from __future__ import annotations
+
+_WINDOW = 6  # earlier tokens decoded with the new ones (enough for multi-byte characters)
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = params.skip_special_tokens
+        self.spaces_between_special_tokens = params.spaces_between_special_tokens
+        self.stop = list(params.stop or [])
+        self.include_stop = params.include_stop_str_in_output
+        self.enabled = params.detokenize and tokenizer is not None
+        self.token_ids: list[int] = list(prompt_token_ids[-_WINDOW:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.token_ids)
+        self.text = ""
+        # text not yet released while it could still be the start of a stop string
+        self._held = max((len(s) for s in self.stop), default=1) - 1 if not self.include_stop else 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     spaces_between_special_tokens=self.spaces_between_special_tokens)
+
+    def append(self, token_id: int) -> str | None:
+        """Add one token; returns the stop string it completed, if any (text is then cut)."""
+        if not self.enabled:
+            return None
+        self.token_ids.append(token_id)
+        prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.token_ids[self.prefix_offset:])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return None
+        new = full[len(prefix):]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.token_ids)
+        start = max(0, len(self.text) - self._max_stop_len() + 1)
+        self.text += new
+        return self._check_stop(start)
+
+    def _max_stop_len(self) -> int:
+        return max((len(s) for s in self.stop), default=0)
+
+    def _check_stop(self, search_from: int) -> str | None:
+        best = None
+        for s in self.stop:
+            i = self.text.find(s, search_from)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return None
+        i, s = best
+        self.text = self.text[:i + len(s)] if self.include_stop else self.text[:i]
+        return s
+
+    def releasable_text(self, finished: bool) -> str:
+        """Text safe to stream: all of it when finished, else minus a possible stop prefix."""
+        if finished or not self.stop:
+            return self.text
+        return self.text[:max(0, len(self.text) - self._held)]

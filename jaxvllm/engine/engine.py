@@ -1,0 +1,291 @@
+"""LLMEngine: add_request / step / abort_request over the scheduler, runner and detokenizer.
+
+One `step()` schedules a ragged batch under the token budget, runs it as one jitted call,
+appends the sampled tokens, applies stop conditions and returns a `RequestOutput` for every
+request that made progress. A request with `n > 1` runs as n child sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from jaxvllm.cache import enable_compilation_cache
+from jaxvllm.config import EngineConfig
+from jaxvllm.engine.detokenizer import IncrementalDetokenizer
+from jaxvllm.engine.kv_cache import KVCacheManager
+from jaxvllm.engine.request import Request, RequestStatus
+from jaxvllm.engine.runner import ModelRunner
+from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig
+from jaxvllm.models.attention import kv_cache_bytes_per_block
+from jaxvllm.models.loader import load_model
+from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxvllm.sampling_params import SamplingParams
+
+_FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop",
+                   RequestStatus.FINISHED_LENGTH_CAPPED: "length",
+                   RequestStatus.FINISHED_ABORTED: "abort"}
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """Engine-side state of one child sequence."""
+
+    request: Request
+    index: int
+    detokenizer: IncrementalDetokenizer
+    logprobs: Optional[list] = None
+    cumulative_logprob: float = 0.0
+    stop_reason: Any = None
+
+
+@dataclasses.dataclass
+class _Parent:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[_Sequence]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.status.is_finished for s in self.sequences)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        enable_compilation_cache()
+        self.loaded = load_model(config.model, dtype=config.dtype,
+                                 attention_backend=config.resolved_attention_backend())
+        self.model_config = self.loaded.config
+        self.tokenizer = self._load_tokenizer()
+        self.max_model_len = self._max_model_len()
+        self.vocab_size = self.model_config.vocab_size
+        max_num_seqs = config.resolved_max_num_seqs()
+        budget = max(config.resolved_max_num_batched_tokens(self.max_model_len), 1)
+        if not config.enable_chunked_prefill:
+            budget = max(budget, self.max_model_len)
+        self.num_blocks = self._num_blocks(max_num_seqs)
+        self.kv_manager = KVCacheManager(self.num_blocks, config.block_size,
+                                         enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                            max_model_len=self.max_model_len, policy=config.scheduling_policy,
+                            enable_chunked_prefill=config.enable_chunked_prefill),
+            self.kv_manager)
+        self.runner = ModelRunner(self.loaded.model, num_blocks=self.num_blocks,
+                                  block_size=config.block_size, max_model_len=self.max_model_len,
+                                  max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
+        self._parents: dict[str, _Parent] = {}
+        self._child_to_parent: dict[str, _Parent] = {}
+        self._seed_rng = np.random.default_rng(config.seed)
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer is not None else []
+        self._eos_ids = [i for i in dict.fromkeys(eos + list(self.model_config.eos_token_ids))
+                         if i is not None]
+
+    @classmethod
+    def from_engine_args(cls, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig.from_kwargs(**kwargs))
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _load_tokenizer(self):
+        from jaxvllm.tokenizer import load_tokenizer
+
+        try:
+            return load_tokenizer(self.loaded.source, self.config.tokenizer)
+        except FileNotFoundError:
+            if self.config.tokenizer is not None:
+                raise
+            return None  # a model without tokenizer files takes token ids only
+
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        if self.config.max_model_len is None:
+            return limit
+        if self.config.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({limit})")
+        return self.config.max_model_len
+
+    def _num_blocks(self, max_num_seqs: int) -> int:
+        cfg = self.config
+        if cfg.num_gpu_blocks_override is not None:
+            return cfg.num_gpu_blocks_override
+        per_block = kv_cache_bytes_per_block(self.model_config, cfg.block_size, self.loaded.dtype)
+        blocks_per_seq = math.ceil(self.max_model_len / cfg.block_size)
+        if cfg.on_cpu:
+            wanted = max_num_seqs * blocks_per_seq
+            return 1 + max(blocks_per_seq, min(wanted, cfg.cpu_kv_cache_bytes // per_block))
+        stats = jax.devices()[0].memory_stats() or {}
+        limit = stats.get("bytes_limit", 0)
+        in_use = stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
+        # leave room for one step's activations and logits on top of weights
+        free = limit * cfg.gpu_memory_utilization - in_use - (1 << 30)
+        if free < per_block * blocks_per_seq:
+            raise ValueError(f"not enough device memory for one {self.max_model_len}-token "
+                             f"sequence's KV cache; lower max_model_len or raise "
+                             f"gpu_memory_utilization")
+        return 1 + int(free // per_block)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _tokenize(self, prompt) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass prompt token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            return None, [int(t) for t in prompt]
+        raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def add_request(self, request_id: str, prompt, params: Optional[SamplingParams] = None,
+                    arrival_time: Optional[float] = None, priority: int = 0) -> None:
+        params = params if params is not None else SamplingParams()
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt ({len(ids)} tokens) is longer than max_model_len "
+                             f"({self.max_model_len}) minus one generated token")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words needs a tokenizer")
+            params.update_from_tokenizer(self.tokenizer)
+        params.verify_token_ids(self.vocab_size)
+        if params.prompt_logprobs:
+            raise ValueError("prompt_logprobs is not supported yet")
+        if params.logprobs is not None and params.logprobs > 20:
+            raise ValueError(f"logprobs={params.logprobs}: at most 20 are returned")
+        arrival = time.time() if arrival_time is None else arrival_time
+        parent = _Parent(request_id, text, ids, params, [])
+        for index in range(params.n):
+            child = self._child_params(params, index)
+            child_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            req = Request(request_id=child_id, prompt_token_ids=list(ids), sampling_params=child,
+                          eos_token_id=self._eos_ids[0] if self._eos_ids else None,
+                          arrival_time=arrival, priority=priority)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, child)
+            seq = _Sequence(req, index, detok, [] if params.logprobs is not None else None)
+            parent.sequences.append(seq)
+            self._child_to_parent[child_id] = parent
+        self._parents[request_id] = parent
+        for seq in parent.sequences:
+            self.scheduler.add_request(seq.request)
+
+    def _child_params(self, params: SamplingParams, index: int) -> SamplingParams:
+        child = params.clone()
+        if child.max_tokens is None:
+            child.max_tokens = self.max_model_len  # the scheduler caps at max_model_len
+        if child.seed is not None:
+            child.seed = params.seed + index
+        elif not child.is_greedy:
+            child.seed = int(self._seed_rng.integers(0, 2**31 - 1))
+        extra_eos = self._eos_ids[1:]
+        if extra_eos and not child.ignore_eos:
+            child.stop_token_ids = list(dict.fromkeys(list(child.stop_token_ids or []) + extra_eos))
+        return child
+
+    def abort_request(self, request_id: str | Sequence[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            parent = self._parents.pop(rid, None)
+            if parent is None:
+                continue
+            live = [s.request.request_id for s in parent.sequences if not s.request.status.is_finished]
+            self.scheduler.finish_requests(live, RequestStatus.FINISHED_ABORTED)
+            for s in parent.sequences:
+                self._child_to_parent.pop(s.request.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        scheduled = [(s.request, s.num_new_tokens) for s in out.scheduled]
+        if not scheduled:
+            return []
+        result = self.runner.execute(scheduled, self.vocab_size)
+        self.scheduler.update_from_output(out, result.sampled)
+        touched: dict[str, _Parent] = {}
+        stopped = []
+        for rid, token in result.sampled.items():
+            parent = self._child_to_parent.get(rid)
+            if parent is None:
+                continue
+            seq = next(s for s in parent.sequences if s.request.request_id == rid)
+            if seq.logprobs is not None and rid in result.logprobs:
+                self._append_logprobs(seq, token, *result.logprobs[rid])
+            stop = seq.detokenizer.append(token)
+            if stop is not None and not seq.request.status.is_finished:
+                seq.stop_reason = stop
+                stopped.append(rid)
+            touched[parent.request_id] = parent
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        outputs = [self._output(p) for p in touched.values()]
+        for p in touched.values():
+            if p.finished:
+                self._parents.pop(p.request_id, None)
+                for s in p.sequences:
+                    self._child_to_parent.pop(s.request.request_id, None)
+        return outputs
+
+    def _append_logprobs(self, seq: _Sequence, token: int, ids, values, rank) -> None:
+        k = seq.request.sampling_params.logprobs
+        entry = {token: Logprob(values[0], rank, self._decode_one(token))}
+        for r, (tid, lp) in enumerate(zip(ids[1:k + 1], values[1:k + 1]), start=1):
+            entry.setdefault(tid, Logprob(lp, r, self._decode_one(tid)))
+        seq.logprobs.append(entry)
+        seq.cumulative_logprob += values[0]
+
+    def _decode_one(self, token: int) -> Optional[str]:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
+
+    def _output(self, parent: _Parent) -> RequestOutput:
+        completions = []
+        for seq in parent.sequences:
+            req = seq.request
+            finished = req.status.is_finished
+            reason = _FINISH_REASONS.get(req.status) if finished else None
+            stop_reason = seq.stop_reason if seq.stop_reason is not None else req.stop_reason
+            completions.append(CompletionOutput(
+                index=seq.index, text=seq.detokenizer.releasable_text(finished),
+                token_ids=list(req.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                logprobs=seq.logprobs, finish_reason=reason, stop_reason=stop_reason))
+        first = parent.sequences[0].request
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, None,
+                             completions, parent.finished,
+                             num_cached_tokens=max(first.num_cached_tokens, 0))
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {"num_compiled_programs": self.runner.num_compiled,
+                "compile_seconds": self.runner.compile_seconds,
+                "kv_cache_usage": self.kv_manager.usage,
+                "num_blocks": self.num_blocks,
+                "num_preemptions": self.scheduler.num_preemptions}

@@ -1,0 +1,125 @@
+"""ModelRunner: turns a SchedulerOutput into one padded ragged step on the device.
+
+It owns the model's split state, the stacked KV cache (donated to every call) and one
+compiled program per bucket: tokens `T`, requests `R` and block-table width `MB` are padded
+up to powers of two, so a server compiles a handful of programs, and each is compiled ahead
+of time the first time its bucket appears (counted in `num_compiled` / `compile_seconds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxvllm.engine.sampler import build_sampling_metadata, sample
+from jaxvllm.models.attention import AttentionMetadata, allocate_kv_cache
+
+
+def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
+    """The smallest power of two >= max(n, minimum), but at least n even past `maximum`."""
+    b = max(minimum, 1 << (max(n, 1) - 1).bit_length())
+    return b if maximum is None else max(n, min(b, maximum))
+
+
+@dataclasses.dataclass
+class StepResult:
+    sampled: dict[str, int]  # request id -> token, for requests that sampled this step
+    logprobs: dict[str, tuple[list[int], list[float], int]]  # id -> (token ids, logprobs, rank)
+
+
+def _step_fn(graphdef, num_logprobs, state, kv, input_ids, positions, meta, logits_indices,
+             sampling):
+    model = nnx.merge(graphdef, state)
+    hidden, kv = model(input_ids, positions, meta, kv)
+    logits = model.compute_logits(hidden[logits_indices])
+    return sample(logits, sampling, num_logprobs=num_logprobs), kv
+
+
+class ModelRunner:
+    def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int,
+                 max_num_batched_tokens: int, max_num_seqs: int):
+        self.cfg = model.cfg
+        self.graphdef, self.state = nnx.split(model)
+        self.block_size = block_size
+        self.max_blocks_per_req = -(-max_model_len // block_size)
+        self.max_tokens_bucket = bucket(max_num_batched_tokens, 16)
+        self.max_reqs_bucket = bucket(max_num_seqs, 4)
+        self.kv = allocate_kv_cache(model.cfg, num_blocks, block_size, model.dtype)
+        self._programs: dict[tuple, object] = {}
+        self.compile_seconds = 0.0
+
+    @property
+    def num_compiled(self) -> int:
+        return len(self._programs)
+
+    def _program(self, key, args):
+        program = self._programs.get(key)
+        if program is None:
+            start = time.perf_counter()
+            fn = jax.jit(functools.partial(_step_fn, self.graphdef, key[-1]), donate_argnums=(1,))
+            program = fn.lower(*args).compile()
+            self.compile_seconds += time.perf_counter() - start
+            self._programs[key] = program
+        return program
+
+    def execute(self, scheduled, vocab_size: int) -> StepResult:
+        """Run one step for `scheduled`: a list of (request, num_new_tokens) in batch order."""
+        bs = self.block_size
+        total = sum(n for _, n in scheduled)
+        num_reqs = len(scheduled)
+        widest = max(-(-(r.num_computed_tokens + n) // bs) for r, n in scheduled)
+        T = bucket(total, 16, self.max_tokens_bucket)
+        R = bucket(num_reqs, 4, self.max_reqs_bucket)
+        MB = bucket(widest, 1, bucket(self.max_blocks_per_req, 1))
+
+        ids = np.zeros(T, np.int32)
+        pos = np.zeros(T, np.int32)
+        slots = np.zeros(T, np.int32)  # padding writes into the null block 0
+        qsl = np.full(R + 1, total, np.int32)
+        seq_lens = np.zeros(R, np.int32)
+        tables = np.zeros((R, MB), np.int32)
+        logits_idx = np.zeros(R, np.int32)
+        t = 0
+        for i, (req, n) in enumerate(scheduled):
+            start = req.num_computed_tokens
+            p = np.arange(start, start + n)
+            blocks = np.asarray(req.block_ids, np.int32)
+            qsl[i] = t
+            ids[t:t + n] = req.all_token_ids[start:start + n]
+            pos[t:t + n] = p
+            slots[t:t + n] = blocks[p // bs] * bs + p % bs
+            seq_lens[i] = start + n
+            tables[i, :len(blocks)] = blocks[:MB]
+            t += n
+            logits_idx[i] = t - 1
+
+        rows = [req for req, _ in scheduled]
+        sampling, num_logprobs = build_sampling_metadata(rows, vocab_size, pad_rows_to=R)
+        meta = AttentionMetadata(jnp.asarray(qsl), jnp.asarray(seq_lens), jnp.asarray(tables),
+                                 jnp.asarray(slots))
+        args = (self.state, self.kv, jnp.asarray(ids), jnp.asarray(pos), meta,
+                jnp.asarray(logits_idx), sampling)
+        program = self._program((sampling.shape_key, T, R, MB, num_logprobs), args)
+        out, self.kv = program(*args)
+        return self._collect(scheduled, out, num_logprobs)
+
+    def _collect(self, scheduled, out, num_logprobs) -> StepResult:
+        tokens = np.asarray(out.token_ids)
+        sampled, logprobs = {}, {}
+        want = num_logprobs is not None
+        lp = np.asarray(out.logprobs) if want else None
+        lp_ids = np.asarray(out.logprob_token_ids) if want else None
+        ranks = np.asarray(out.sampled_ranks) if want else None
+        for i, (req, n) in enumerate(scheduled):
+            if req.num_computed_tokens + n < req.num_tokens:
+                continue  # a prompt chunk that does not reach the end samples nothing
+            sampled[req.request_id] = int(tokens[i])
+            if want:
+                logprobs[req.request_id] = (lp_ids[i].tolist(), lp[i].tolist(), int(ranks[i]))
+        return StepResult(sampled, logprobs)

@@ -1,0 +1,451 @@
+"""On-device sampling: penalties, logit bias, token masks, temperature, min-p / top-k / top-p,
+per-request seeded sampling and logprobs, as pure functions traced into the engine's jitted
+step.
+
+Every per-request setting travels as an array row of `SamplingMetadata`, so new values never
+recompile; only the padded shapes (rows `R` and the ragged widths `M`, `K`, `A`, `S`, `B`,
+each a power of two) and the static `num_logprobs` select a program. There is no Python
+control flow on array values: batch-wide shortcuts are `lax.cond`s that skip work no row
+needs (the allowed-token mask, the penalty counts, the random path when every row is greedy,
+the vocabulary sort when no row filters by top-k/top-p). A neutral row gives bit-identical
+results whether or not a shortcut is taken, so a row's token never depends on its batch.
+
+Order of operations (vLLM V1's `Sampler.forward`):
+
+1. raw logprobs: `log_softmax` of the model's logits, before any processing (vLLM's default
+   `logprobs_mode="raw_logprobs"`); only when `num_logprobs` is not None;
+2. `allowed_token_ids`: every other token -> -inf;
+3. bad words: the banned last tokens -> -inf;
+4. `min_tokens`: while a request has fewer outputs than `min_tokens`, its EOS and
+   `stop_token_ids` -> -inf;
+5. `logit_bias` added;
+6. penalties: repetition (tokens seen in the prompt or the output: positive logits divided
+   by the penalty, the others multiplied), then frequency (`-= f * count_in_output`), then
+   presence (`-= p * (count_in_output > 0)`);
+7. greedy rows (temperature < 1e-5) take the argmax of these processed logits;
+8. the other rows: divide by the temperature, min-p (drop tokens whose probability is below
+   `min_p` times the largest probability), top-k (keep tokens whose logit is at least the
+   k-th largest, ties kept), top-p (on the distribution left by top-k, keep the most likely
+   tokens until the mass of those before reaches `top_p`), then sample with the Gumbel-max
+   trick from the row's own key
+   `fold_in(fold_in(PRNGKey(0), seed), step_position)`: a seeded request draws the same
+   tokens whatever the rest of the batch is, and wherever its row sits.
+
+Top-p is applied as a threshold on the logit value (the smallest logit kept), so tokens
+tied with the last kept one are all kept, where vLLM's positional mask may drop some of the
+tie: this differs only on exact float ties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SAMPLING_EPS = 1e-5
+"""Rows with temperature below this are greedy."""
+
+_PAD = -1  # padding of every ragged id array
+
+
+# ---------------------------------------------------------------------------------------------
+# Device-side containers
+# ---------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingMetadata:
+    """Per-row sampling inputs for `R` rows (padded rows are greedy and neutral)."""
+
+    temperature: jax.Array  # [R] f32; < 1e-5 = greedy
+    top_p: jax.Array  # [R] f32; 1 = off
+    top_k: jax.Array  # [R] i32; 0 = off
+    min_p: jax.Array  # [R] f32; 0 = off
+    presence_penalty: jax.Array  # [R] f32
+    frequency_penalty: jax.Array  # [R] f32
+    repetition_penalty: jax.Array  # [R] f32; 1 = off
+    seeds: jax.Array  # [R] u32
+    step_positions: jax.Array  # [R] i32: index of the output token being sampled
+    token_ids: jax.Array  # [R, M] i32: prompt then output ids, -1 padded (penalty rows only)
+    num_prompt: jax.Array  # [R] i32: how many of token_ids are the prompt
+    bias_ids: jax.Array  # [R, K] i32, -1 padded
+    bias_values: jax.Array  # [R, K] f32
+    allowed_ids: jax.Array  # [R, A] i32, -1 padded; a row of all -1 allows everything
+    stop_ids: jax.Array  # [R, S] i32, -1 padded: EOS + stop_token_ids
+    suppress_stop: jax.Array  # [R] bool: ban stop_ids this step (output < min_tokens)
+    bad_word_ids: jax.Array  # [R, B] i32, -1 padded: tokens banned this step
+
+    @property
+    def num_rows(self) -> int:
+        return self.temperature.shape[0]
+
+    @property
+    def shape_key(self) -> tuple[int, ...]:
+        """(R, M, K, A, S, B): the shapes that, with `num_logprobs`, select a compiled
+        program; a runner caching compiled programs must include it in its key."""
+        return (self.temperature.shape[0], self.token_ids.shape[1], self.bias_ids.shape[1],
+                self.allowed_ids.shape[1], self.stop_ids.shape[1], self.bad_word_ids.shape[1])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: jax.Array  # [R] i32
+    # The rest are None when `sample` ran with num_logprobs=None.
+    logprobs: jax.Array | None  # [R, N+1] f32: the sampled token's, then the top N
+    logprob_token_ids: jax.Array | None  # [R, N+1] i32: the sampled token, then the top N
+    sampled_ranks: jax.Array | None  # [R] i32: 1-based rank of the sampled token
+
+
+# ---------------------------------------------------------------------------------------------
+# Processing on device
+# ---------------------------------------------------------------------------------------------
+
+
+def _ids_or_drop(ids: jax.Array, vocab: int, keep: jax.Array | None = None) -> jax.Array:
+    """Ids with padding (and entries where `keep` is False) moved out of range so that a
+    `mode="drop"` scatter skips them (a -1 index would wrap to the last token)."""
+    ok = ids >= 0
+    if keep is not None:
+        ok = ok & keep
+    return jnp.where(ok, ids, vocab)
+
+
+def _set_where_ids(logits: jax.Array, ids: jax.Array, value) -> jax.Array:
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, ids].set(value, mode="drop")
+
+
+def apply_penalties_and_bias(logits: jax.Array, meta: SamplingMetadata) -> jax.Array:
+    """Steps 2-6 of the module docstring: masks, logit bias and penalties on [R, V] logits.
+
+    Returns float32 logits of the same shape (banned tokens are -inf).
+    """
+    logits = logits.astype(jnp.float32)
+    num_rows, vocab = logits.shape
+    rows = jnp.arange(num_rows)[:, None]
+    neg_inf = jnp.float32(-jnp.inf)
+
+    # allowed_token_ids (skipped, with the penalties below, when no row uses them)
+    def restrict(x):
+        allowed = jnp.zeros((num_rows, vocab), jnp.bool_).at[
+            rows, _ids_or_drop(meta.allowed_ids, vocab)].set(True, mode="drop")
+        restricted = jnp.any(meta.allowed_ids >= 0, axis=1, keepdims=True)
+        return jnp.where(restricted & ~allowed, neg_inf, x)
+
+    logits = jax.lax.cond(jnp.any(meta.allowed_ids >= 0), restrict, lambda x: x, logits)
+
+    # bad words (their currently completable last tokens)
+    logits = _set_where_ids(logits, _ids_or_drop(meta.bad_word_ids, vocab), neg_inf)
+
+    # min_tokens: no EOS / stop token yet
+    logits = _set_where_ids(
+        logits, _ids_or_drop(meta.stop_ids, vocab, meta.suppress_stop[:, None]), neg_inf)
+
+    # logit_bias
+    logits = logits.at[rows, _ids_or_drop(meta.bias_ids, vocab)].add(
+        meta.bias_values.astype(jnp.float32), mode="drop")
+
+    # penalties, from counts built here rather than dense masks sent from the host
+    def penalise(x):
+        ids = meta.token_ids
+        in_output = jnp.arange(ids.shape[1])[None, :] >= meta.num_prompt[:, None]
+        output_counts = jnp.zeros((num_rows, vocab), jnp.int32).at[
+            rows, _ids_or_drop(ids, vocab, in_output)].add(1, mode="drop")
+        in_prompt = jnp.zeros((num_rows, vocab), jnp.bool_).at[
+            rows, _ids_or_drop(ids, vocab, ~in_output)].set(True, mode="drop")
+        in_output_mask = output_counts > 0
+        rep = jnp.where(in_prompt | in_output_mask, meta.repetition_penalty[:, None], 1.0)
+        x = jnp.where(x > 0, x / rep, x * rep)
+        x = x - meta.frequency_penalty[:, None] * output_counts.astype(jnp.float32)
+        return x - meta.presence_penalty[:, None] * in_output_mask.astype(jnp.float32)
+
+    any_penalty = jnp.any((meta.repetition_penalty != 1.0) | (meta.frequency_penalty != 0.0)
+                          | (meta.presence_penalty != 0.0))
+    logits = jax.lax.cond(any_penalty, penalise, lambda x: x, logits)
+    return logits
+
+
+def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Drop tokens whose probability is below `min_p` times the row's largest probability
+    (p_i / p_max = exp(x_i - x_max)). `logits` are already divided by the temperature."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    keep = jnp.exp(logits - top) >= min_p[:, None]
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Top-k then top-p with one descending sort of the vocabulary.
+
+    top-k keeps the tokens whose logit is >= the k-th largest (k <= 0 or >= V: off);
+    top-p then keeps, in descending order, each token whose preceding probability mass (of
+    the distribution left by top-k) is below `top_p` (1: off). Both become one threshold on
+    the logit value.
+    """
+    vocab = logits.shape[-1]
+    desc = jnp.sort(logits, axis=-1, descending=True)
+    k = jnp.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
+    in_top_k = desc >= kth
+    desc_k = jnp.where(in_top_k, desc, -jnp.inf)
+    probs = jax.nn.softmax(desc_k, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    in_top_p = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    num_kept = jnp.sum(in_top_k & in_top_p, axis=-1)
+    cutoff = jnp.take_along_axis(desc, jnp.maximum(num_kept - 1, 0)[:, None], axis=-1)
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
+    """One PRNG key per row: fold_in(fold_in(PRNGKey(0), seed), position)."""
+    base = jax.random.PRNGKey(0)
+    return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.fold_in(base, s), p))(
+        seeds.astype(jnp.uint32), positions.astype(jnp.uint32))
+
+
+def gather_logprobs(logprobs: jax.Array, token_ids: jax.Array, num_logprobs: int):
+    """For [N, V] logprobs and chosen [N] ids: (values [N, k+1], ids [N, k+1], ranks [N]),
+    the chosen token first then the top `num_logprobs`; rank is 1-based (the number of
+    tokens at least as likely as the chosen one). Usable for prompt logprobs too."""
+    token_ids = token_ids.astype(jnp.int32)
+    chosen = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)
+    ranks = jnp.sum(logprobs >= chosen, axis=-1).astype(jnp.int32)
+    if num_logprobs > 0:
+        top_vals, top_ids = jax.lax.top_k(logprobs, num_logprobs)
+        values = jnp.concatenate([chosen, top_vals], axis=-1)
+        ids = jnp.concatenate([token_ids[:, None], top_ids.astype(jnp.int32)], axis=-1)
+    else:
+        values, ids = chosen, token_ids[:, None]
+    return values, ids, ranks
+
+
+def sample(logits: jax.Array, meta: SamplingMetadata, *,
+           num_logprobs: int | None = None) -> SamplerOutput:
+    """Sample one token per row of [R, V] logits (call inside jit; `num_logprobs` static).
+
+    `num_logprobs=None` returns no logprobs; an int N >= 0 returns the sampled token's raw
+    logprob and the top N (`SamplerOutput.logprobs` [R, N+1]).
+    """
+    logits = logits.astype(jnp.float32)
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1) if num_logprobs is not None else None
+
+    processed = apply_penalties_and_bias(logits, meta)
+    greedy_tokens = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    is_greedy = meta.temperature < SAMPLING_EPS
+
+    def random_tokens(x):
+        temperature = jnp.where(is_greedy, 1.0, meta.temperature).astype(jnp.float32)
+        x = x / temperature[:, None]
+        x = apply_min_p(x, meta.min_p)
+        needs_sort = jnp.any(~is_greedy & (((meta.top_k > 0) & (meta.top_k < x.shape[-1]))
+                                           | (meta.top_p < 1.0)))
+        x = jax.lax.cond(needs_sort, lambda y: apply_top_k_top_p(y, meta.top_k, meta.top_p),
+                         lambda y: y, x)
+        keys = row_keys(meta.seeds, meta.step_positions)
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, x.shape[-1:], jnp.float32))(keys)
+        return jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
+
+    sampled = jax.lax.cond(jnp.all(is_greedy), lambda x: greedy_tokens, random_tokens,
+                           processed)
+    tokens = jnp.where(is_greedy, greedy_tokens, sampled)
+
+    if num_logprobs is None:
+        return SamplerOutput(tokens, None, None, None)
+    values, ids, ranks = gather_logprobs(raw_logprobs, tokens, num_logprobs)
+    return SamplerOutput(tokens, values, ids, ranks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: rows -> padded metadata
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RowSpec:
+    """One row's sampling inputs on the host (what `build_sampling_metadata` packs)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    step_position: int = 0  # index of the output token being sampled (= outputs so far)
+    token_ids: Sequence[int] = ()  # prompt then output ids (read only for penalty rows)
+    num_prompt: int = 0  # how many of token_ids are the prompt
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: Sequence[int] | None = None
+    stop_ids: Sequence[int] = ()  # EOS + stop_token_ids (banned while suppress_stop)
+    suppress_stop: bool = False
+    bad_word_ids: Sequence[int] = ()  # tokens banned at this step
+    num_logprobs: int | None = None  # SamplingParams.logprobs
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)
+
+    @classmethod
+    def from_params(cls, params: Any, prompt_token_ids: Sequence[int],
+                    output_token_ids: Sequence[int], *, seed: int | None = None,
+                    eos_token_ids: Iterable[int | None] = (),
+                    token_ids: Sequence[int] | None = None) -> RowSpec:
+        """The row of a request with `SamplingParams` `params` whose prompt and outputs so
+        far are given. `seed` is used when `params.seed` is None (a fresh random one when
+        both are). `token_ids` may pass prompt+output already concatenated."""
+        if params.seed is not None:
+            seed = params.seed
+        elif seed is None:
+            seed = int(_host_rng.integers(0, 2**32))
+        num_out = len(output_token_ids)
+        stop = set(params.stop_token_ids or ())
+        stop.update(getattr(params, "all_stop_token_ids", ()) or ())
+        stop.update(t for t in eos_token_ids if t is not None)
+        bad_seqs = getattr(params, "bad_words_token_ids", None)
+        if token_ids is None:
+            token_ids = list(prompt_token_ids) + list(output_token_ids)
+        return cls(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            min_p=params.min_p, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty, seed=seed, step_position=num_out,
+            token_ids=token_ids, num_prompt=len(prompt_token_ids),
+            logit_bias=params.logit_bias, allowed_token_ids=params.allowed_token_ids,
+            stop_ids=sorted(stop), suppress_stop=num_out < params.min_tokens,
+            bad_word_ids=banned_bad_word_tokens(bad_seqs, output_token_ids) if bad_seqs else (),
+            num_logprobs=params.logprobs)
+
+    @classmethod
+    def from_request(cls, request: Any) -> RowSpec:
+        """The row of an engine `Request` (`sampling_params`, `prompt_token_ids`,
+        `output_token_ids`, optional `eos_token_id` / `all_token_ids`)."""
+        eos = getattr(request, "eos_token_id", None)
+        return cls.from_params(request.sampling_params, request.prompt_token_ids,
+                               request.output_token_ids, eos_token_ids=(eos,),
+                               token_ids=getattr(request, "all_token_ids", None))
+
+
+_host_rng = np.random.default_rng()
+
+
+def banned_bad_word_tokens(bad_words_token_ids: Iterable[Sequence[int]] | None,
+                           output_token_ids: Sequence[int]) -> list[int]:
+    """The tokens to ban at the next step: the last token of every bad word whose other
+    tokens are the end of the output so far (single-token words are always banned)."""
+    banned = []
+    n = len(output_token_ids)
+    for seq in bad_words_token_ids or ():
+        prefix = list(seq[:-1])
+        if len(prefix) > n:
+            continue
+        if not prefix or list(output_token_ids[n - len(prefix):]) == prefix:
+            banned.append(int(seq[-1]))
+    return banned
+
+
+def pow2_at_least(n: int) -> int:
+    """The smallest power of two >= max(n, 1)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def bucket_num_logprobs(n: int | None) -> int | None:
+    """The static `num_logprobs` for a batch whose largest request is `n`: None stays None,
+    0 stays 0, others round up to a power of two (fewer compiled programs; callers keep the
+    first `logprobs` entries)."""
+    return None if n is None else (0 if n <= 0 else pow2_at_least(n))
+
+
+def _ragged(lists: Sequence[Sequence[int]], num_rows: int, dtype=np.int32, fill=_PAD) -> np.ndarray:
+    width = pow2_at_least(max((len(x) for x in lists), default=0))
+    out = np.full((num_rows, width), fill, dtype)
+    for i, x in enumerate(lists):
+        if len(x):
+            out[i, :len(x)] = x
+    return out
+
+
+def _check_ids(name: str, ids: np.ndarray, vocab_size: int) -> None:
+    real = ids[ids != _PAD]
+    if real.size and (real.min() < 0 or real.max() >= vocab_size):
+        bad = sorted(set(real[(real < 0) | (real >= vocab_size)].tolist()))
+        raise ValueError(f"{name} holds token ids {bad[:8]} outside [0, {vocab_size})")
+
+
+def build_sampling_metadata(rows: Sequence[Any], vocab_size: int,
+                            pad_rows_to: int | None = None, *,
+                            device_put: bool = True) -> tuple[SamplingMetadata, int | None]:
+    """Pack rows into a `SamplingMetadata` for [R, vocab_size] logits.
+
+    `rows`: `RowSpec`s, or engine requests (anything with `sampling_params`, turned into a
+    row by `RowSpec.from_request`). `pad_rows_to`: R (>= len(rows)); padded rows are greedy
+    and neutral. Each ragged width (M, K, A, S, B) is padded to a power of two, >= 1.
+    Returns (metadata, num_logprobs): the static `num_logprobs` to pass to `sample`, None
+    when no row asked for logprobs (see `bucket_num_logprobs`). `device_put=False` keeps
+    numpy arrays.
+    """
+    specs = [r if isinstance(r, RowSpec) else RowSpec.from_request(r) for r in rows]
+    n = len(specs)
+    num_rows = n if pad_rows_to is None else pad_rows_to
+    if num_rows < n:
+        raise ValueError(f"pad_rows_to={pad_rows_to} is smaller than the {n} rows")
+
+    def col(name, dtype, fill):
+        out = np.full(num_rows, fill, dtype)
+        out[:n] = [getattr(s, name) for s in specs]
+        return out
+
+    temperature = col("temperature", np.float32, 0.0)
+    top_k = np.zeros(num_rows, np.int32)
+    top_k[:n] = [0 if (s.top_k <= 0 or s.top_k >= vocab_size) else s.top_k for s in specs]
+    seeds = np.zeros(num_rows, np.uint32)
+    seeds[:n] = [int(s.seed) & 0xFFFFFFFF for s in specs]
+
+    penalty_rows = [s.uses_penalties for s in specs]
+    token_lists = [np.asarray(s.token_ids, np.int32) if p else () for s, p in zip(specs, penalty_rows)]
+    num_prompt = np.zeros(num_rows, np.int32)
+    num_prompt[:n] = [s.num_prompt if p else 0 for s, p in zip(specs, penalty_rows)]
+
+    bias_lists = [list((s.logit_bias or {}).items()) for s in specs]
+    bias_ids = _ragged([[t for t, _ in b] for b in bias_lists], num_rows)
+    bias_values = _ragged([[v for _, v in b] for b in bias_lists], num_rows, np.float32, 0.0)
+    allowed_ids = _ragged([s.allowed_token_ids or () for s in specs], num_rows)
+    stop_ids = _ragged([s.stop_ids for s in specs], num_rows)
+    bad_word_ids = _ragged([s.bad_word_ids for s in specs], num_rows)
+    token_ids = _ragged(token_lists, num_rows)
+    for name, ids in (("logit_bias", bias_ids), ("allowed_token_ids", allowed_ids),
+                      ("stop_ids", stop_ids), ("bad_word_ids", bad_word_ids),
+                      ("token_ids", token_ids)):
+        _check_ids(name, ids, vocab_size)
+
+    meta = SamplingMetadata(
+        temperature=temperature,
+        top_p=col("top_p", np.float32, 1.0),
+        top_k=top_k,
+        min_p=col("min_p", np.float32, 0.0),
+        presence_penalty=col("presence_penalty", np.float32, 0.0),
+        frequency_penalty=col("frequency_penalty", np.float32, 0.0),
+        repetition_penalty=col("repetition_penalty", np.float32, 1.0),
+        seeds=seeds,
+        step_positions=col("step_position", np.int32, 0),
+        token_ids=token_ids,
+        num_prompt=num_prompt,
+        bias_ids=bias_ids,
+        bias_values=bias_values,
+        allowed_ids=allowed_ids,
+        stop_ids=stop_ids,
+        suppress_stop=col("suppress_stop", np.bool_, False),
+        bad_word_ids=bad_word_ids,
+    )
+    wanted = [s.num_logprobs for s in specs if s.num_logprobs is not None]
+    num_logprobs = bucket_num_logprobs(max(wanted)) if wanted else None
+    if num_logprobs is not None:
+        num_logprobs = min(num_logprobs, vocab_size)
+    if device_put:
+        meta = jax.device_put(meta)
+    return meta, num_logprobs

@@ -1,0 +1,348 @@
+"""Token-budget scheduler: who runs in the next step, and with how many tokens.
+
+There is no prefill phase and no decode phase. Every request has `num_tokens` (prompt plus
+output so far) and `num_computed_tokens` (tokens whose KV is cached); each step hands out a
+budget of `max_num_batched_tokens`, and each scheduled request's `num_computed_tokens`
+catches up with its `num_tokens` by as much as the budget allows. A new prompt, a chunk of a
+long prompt, a recomputation after preemption and a one-token decode are all the same thing:
+a request with some tokens left to compute. When the last one is computed the model's logits
+for it give the next token, which makes `num_tokens` one larger again.
+
+Running requests go first, in admission order; then waiting ones (FCFS, or by priority).
+When the KV cache runs out of blocks, the scheduler preempts from the tail of the running
+list (the newest, or the lowest priority) by recompute: the victim drops its blocks and goes
+back to the front of the waiting queue, keeping the tokens it has generated.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from jaxvllm.engine.kv_cache import KVCacheManager
+from jaxvllm.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int  # requests running at once (rows of a step)
+    max_num_batched_tokens: int  # token budget of one step (length of the ragged batch)
+    max_model_len: int  # prompt + output never exceed this
+    policy: str = "fcfs"  # "fcfs" or "priority" (lower `priority` value first, as vLLM)
+    enable_chunked_prefill: bool = True  # split prompts longer than the remaining budget
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy={self.policy!r}: expected 'fcfs' or 'priority'")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than "
+                f"max_model_len={self.max_model_len}: without chunked prefill a long prompt "
+                "could never be scheduled")
+
+
+@dataclass
+class ScheduledRequest:
+    """One row of a step."""
+
+    # The request itself, for its token ids and sampling params. The scheduler does not
+    # touch it between schedule() and update_from_output(), so the runner may read it.
+    request: Request
+    # Tokens to compute this step: all_token_ids[num_computed_tokens:][:num_new_tokens].
+    num_new_tokens: int
+    # Position of the first new token; the request's own field moves on in update_from_output.
+    num_computed_tokens: int
+    # The block table for this step, covering num_computed_tokens + num_new_tokens tokens.
+    block_ids: list[int]
+    # True when this step reaches the end of the sequence, so its last logits give a token.
+    # False for a prompt (or recomputation) chunk that stops short: nothing is sampled.
+    do_sample: bool
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def token_ids(self) -> list[int]:
+        start = self.num_computed_tokens
+        return self.request.all_token_ids[start:start + self.num_new_tokens]
+
+
+@dataclass
+class SchedulerOutput:
+    # The batch, in row order: running requests first, then newly admitted ones.
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # Sum of num_new_tokens: the length of the ragged token batch (before bucket padding).
+    num_scheduled_tokens: int = 0
+    # Requests that lost their blocks this step; a runner keeping per-request state drops it.
+    preempted_req_ids: list[str] = field(default_factory=list)
+    # Requests finished or aborted since the previous schedule(): likewise dropped by the runner.
+    finished_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class _WaitingQueue:
+    """Requests waiting for admission: FIFO, or a heap on (priority, arrival_time)."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self._fifo: deque[Request] = deque()
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._seq = itertools.count()  # tie-break: insertion order
+
+    def __len__(self) -> int:
+        return len(self._fifo) if self.policy == "fcfs" else len(self._heap)
+
+    def __iter__(self) -> Iterator[Request]:
+        if self.policy == "fcfs":
+            return iter(self._fifo)
+        return (entry[-1] for entry in sorted(self._heap))
+
+    def add(self, req: Request, front: bool = False) -> None:
+        if self.policy == "fcfs":
+            self._fifo.appendleft(req) if front else self._fifo.append(req)
+        else:
+            # A preempted request keeps its (priority, arrival) key, which already puts it
+            # ahead of everything that arrived after it at its priority.
+            heapq.heappush(self._heap, (req.priority, req.arrival_time, next(self._seq), req))
+
+    def peek(self) -> Request:
+        return self._fifo[0] if self.policy == "fcfs" else self._heap[0][-1]
+
+    def pop(self) -> Request:
+        return self._fifo.popleft() if self.policy == "fcfs" else heapq.heappop(self._heap)[-1]
+
+    def remove(self, req: Request) -> None:
+        if self.policy == "fcfs":
+            self._fifo.remove(req)
+        else:
+            self._heap = [entry for entry in self._heap if entry[-1] is not req]
+            heapq.heapify(self._heap)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager):
+        usable = (kv_manager.num_blocks - 1) * kv_manager.block_size
+        if usable < config.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {usable} tokens ({kv_manager.num_blocks - 1} blocks of "
+                f"{kv_manager.block_size}), fewer than max_model_len={config.max_model_len}: "
+                "one long request could never run")
+        self.config = config
+        self.kv_manager = kv_manager
+        self.requests: dict[str, Request] = {}  # every unfinished request by id
+        self.waiting = _WaitingQueue(config.policy)
+        self.running: list[Request] = []  # admission order; preemption takes from the tail
+        self.num_preemptions = 0
+        self._finished_req_ids: set[str] = set()  # since the last schedule()
+
+    # -- queues ------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.num_prompt_tokens == 0:
+            raise ValueError(f"request {request.request_id!r}: the prompt is empty")
+        if request.num_tokens > self.config.max_model_len:
+            raise ValueError(f"request {request.request_id!r}: {request.num_tokens} tokens exceed "
+                             f"max_model_len={self.config.max_model_len}")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_requests(self, request_ids: Union[str, Iterable[str]],
+                        finished_status: RequestStatus) -> list[Request]:
+        """Finish requests from outside (abort, or a stop string found by the detokenizer).
+
+        Frees their blocks and takes them out of the queues. Unknown or already finished ids
+        are ignored. Returns the requests finished by this call.
+        """
+        if not finished_status.is_finished:
+            raise ValueError(f"{finished_status!r} is not a finished status")
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = finished_status
+            self._free_request(req)
+            done.append(req)
+        return done
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def get_request_counts(self) -> tuple[int, int]:
+        """(running, waiting), as vLLM's scheduler."""
+        return len(self.running), len(self.waiting)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        num_new: dict[Request, int] = {}  # scheduled this step, in batch order
+        start: dict[Request, int] = {}
+        preempted: list[Request] = []
+
+        # 1. Running requests: each wants the rest of its tokens, capped by the budget.
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(req.num_tokens - req.num_computed_tokens, budget,
+                    cfg.max_model_len - req.num_computed_tokens)
+            if n <= 0:
+                continue
+            while True:
+                if self.kv_manager.allocate_slots(req, n) is not None:
+                    num_new[req] = n
+                    start[req] = req.num_computed_tokens
+                    budget -= n
+                    break
+                victim = self._pick_victim()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim in num_new:  # possible under "priority": give its tokens back
+                    budget += num_new.pop(victim)
+                    del start[victim]
+                if victim is req:
+                    break
+
+        # 2. Waiting requests, in queue order, while budget, rows and blocks allow. Not after a
+        # preemption: blocks are short, and the victims would be readmitted at once.
+        while (not preempted and budget > 0 and self.waiting
+               and len(self.running) < cfg.max_num_seqs):
+            req = self.waiting.peek()
+            hits, num_cached = self.kv_manager.get_computed_blocks(req)
+            n = req.num_tokens - num_cached
+            if n > budget:
+                if not cfg.enable_chunked_prefill:
+                    break  # no skipping ahead: it goes first when the budget is whole again
+                n = budget
+            if self.kv_manager.allocate_slots(req, n, hits) is None:
+                break
+            self.waiting.pop()
+            req.num_computed_tokens = num_cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            num_new[req] = n
+            start[req] = num_cached
+            budget -= n
+
+        out = SchedulerOutput(preempted_req_ids=[r.request_id for r in preempted],
+                              finished_req_ids=self._finished_req_ids)
+        self._finished_req_ids = set()
+        for req, n in num_new.items():
+            out.scheduled.append(ScheduledRequest(
+                req, n, start[req], list(req.block_ids), start[req] + n == req.num_tokens))
+            out.num_scheduled_tokens += n
+        return out
+
+    def update_from_output(self, output: SchedulerOutput,
+                           sampled_token_ids: dict[str, int]) -> list[Request]:
+        """Fold a step's results back in; returns the requests this step finished.
+
+        `sampled_token_ids` maps request id -> the sampled token, for the rows with
+        `do_sample`; other entries are ignored.
+        """
+        finished = []
+        for s in output.scheduled:
+            req = s.request
+            if req.status != RequestStatus.RUNNING:
+                continue  # aborted between schedule() and now: its blocks are gone
+            req.num_computed_tokens += s.num_new_tokens
+            stopped = False
+            if s.do_sample:
+                req.append_output_token(sampled_token_ids[req.request_id])
+                stopped = self._check_stop(req)
+            self.kv_manager.cache_blocks(req, req.num_computed_tokens)
+            if stopped:
+                self.running.remove(req)
+                self._free_request(req)
+                finished.append(req)
+        return finished
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _check_stop(self, req: Request) -> bool:
+        """Stop conditions after appending a sampled token, in vLLM V1's order (check_stop).
+
+        Length first: a token that is both the max_tokens-th and eos reports "length".
+        Stop strings are the detokenizer's business (it calls finish_requests).
+        """
+        params = req.sampling_params
+        max_tokens = req.max_tokens
+        if req.num_tokens >= self.config.max_model_len or (
+                max_tokens is not None and req.num_output_tokens >= max_tokens):
+            req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return True
+        # The sampler should mask eos and stop tokens before min_tokens; this guards the host side.
+        if req.num_output_tokens < (getattr(params, "min_tokens", 0) or 0):
+            return False
+        token = req.output_token_ids[-1]
+        if not getattr(params, "ignore_eos", False) and token == req.eos_token_id:
+            req.status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = None
+            return True
+        if token in (getattr(params, "stop_token_ids", None) or ()):
+            req.status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = token
+            return True
+        return False
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, req: Request) -> None:
+        """Preempt by recompute: drop the KV; prompt and outputs so far are computed again."""
+        self.running.remove(req)
+        self.kv_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.add(req, front=True)
+        self.num_preemptions += 1
+
+    def _free_request(self, req: Request) -> None:
+        self.kv_manager.free(req)
+        del self.requests[req.request_id]
+        self._finished_req_ids.add(req.request_id)
+
+    def iter_waiting(self) -> Iterator[Request]:
+        """Waiting requests in admission order (for stats and tests)."""
+        return iter(self.waiting)
+
+    def get_request(self, request_id: str) -> Optional[Request]:
+        return self.requests.get(request_id)
