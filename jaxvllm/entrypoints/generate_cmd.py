@@ -24,6 +24,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -49,42 +50,43 @@ def run(args) -> int:
     _validate(args)
     if not args.prompts and not args.demo:
         raise ValueError("give at least one PROMPT (or --demo)")
-    from jaxvllm.cache import enable_compilation_cache
-    from jaxvllm.models.loader import load_model
-    from jaxvllm.simple_generate import SimpleGenerator
-    from jaxvllm.tokenizer import load_tokenizer
+    from jaxvllm import LLM, SamplingParams
 
-    enable_compilation_cache()
-    lm = load_model(args.model, dtype=args.dtype)
-    tok = load_tokenizer(lm.source, args.tokenizer)
-    print(f"loaded {lm.source.name} ({lm.config.architecture}, {lm.config.num_layers} layers, "
-          f"{lm.dtype.__name__ if hasattr(lm.dtype, '__name__') else lm.dtype}) in {lm.load_seconds:.1f} s")
-    gen = SimpleGenerator(lm.model)
-    stop = tuple(lm.config.eos_token_ids) + ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
+    start = time.perf_counter()
+    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed,
+              max_model_len=args.max_model_len)
+    engine = llm.llm_engine
+    print(f"loaded {engine.loaded.source.name} ({engine.model_config.architecture}, "
+          f"{engine.model_config.num_layers} layers, {engine.loaded.dtype.__name__}) "
+          f"in {time.perf_counter() - start:.1f} s")
 
     def run_batch(title, prompts, chat, **sampling):
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                         add_generation_prompt=True) if chat else p for p in prompts]
-        ids = [tok.encode(t, add_special_tokens=not chat) for t in texts]
+        params = SamplingParams(max_tokens=args.max_tokens, **sampling)
         start = time.perf_counter()
-        outs = gen.generate(ids, args.max_tokens, stop_token_ids=stop, **sampling)
+        if chat:
+            outs = [llm.chat([{"role": "user", "content": p}], params, use_tqdm=False)[0]
+                    for p in prompts]
+        else:
+            outs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
-        print(f"\n== {title} ({sum(map(len, outs))} tokens in {seconds:.1f} s)")
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        print(f"\n== {title} ({tokens} tokens in {seconds:.1f} s)")
         for prompt, out in zip(prompts, outs):
-            text = tok.decode(out, skip_special_tokens=True)
-            print(f"{prompt!r} -> {text!r}")
+            print(f"{prompt!r} -> {out.outputs[0].text!r}")
 
     sampled = dict(temperature=args.temperature or 0.8, top_p=args.top_p if args.top_p < 1 else 0.95,
                    top_k=args.top_k, seed=args.seed)
     if args.demo:
         prompts = args.prompts or DEMO_PROMPTS
-        run_batch("greedy", prompts, args.chat)
+        run_batch("greedy", prompts, args.chat, temperature=0)
         run_batch(f"sampled (temperature={sampled['temperature']}, top_p={sampled['top_p']}, "
                   f"seed={args.seed})", prompts, args.chat, **sampled)
-        run_batch("chat (greedy)", ["What is the capital of France?"], True)
+        run_batch("chat (greedy)", ["What is the capital of France?"], True, temperature=0)
     elif args.temperature == 0:
-        run_batch("greedy", args.prompts, args.chat)
+        run_batch("greedy", args.prompts, args.chat, temperature=0)
     else:
         run_batch("sampled", args.prompts, args.chat, temperature=args.temperature,
                   top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    print(f"\ncompiled programs: {engine.runner.num_compiled}, "
+          f"compile time: {engine.runner.compile_seconds:.1f} s")
     return 0
