@@ -204,16 +204,11 @@ def _json_scalar(value):
 
 def read_marker(folder: str | Path) -> dict[str, Any]:
     """The marker of a converted folder, checked for a format version this code reads."""
+    from jaxvllm.models.loader import read_json_object
+
     path = Path(folder) / CHECKPOINT_MARKER
-    if not path.is_file():
-        raise ValueError(f"{path}: not found; {folder} is not a checkpoint made by "
-                         "`jaxvllm convert`")
-    try:
-        marker = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(marker, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    marker = read_json_object(path, f"not found; {folder} is not a checkpoint made by "
+                              "`jaxvllm convert`", missing_error=ValueError)
     version = marker.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: unknown checkpoint format version {version!r} (this jaxvllm "

@@ -36,17 +36,21 @@ class LoadedModel:
     load_seconds: float
 
 
-def read_hf_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
+def read_json_object(path: Path, missing: str, missing_error=FileNotFoundError) -> dict[str, Any]:
+    """A JSON object from `path`; errors name the file (`missing` explains an absent one)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: config.json not found")
+        raise missing_error(f"{path}: {missing}")
     try:
-        config = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(config, dict):
+    if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object")
-    return config
+    return value
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    return read_json_object(folder / "config.json", "config.json not found")
 
 
 def hf_weights(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
