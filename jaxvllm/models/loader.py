@@ -105,8 +105,12 @@ def assemble_params(cfg: ModelConfig, hf_config: dict[str, Any], weights: Iterab
         if progress is not None:
             progress.update(1)
 
-    missing = [n for n in top_shapes if n not in top]
-    missing += [f"{n}[layer {i}]" for n, f in filled.items() for i in np.flatnonzero(~f)]
+    hf_top = {p: n for n, p in family.TOP_WEIGHTS.items()}
+    hf_layer = {p: n for n, p in family.LAYER_WEIGHTS.items()}
+    full = lambda key: key if key.startswith("lm_head") else f"model.{key}"
+    missing = [full(hf_top[n]) for n in top_shapes if n not in top]
+    missing += [full(f"{family.LAYER_PREFIX}.{i}.{hf_layer[n]}")
+                for n, f in filled.items() for i in np.flatnonzero(~f)]
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise ValueError(f"{where}: weights missing for {cfg.architecture}: {shown}")
@@ -114,13 +118,11 @@ def assemble_params(cfg: ModelConfig, hf_config: dict[str, Any], weights: Iterab
 
 
 def _oriented(param: str, array: np.ndarray, shape: tuple, hf_name: str, where: str) -> np.ndarray:
-    if param in _LINEAR:
-        array = array.T
-    if tuple(array.shape) != tuple(shape):
+    expected = tuple(reversed(shape)) if param in _LINEAR else tuple(shape)  # HF Linear: [out, in]
+    if tuple(array.shape) != expected:
         raise ValueError(f"{where}: tensor {hf_name!r} has shape {tuple(array.shape)}, "
-                         f"expected {tuple(shape)} ({'transposed ' if param in _LINEAR else ''}"
-                         f"for parameter {param!r})")
-    return array
+                         f"expected {expected} (for parameter {param!r})")
+    return array.T if param in _LINEAR else array
 
 
 def abstract_model(cfg: ModelConfig, dtype, attention_backend: str = "reference") -> CausalLM:
