@@ -192,8 +192,8 @@ class KVCacheManager:
         one also gets its already generated tokens back. No side effects: hand the ids to
         `allocate_slots`, which takes the references.
         """
-        if not self.enable_prefix_caching:
-            return [], 0
+        if not self.enable_prefix_caching or _wants_prompt_logprobs(request):
+            return [], 0  # prompt logprobs need the logits of every prompt token
         max_blocks = (request.num_tokens - 1) // self.block_size
         self._update_block_hashes(request, max_blocks)
         hits = []
@@ -295,3 +295,7 @@ class KVCacheManager:
         for i in range(len(hashes), num_blocks):
             parent = hash_block_tokens(parent, tokens[i * bs:(i + 1) * bs])
             hashes.append(parent)
+
+
+def _wants_prompt_logprobs(request: Request) -> bool:
+    return getattr(request.sampling_params, "prompt_logprobs", None) is not None

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvllm.engine.sampler import build_sampling_metadata, sample
+from jaxvllm.engine.sampler import build_sampling_metadata, gather_logprobs, pow2_at_least, sample
 from jaxvllm.models.attention import AttentionMetadata, allocate_kv_cache
 
 
@@ -31,14 +31,22 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
 class StepResult:
     sampled: dict[str, int]  # request id -> token, for requests that sampled this step
     logprobs: dict[str, tuple[list[int], list[float], int]]  # id -> (token ids, logprobs, rank)
+    # id -> (first prompt position covered, [(token ids, logprobs, rank) per position])
+    prompt_logprobs: dict[str, tuple[int, list[tuple[list[int], list[float], int]]]]
 
 
-def _step_fn(graphdef, num_logprobs, state, kv, input_ids, positions, meta, logits_indices,
-             sampling):
+def _step_fn(graphdef, num_logprobs, num_prompt_logprobs, state, kv, input_ids, positions, meta,
+             logits_indices, sampling, prompt_indices, prompt_targets):
     model = nnx.merge(graphdef, state)
     hidden, kv = model(input_ids, positions, meta, kv)
     logits = model.compute_logits(hidden[logits_indices])
-    return sample(logits, sampling, num_logprobs=num_logprobs), kv
+    sampled = sample(logits, sampling, num_logprobs=num_logprobs)
+    prompt = None
+    if num_prompt_logprobs is not None:
+        prompt_logits = model.compute_logits(hidden[prompt_indices])
+        prompt = gather_logprobs(jax.nn.log_softmax(prompt_logits, axis=-1), prompt_targets,
+                                 num_prompt_logprobs)
+    return sampled, prompt, kv
 
 
 class ModelRunner:
@@ -62,7 +70,7 @@ class ModelRunner:
         program = self._programs.get(key)
         if program is None:
             start = time.perf_counter()
-            fn = jax.jit(functools.partial(_step_fn, self.graphdef, key[-1]), donate_argnums=(1,))
+            fn = jax.jit(functools.partial(_step_fn, self.graphdef, *key[-2:]), donate_argnums=(1,))
             program = fn.lower(*args).compile()
             self.compile_seconds += time.perf_counter() - start
             self._programs[key] = program
@@ -101,13 +109,46 @@ class ModelRunner:
 
         rows = [req for req, _ in scheduled]
         sampling, num_logprobs = build_sampling_metadata(rows, vocab_size, pad_rows_to=R)
+        prompt_idx, prompt_targets, prompt_spans, num_prompt_logprobs = self._prompt_logprob_inputs(
+            scheduled, qsl)
         meta = AttentionMetadata(jnp.asarray(qsl), jnp.asarray(seq_lens), jnp.asarray(tables),
                                  jnp.asarray(slots))
         args = (self.state, self.kv, jnp.asarray(ids), jnp.asarray(pos), meta,
-                jnp.asarray(logits_idx), sampling)
-        program = self._program((sampling.shape_key, T, R, MB, num_logprobs), args)
-        out, self.kv = program(*args)
-        return self._collect(scheduled, out, num_logprobs)
+                jnp.asarray(logits_idx), sampling, jnp.asarray(prompt_idx),
+                jnp.asarray(prompt_targets))
+        key = (sampling.shape_key, T, R, MB, len(prompt_idx), num_logprobs, num_prompt_logprobs)
+        out, prompt_out, self.kv = self._program(key, args)(*args)
+        result = self._collect(scheduled, out, num_logprobs)
+        if prompt_out is not None:
+            values, ids, ranks = (np.asarray(a) for a in prompt_out)
+            for rid, first, start, count in prompt_spans:
+                rows_ = range(start, start + count)
+                result.prompt_logprobs[rid] = (first, [(ids[j].tolist(), values[j].tolist(),
+                                                        int(ranks[j])) for j in rows_])
+        return result
+
+    @staticmethod
+    def _prompt_logprob_inputs(scheduled, qsl):
+        """Rows of the batch whose logits score the next prompt token, for requests that asked
+        for prompt logprobs: (token indices, target ids, spans, k or None)."""
+        idx, targets, spans, ks = [], [], [], []
+        for i, (req, n) in enumerate(scheduled):
+            k = getattr(req.sampling_params, "prompt_logprobs", None)
+            start = req.num_computed_tokens
+            last = min(start + n, req.num_prompt_tokens - 1)  # positions that predict a prompt token
+            if k is None or last <= start:
+                continue
+            ks.append(k)
+            spans.append((req.request_id, start, len(idx), last - start))
+            for p in range(start, last):
+                idx.append(qsl[i] + p - start)
+                targets.append(req.prompt_token_ids[p + 1])
+        if not ks:
+            return np.zeros(1, np.int32), np.zeros(1, np.int32), [], None
+        size = pow2_at_least(len(idx))
+        pad = size - len(idx)
+        return (np.asarray(idx + [0] * pad, np.int32), np.asarray(targets + [0] * pad, np.int32),
+                spans, pow2_at_least(max(ks)) if max(ks) > 0 else 0)
 
     def _collect(self, scheduled, out, num_logprobs) -> StepResult:
         tokens = np.asarray(out.token_ids)
@@ -122,4 +163,4 @@ class ModelRunner:
             sampled[req.request_id] = int(tokens[i])
             if want:
                 logprobs[req.request_id] = (lp_ids[i].tolist(), lp[i].tolist(), int(ranks[i]))
-        return StepResult(sampled, logprobs)
+        return StepResult(sampled, logprobs, {})
