@@ -18,6 +18,8 @@ class IncrementalDetokenizer:
         self.spaces_between_special_tokens = params.spaces_between_special_tokens
         self.stop = list(params.stop or [])
         self.include_stop = params.include_stop_str_in_output
+        self.min_tokens = params.min_tokens
+        self.num_output_tokens = 0
         self.enabled = params.detokenize and tokenizer is not None
         self.token_ids: list[int] = list(prompt_token_ids[-_WINDOW:])
         self.prefix_offset = 0
@@ -34,6 +36,7 @@ class IncrementalDetokenizer:
         """Add one token; returns the stop string it completed, if any (text is then cut)."""
         if not self.enabled:
             return None
+        self.num_output_tokens += 1
         self.token_ids.append(token_id)
         prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.token_ids[self.prefix_offset:])
@@ -44,6 +47,8 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         start = max(0, len(self.text) - self._max_stop_len() + 1)
         self.text += new
+        if self.num_output_tokens <= self.min_tokens:
+            return None  # as vLLM: stop strings count only after min_tokens
         return self._check_stop(start)
 
     def _max_stop_len(self) -> int:

@@ -27,6 +27,8 @@ from jaxvllm.models.loader import load_model
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxvllm.sampling_params import SamplingParams
 
+MAX_LOGPROBS = 20
+
 _FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop",
                    RequestStatus.FINISHED_LENGTH_CAPPED: "length",
                    RequestStatus.FINISHED_ABORTED: "abort"}
@@ -51,6 +53,8 @@ class _Parent:
     prompt_token_ids: list[int]
     params: SamplingParams
     sequences: list[_Sequence]
+    # [None] + one dict per later prompt token, filled as prefill chunks run
+    prompt_logprobs: Optional[list] = None
 
     @property
     def finished(self) -> bool:
@@ -162,20 +166,23 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if len(ids) >= self.max_model_len:
+        if len(ids) > self.max_model_len:
             raise ValueError(f"the prompt ({len(ids)} tokens) is longer than max_model_len "
-                             f"({self.max_model_len}) minus one generated token")
+                             f"({self.max_model_len})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         if params.bad_words:
             if self.tokenizer is None:
                 raise ValueError("bad_words needs a tokenizer")
             params.update_from_tokenizer(self.tokenizer)
         params.verify_token_ids(self.vocab_size)
-        if params.prompt_logprobs:
-            raise ValueError("prompt_logprobs is not supported yet")
-        if params.logprobs is not None and params.logprobs > 20:
-            raise ValueError(f"logprobs={params.logprobs}: at most 20 are returned")
+        for field in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, field)
+            if value is not None and value > MAX_LOGPROBS:
+                raise ValueError(f"{field}={value}: at most {MAX_LOGPROBS} are returned")
         arrival = time.time() if arrival_time is None else arrival_time
-        parent = _Parent(request_id, text, ids, params, [])
+        parent = _Parent(request_id, text, ids, params, [],
+                         [None] * len(ids) if params.prompt_logprobs is not None else None)
         for index in range(params.n):
             child = self._child_params(params, index)
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
@@ -230,6 +237,10 @@ class LLMEngine:
         result = self.runner.execute(scheduled, self.vocab_size)
         self.scheduler.update_from_output(out, result.sampled)
         touched: dict[str, _Parent] = {}
+        for rid, (first, rows) in result.prompt_logprobs.items():
+            parent = self._child_to_parent.get(rid)
+            if parent is not None and parent.sequences[0].request.request_id == rid:
+                self._store_prompt_logprobs(parent, first, rows)
         stopped = []
         for rid, token in result.sampled.items():
             parent = self._child_to_parent.get(rid)
@@ -238,10 +249,18 @@ class LLMEngine:
             seq = next(s for s in parent.sequences if s.request.request_id == rid)
             if seq.logprobs is not None and rid in result.logprobs:
                 self._append_logprobs(seq, token, *result.logprobs[rid])
-            stop = seq.detokenizer.append(token)
+            req = seq.request
+            stopped_on_token = (req.status == RequestStatus.FINISHED_STOPPED
+                                and not req.sampling_params.include_stop_str_in_output)
+            # as vLLM: the text of the eos / stop token that ended the request is left out
+            stop = None if stopped_on_token else seq.detokenizer.append(token)
             if stop is not None and not seq.request.status.is_finished:
                 seq.stop_reason = stop
                 stopped.append(rid)
+            elif stop is not None and seq.request.status == RequestStatus.FINISHED_LENGTH_CAPPED:
+                # the last allowed token also completed a stop string: vLLM reports the stop
+                seq.request.status = RequestStatus.FINISHED_STOPPED
+                seq.stop_reason = stop
             touched[parent.request_id] = parent
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
@@ -261,6 +280,17 @@ class LLMEngine:
         seq.logprobs.append(entry)
         seq.cumulative_logprob += values[0]
 
+    def _store_prompt_logprobs(self, parent: _Parent, first: int, rows) -> None:
+        k = parent.params.prompt_logprobs
+        for offset, (ids, values, rank) in enumerate(rows):
+            position = first + offset + 1  # the prompt token these logits predict
+            if parent.prompt_logprobs[position] is not None:
+                continue  # recomputed after a preemption
+            entry = {ids[0]: Logprob(values[0], rank, self._decode_one(ids[0]))}
+            for r, (tid, lp) in enumerate(zip(ids[1:k + 1], values[1:k + 1]), start=1):
+                entry.setdefault(tid, Logprob(lp, r, self._decode_one(tid)))
+            parent.prompt_logprobs[position] = entry
+
     def _decode_one(self, token: int) -> Optional[str]:
         return None if self.tokenizer is None else self.tokenizer.decode([token])
 
@@ -277,7 +307,8 @@ class LLMEngine:
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                 logprobs=seq.logprobs, finish_reason=reason, stop_reason=stop_reason))
         first = parent.sequences[0].request
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, None,
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
+                             parent.prompt_logprobs,
                              completions, parent.finished,
                              num_cached_tokens=max(first.num_cached_tokens, 0))
 
