@@ -61,6 +61,11 @@ class _Parent:
         return all(s.request.status.is_finished for s in self.sequences)
 
 
+def device_memory_stats() -> dict | None:
+    """The first device's allocator statistics (None on CPU)."""
+    return jax.devices()[0].memory_stats()
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -76,6 +81,15 @@ class LLMEngine:
         if not config.enable_chunked_prefill:
             budget = max(budget, self.max_model_len)
         self.num_blocks = self._num_blocks(max_num_seqs)
+        profile = self.num_blocks < 0
+        if profile:  # a minimal cache for the profile run, resized right after
+            self.num_blocks = 1 + math.ceil(self.max_model_len / config.block_size)
+        self.runner = ModelRunner(self.loaded.model, num_blocks=self.num_blocks,
+                                  block_size=config.block_size, max_model_len=self.max_model_len,
+                                  max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
+        if profile:
+            self.num_blocks = self._profile_num_blocks()
+            self.runner.resize_kv_cache(self.num_blocks)
         self.kv_manager = KVCacheManager(self.num_blocks, config.block_size,
                                          enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -83,9 +97,6 @@ class LLMEngine:
                             max_model_len=self.max_model_len, policy=config.scheduling_policy,
                             enable_chunked_prefill=config.enable_chunked_prefill),
             self.kv_manager)
-        self.runner = ModelRunner(self.loaded.model, num_blocks=self.num_blocks,
-                                  block_size=config.block_size, max_model_len=self.max_model_len,
-                                  max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, _Parent] = {}
         self._seed_rng = np.random.default_rng(config.seed)
@@ -119,24 +130,33 @@ class LLMEngine:
         return self.config.max_model_len
 
     def _num_blocks(self, max_num_seqs: int) -> int:
+        """KV cache blocks: the override; on CPU, max_num_seqs full-length requests within
+        `cpu_kv_cache_bytes`; on a GPU, what `gpu_memory_utilization` leaves after the weights
+        and the peak of a profile run (the largest step), as vLLM does."""
         cfg = self.config
         if cfg.num_gpu_blocks_override is not None:
             return cfg.num_gpu_blocks_override
         per_block = kv_cache_bytes_per_block(self.model_config, cfg.block_size, self.loaded.dtype)
         blocks_per_seq = math.ceil(self.max_model_len / cfg.block_size)
-        if cfg.on_cpu:
+        if not device_memory_stats():  # CPU: no allocator statistics
             wanted = max_num_seqs * blocks_per_seq
             return 1 + max(blocks_per_seq, min(wanted, cfg.cpu_kv_cache_bytes // per_block))
-        stats = jax.devices()[0].memory_stats() or {}
-        limit = stats.get("bytes_limit", 0)
-        in_use = stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
-        # leave room for one step's activations and logits on top of weights
-        free = limit * cfg.gpu_memory_utilization - in_use - (1 << 30)
-        if free < per_block * blocks_per_seq:
+        return -1  # sized by _profile_num_blocks once the runner exists
+
+    def _profile_num_blocks(self) -> int:
+        cfg = self.config
+        self.runner.profile_run(self.vocab_size)
+        stats = device_memory_stats()
+        limit, peak = stats.get("bytes_limit", 0), stats.get("peak_bytes_in_use", 0)
+        per_block = kv_cache_bytes_per_block(self.model_config, cfg.block_size, self.loaded.dtype)
+        free = limit * cfg.gpu_memory_utilization - peak
+        blocks = 1 + int(free // per_block)
+        if blocks - 1 < math.ceil(self.max_model_len / cfg.block_size):
             raise ValueError(f"not enough device memory for one {self.max_model_len}-token "
-                             f"sequence's KV cache; lower max_model_len or raise "
-                             f"gpu_memory_utilization")
-        return 1 + int(free // per_block)
+                             f"sequence's KV cache ({free / 2**30:.2f} GiB free at "
+                             f"gpu_memory_utilization={cfg.gpu_memory_utilization}); lower "
+                             f"max_model_len or raise gpu_memory_utilization")
+        return blocks
 
     # -- requests ----------------------------------------------------------------------------
 

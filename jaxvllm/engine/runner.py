@@ -21,6 +21,9 @@ from jaxvllm.engine.sampler import build_sampling_metadata, gather_logprobs, pow
 from jaxvllm.models.attention import AttentionMetadata, allocate_kv_cache
 
 
+MIN_CONTEXT_SLOTS = 256
+
+
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
     """The smallest power of two >= max(n, minimum), but at least n even past `maximum`."""
     b = max(minimum, 1 << (max(n, 1) - 1).bit_length())
@@ -58,6 +61,11 @@ class ModelRunner:
         self.max_blocks_per_req = -(-max_model_len // block_size)
         self.max_tokens_bucket = bucket(max_num_batched_tokens, 16)
         self.max_reqs_bucket = bucket(max_num_seqs, 4)
+        # Block-table widths below MIN_CONTEXT_SLOTS tokens share one program: short contexts
+        # cost little to over-read and each width is a separate compilation.
+        self.max_table_width = bucket(self.max_blocks_per_req, 1)
+        self.min_table_width = min(self.max_table_width, max(1, MIN_CONTEXT_SLOTS // block_size))
+        self.max_num_seqs = max_num_seqs
         self.kv = allocate_kv_cache(model.cfg, num_blocks, block_size, model.dtype)
         self._programs: dict[tuple, object] = {}
         self.compile_seconds = 0.0
@@ -76,6 +84,26 @@ class ModelRunner:
             self._programs[key] = program
         return program
 
+    def resize_kv_cache(self, num_blocks: int) -> None:
+        self.kv = None  # let the old cache go before the new one is allocated
+        self._programs.clear()  # they were compiled for the old cache shape
+        self.kv = allocate_kv_cache(self.cfg, num_blocks, self.block_size,
+                                    jax.tree.leaves(self.state)[0].dtype)
+
+    def profile_run(self, vocab_size: int) -> None:
+        """Run the largest step (every token and row, the widest block table) on dummy
+        inputs that touch only the null block, so that peak device memory can be read."""
+        T, R, MB = self.max_tokens_bucket, self.max_reqs_bucket, self.max_table_width
+        zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
+        qsl = np.minimum(np.arange(R + 1), T).astype(np.int32)
+        meta = AttentionMetadata(jnp.asarray(qsl), jnp.ones(R, jnp.int32), zeros(R, MB), zeros(T))
+        sampling, _ = build_sampling_metadata([], vocab_size, pad_rows_to=R)
+        args = (self.state, self.kv, zeros(T), zeros(T), meta, zeros(R), sampling, zeros(1),
+                zeros(1))
+        key = (sampling.shape_key, T, R, MB, 1, None, None)
+        _, _, self.kv = self._program(key, args)(*args)
+        jax.block_until_ready(self.kv)
+
     def execute(self, scheduled, vocab_size: int) -> StepResult:
         """Run one step for `scheduled`: a list of (request, num_new_tokens) in batch order."""
         bs = self.block_size
@@ -84,7 +112,7 @@ class ModelRunner:
         widest = max(-(-(r.num_computed_tokens + n) // bs) for r, n in scheduled)
         T = bucket(total, 16, self.max_tokens_bucket)
         R = bucket(num_reqs, 4, self.max_reqs_bucket)
-        MB = bucket(widest, 1, bucket(self.max_blocks_per_req, 1))
+        MB = bucket(widest, self.min_table_width, self.max_table_width)
 
         ids = np.zeros(T, np.int32)
         pos = np.zeros(T, np.int32)
