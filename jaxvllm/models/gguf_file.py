@@ -5,6 +5,7 @@ tokenizer rebuilt from the embedded vocabulary. Needs only `gguf` (numpy)."""
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,23 +44,24 @@ _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
 
 class GGUFModel:
-    """One GGUF file, opened lazily (tensors are memory-mapped by `gguf.GGUFReader`)."""
+    """One GGUF file: metadata parsed up front, tensors memory-mapped and dequantized lazily."""
 
     def __init__(self, path: str | Path):
         import gguf
+
+        from jaxvllm.models.gguf_reader import GGUFFile
 
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: GGUF file not found")
         try:
-            self.reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the reader raises a mix of ValueError/struct/IndexError
-            raise ValueError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+            self.reader = GGUFFile(self.path)
+        except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as e:
+            raise ValueError(f"{self.path}: not a readable GGUF file ({e})") from None
         self._gguf = gguf
 
     def field(self, key: str, default: Any = None) -> Any:
-        f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
+        return self.reader.field(key, default)
 
     @property
     def gguf_architecture(self) -> str:
@@ -128,12 +130,27 @@ class GGUFModel:
         return None  # e.g. rope_freqs: recomputed from the config
 
     def _dequantize(self, t) -> np.ndarray:
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
+        quant_type = self._gguf.GGMLQuantizationType
         try:
-            array = self._gguf.quants.dequantize(t.data, t.tensor_type)
+            qtype = quant_type(t.type_id)
+        except ValueError:
+            raise ValueError(f"{self.path}: tensor {t.name!r} has unknown GGML type {t.type_id}") from None
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
+        block, type_size = self._gguf.GGML_QUANT_SIZES[qtype]
+        row = int(t.shape[0]) if t.shape else 1
+        count = int(np.prod(t.shape, dtype=np.int64)) if t.shape else 1
+        if row % block:
+            raise ValueError(f"{self.path}: tensor {t.name!r} rows of {row} are not a multiple "
+                             f"of the {qtype.name} block size {block}")
+        raw = self.reader.raw(t, count // block * type_size)
+        plain = {quant_type.F32: np.float32, quant_type.F16: np.float16, quant_type.F64: np.float64}
+        if qtype in plain:
+            return raw.view(plain[qtype]).astype(np.float32).reshape(shape)
+        try:
+            array = self._gguf.quants.dequantize(raw.reshape(-1, row // block * type_size), qtype)
         except NotImplementedError:
             raise ValueError(f"{self.path}: tensor {t.name!r} uses quantization type "
-                             f"{t.tensor_type.name}, which cannot be dequantized; re-export the "
+                             f"{qtype.name}, which cannot be dequantized; re-export the "
                              "model with a supported type (F32, F16, BF16, Q4_0..Q8_0, K-quants)") from None
         return np.asarray(array, np.float32).reshape(shape)
 
