@@ -339,4 +339,5 @@ class LLMEngine:
                 "compile_seconds": self.runner.compile_seconds,
                 "kv_cache_usage": self.kv_manager.usage,
                 "num_blocks": self.num_blocks,
-                "num_preemptions": self.scheduler.num_preemptions}
+                "num_preemptions": self.scheduler.num_preemptions,
+                **self.runner.counters.summary()}

@@ -38,6 +38,32 @@ class StepResult:
     prompt_logprobs: dict[str, tuple[int, list[tuple[list[int], list[float], int]]]]
 
 
+@dataclasses.dataclass
+class StepCounters:
+    """Padding and time per step: host (input building, compiling on a new bucket) and
+    device (the jitted call until its sampled tokens are on the host)."""
+
+    steps: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    host_seconds: float = 0.0
+    device_seconds: float = 0.0
+
+    def record(self, real: int, bucket_size: int, host: float, device: float) -> None:
+        self.steps += 1
+        self.real_tokens += real
+        self.padded_tokens += bucket_size - real
+        self.host_seconds += host
+        self.device_seconds += device
+
+    def summary(self) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        return {"steps": self.steps,
+                "padding_waste": self.padded_tokens / max(self.real_tokens, 1),
+                "host_ms_per_step": 1000 * self.host_seconds / steps,
+                "device_ms_per_step": 1000 * self.device_seconds / steps}
+
+
 def _step_fn(graphdef, num_logprobs, num_prompt_logprobs, state, kv, input_ids, positions, meta,
              logits_indices, sampling, prompt_indices, prompt_targets):
     model = nnx.merge(graphdef, state)
@@ -68,6 +94,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.kv = allocate_kv_cache(model.cfg, num_blocks, block_size, model.dtype)
         self._programs: dict[tuple, object] = {}
+        self.counters = StepCounters()
         self.compile_seconds = 0.0
 
     @property
@@ -106,6 +133,7 @@ class ModelRunner:
 
     def execute(self, scheduled, vocab_size: int) -> StepResult:
         """Run one step for `scheduled`: a list of (request, num_new_tokens) in batch order."""
+        started = time.perf_counter()
         bs = self.block_size
         total = sum(n for _, n in scheduled)
         num_reqs = len(scheduled)
@@ -145,8 +173,11 @@ class ModelRunner:
                 jnp.asarray(logits_idx), sampling, jnp.asarray(prompt_idx),
                 jnp.asarray(prompt_targets))
         key = (sampling.shape_key, T, R, MB, len(prompt_idx), num_logprobs, num_prompt_logprobs)
-        out, prompt_out, self.kv = self._program(key, args)(*args)
-        result = self._collect(scheduled, out, num_logprobs)
+        program = self._program(key, args)
+        launched = time.perf_counter()
+        out, prompt_out, self.kv = program(*args)
+        result = self._collect(scheduled, out, num_logprobs)  # waits for the device
+        self.counters.record(total, T, launched - started, time.perf_counter() - launched)
         if prompt_out is not None:
             values, ids, ranks = (np.asarray(a) for a in prompt_out)
             for rid, first, start, count in prompt_spans:
