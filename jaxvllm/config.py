@@ -57,6 +57,10 @@ class EngineConfig:
                              f"{len(jax.devices())} available devices")
         check(self.tensor_parallel_size == 1, "tensor_parallel_size",
               "tensor parallelism is not implemented yet; use 1")
+        if self.attention_backend is not None:
+            from jaxvllm.models.attention import resolve_attention_backend
+
+            resolve_attention_backend(self.attention_backend)  # ValueError naming the options
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -80,4 +84,5 @@ class EngineConfig:
         return 256 if self.on_cpu else 8192
 
     def resolved_attention_backend(self) -> str:
-        return self.attention_backend or "reference"
+        """The Pallas kernels on GPU, the jnp reference on CPU, unless one was chosen."""
+        return self.attention_backend or ("reference" if self.on_cpu else "pallas")

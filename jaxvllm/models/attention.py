@@ -1,5 +1,16 @@
 """The attention contract between the engine and the model: step metadata, the KV cache, and
-the one function the decoder calls for attention (reference now, Pallas kernels by flag).
+the two functions the decoder calls per layer (`write_kv`, `paged_attention`), dispatched on
+the engine's `attention_backend`:
+
+    "reference"          jnp reference attention, XLA scatter KV write (the CPU default)
+    "pallas"             the Pallas kernel of this platform's default lowering (the GPU
+                         default; on CPU it runs in interpret mode)
+    "pallas_triton"      Pallas Triton lowering
+    "pallas_mosaic_gpu"  Pallas Mosaic GPU lowering (Hopper)
+    "pallas:<variant>"   any variant registered in pallas_kernels/variants.py
+
+and any of these with "+kv_<writer>" to pick the KV writer of pallas_kernels/kv_write.py
+("+kv_triton": the Pallas kernel; default "scatter"), e.g. "pallas+kv_triton".
 """
 
 from __future__ import annotations
@@ -11,12 +22,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.ragged_paged_attention import (
-    ragged_paged_attention_reference,
-    write_kv_reference,
-)
+from pallas_kernels.kv_write import DEFAULT_KV_WRITER, KV_WRITERS
+from pallas_kernels.variants import get_variant, variants
 
-ATTENTION_BACKENDS = ("reference",)
+ATTENTION_BACKENDS = ("reference", "pallas", "pallas_triton", "pallas_mosaic_gpu")
+_NAMED_VARIANTS = {"reference": "reference", "pallas_triton": "triton",
+                   "pallas_mosaic_gpu": "mosaic_gpu"}
+# The variant "pallas" means, per platform. Mosaic GPU becomes the Hopper default only once
+# benchmarks/kernels.py has shown it faster there (see benchmarks/README.md).
+DEFAULT_PALLAS_VARIANT = {"cpu": "triton", "gpu": "triton", "hopper": "triton"}
+
+
+def default_pallas_variant() -> str:
+    platform = jax.default_backend()
+    if platform != "gpu":
+        return DEFAULT_PALLAS_VARIANT["cpu"]
+    kind = jax.devices()[0].device_kind
+    hopper = any(name in kind for name in ("H100", "H200", "GH200", "H800", "H20"))
+    return DEFAULT_PALLAS_VARIANT["hopper" if hopper else "gpu"]
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_attention_backend(backend: str) -> tuple[str, str]:
+    """`attention_backend` -> (attention variant name, KV writer name); ValueError if unknown."""
+    name, _, writer = backend.partition("+kv_")
+    writer = writer or DEFAULT_KV_WRITER
+    if name == "pallas":
+        variant = default_pallas_variant()
+    elif name.startswith("pallas:"):
+        variant = name[len("pallas:"):]
+    else:
+        variant = _NAMED_VARIANTS.get(name)
+    if variant not in variants() or writer not in KV_WRITERS:
+        raise ValueError(
+            f"attention_backend {backend!r} is not available; choose one of "
+            f"{list(ATTENTION_BACKENDS)} or 'pallas:<variant>' with a variant in "
+            f"{sorted(variants())}, optionally followed by '+kv_<writer>' with a writer in "
+            f"{sorted(KV_WRITERS)}")
+    return variant, writer
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -59,15 +102,17 @@ def kv_cache_bytes_per_block(cfg, block_size: int, dtype) -> int:
 
 
 def write_kv(kv: KVCache, layer, k, v, meta: AttentionMetadata, backend: str) -> KVCache:
-    k_cache, v_cache = write_kv_reference(kv.k, kv.v, layer, k, v, meta.slot_mapping)
+    """Store this step's k, v [T, KVH, D] at `meta.slot_mapping` of `layer`."""
+    _, writer = resolve_attention_backend(backend)
+    k_cache, v_cache = KV_WRITERS[writer](kv.k, kv.v, layer, k, v, meta.slot_mapping)
     return KVCache(k_cache, v_cache)
 
 
 def paged_attention(q, kv: KVCache, layer, meta: AttentionMetadata, *, scale: float,
-                    sliding_window: int | None, backend: str) -> jax.Array:
-    if backend != "reference":
-        raise ValueError(f"attention_backend {backend!r} is not available; choose one of "
-                         f"{list(ATTENTION_BACKENDS)}")
-    return ragged_paged_attention_reference(
+                    sliding_window: int | None, backend: str,
+                    soft_cap: float | None = None) -> jax.Array:
+    """Ragged paged attention of q [T, H, D] over `layer` of the stacked cache -> [T, H, D]."""
+    variant, _ = resolve_attention_backend(backend)
+    return get_variant(variant)(
         q, kv.k, kv.v, layer, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-        scale=scale, sliding_window=sliding_window)
+        scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)

@@ -1,0 +1,107 @@
+"""The variant registry: every ragged paged attention implementation, by name.
+
+A variant is a function with the signature of `ragged_paged_attention_reference`
+
+    fn(q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables, *,
+       scale, sliding_window=None, soft_cap=None) -> [T, H, D]
+
+registered with `register_variant(name, fn, lowering=..., description=...)` at the bottom of
+its module in `pallas_kernels/`. Every module of the package is imported the first time the
+registry is read, so a new file that registers itself is picked up by
+`tests/test_kernels.py` (correctness against the reference in interpret mode), by
+`benchmarks/kernels.py` (speed against every other variant and jax's own ops) and by the
+engine (`LLM(..., attention_backend="pallas:<name>")`) without editing any of them.
+
+A variant that cannot run a configuration (a head_dim it does not tile, a dtype) says so
+through `supports`, which returns None or the reason; tests skip such cases with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from typing import Callable, Optional
+
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+
+LOWERINGS = ("xla", "triton", "mosaic_gpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """What a variant may need to know to say whether it supports a call."""
+
+    dtype: str  # "float32", "bfloat16", "float16"
+    head_dim: int
+    num_heads: int
+    num_kv_heads: int
+    block_size: int
+    sliding_window: Optional[int] = None
+    soft_cap: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    fn: Callable
+    lowering: str  # one of LOWERINGS
+    description: str
+    # None: runs anything the contract allows; else returns None or why it cannot run a Case
+    supports: Optional[Callable[[Case], Optional[str]]] = None
+    # True once the variant has matched the reference on a GPU (recorded in benchmarks/README.md)
+    gpu_verified: bool = False
+
+    def unsupported_reason(self, case: Case) -> Optional[str]:
+        return None if self.supports is None else self.supports(case)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+_REGISTRY: dict[str, Variant] = {}
+_LOADED = False
+
+
+def register_variant(name: str, fn: Callable, *, lowering: str, description: str,
+                     supports: Optional[Callable[[Case], Optional[str]]] = None,
+                     gpu_verified: bool = False) -> Variant:
+    if lowering not in LOWERINGS:
+        raise ValueError(f"variant {name!r}: lowering {lowering!r} is not one of {LOWERINGS}")
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing.fn is not fn:
+        raise ValueError(f"a variant named {name!r} is already registered ({existing.description})")
+    variant = Variant(name, fn, lowering, description, supports, gpu_verified)
+    _REGISTRY[name] = variant
+    return variant
+
+
+def _load_all() -> None:
+    """Import every module of pallas_kernels once, so that each registers its variants."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    import pallas_kernels
+
+    for info in pkgutil.iter_modules(pallas_kernels.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"pallas_kernels.{info.name}")
+
+
+def variants() -> dict[str, Variant]:
+    """All registered variants by name (the reference first)."""
+    _load_all()
+    return dict(_REGISTRY)
+
+
+def get_variant(name: str) -> Variant:
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"no attention variant named {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+register_variant(
+    "reference", ragged_paged_attention_reference, lowering="xla",
+    description="plain jnp: each token gathers its request's keys (the tests' oracle)")

@@ -1,0 +1,422 @@
+"""Every registered attention variant against the jnp reference, plus the KV writers, the
+host-side validation, GPU lowering without a GPU, the engine on the Pallas backend and the
+kernel benchmark's smoke run.
+
+On CPU the kernels run in interpret mode (Mosaic GPU's interpreter for that lowering); on a
+GPU the same tests run them compiled, and the tests marked `gpu` add larger cases
+(scripts/gpu_check.sh runs this file there).
+
+Cases are padded to a few fixed shapes (tokens, requests, table width, blocks), as the
+engine's buckets are, so that many random batches share one compiled kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.kv_write import KV_WRITERS
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+from pallas_kernels.validation import validate_attention_inputs
+from pallas_kernels.variants import Case, get_variant, register_variant, variants
+
+ON_GPU = jax.default_backend() == "gpu"
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU (compiled, not interpreted)")
+KERNELS = sorted(name for name, v in variants().items() if v.lowering != "xla")
+TRITON = sorted(name for name in KERNELS if variants()[name].lowering == "triton")
+LAYERS, LAYER = 2, 1
+TOL = {"float32": 2e-5, "bfloat16": 3e-2}
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+
+_reference = jax.jit(ragged_paged_attention_reference,
+                     static_argnames=("scale", "sliding_window", "soft_cap"))
+
+
+def reference(*args, **kwargs):
+    # exact float32 matmuls on a GPU too (XLA's default there may be TF32)
+    with jax.default_matmul_precision("highest"):
+        return _reference(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted(name: str, **knobs):
+    fn = functools.partial(get_variant(name).fn, **knobs)
+    return jax.jit(fn, static_argnames=("scale", "sliding_window", "soft_cap"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """A bucket: the static shapes a batch is padded to."""
+
+    tokens: int = 48
+    reqs: int = 8
+    max_blocks: int = 8
+    num_blocks: int = 72
+    block_size: int = 8
+    heads: int = 8
+    kv_heads: int = 2
+    head_dim: int = 16
+    dtype: str = "float32"
+
+
+def make_batch(requests, shapes: Shapes, seed: int):
+    """Random paged cache (noise in every slot, blocks in random order), a batch of
+    `requests` = [(seq_len, q_len)] padded with empty requests and padding tokens."""
+    s = shapes
+    rng = np.random.default_rng(seed)
+    dtype = jnp.dtype(s.dtype)
+    assert len(requests) <= s.reqs and sum(q for _, q in requests) <= s.tokens
+    cache_shape = (LAYERS, s.num_blocks, s.block_size, s.kv_heads, s.head_dim)
+    k_cache = rng.standard_normal(cache_shape).astype(np.float32)
+    v_cache = rng.standard_normal(cache_shape).astype(np.float32)
+    ids = rng.permutation(np.arange(1, s.num_blocks))
+    # entries past a request's blocks are garbage no kernel may read
+    tables = np.full((s.reqs, s.max_blocks), s.num_blocks + 7, np.int32)
+    seq_lens = np.zeros(s.reqs, np.int32)
+    qsl = np.zeros(s.reqs + 1, np.int32)
+    cursor = 0
+    for r, (seq_len, q_len) in enumerate(requests):
+        n = -(-seq_len // s.block_size)
+        tables[r, :n] = ids[cursor:cursor + n]
+        cursor += n
+        seq_lens[r] = seq_len
+        qsl[r + 1] = qsl[r] + q_len
+    qsl[len(requests) + 1:] = qsl[len(requests)]
+    assert cursor < s.num_blocks, "not enough blocks for the batch"
+    q = rng.standard_normal((s.tokens, s.heads, s.head_dim)).astype(np.float32)
+    validate_attention_inputs(qsl, seq_lens, tables, num_tokens=s.tokens,
+                              num_blocks=s.num_blocks, block_size=s.block_size)
+    as_dtype = lambda a: jnp.asarray(a, dtype)
+    return (as_dtype(q), as_dtype(k_cache), as_dtype(v_cache), jnp.int32(LAYER),
+            jnp.asarray(qsl), jnp.asarray(seq_lens), jnp.asarray(tables))
+
+
+def check_variant(name: str, requests, shapes: Shapes = Shapes(), *, seed: int = 0,
+                  window=None, soft_cap=None, **knobs):
+    variant = get_variant(name)
+    reason = variant.unsupported_reason(Case(shapes.dtype, shapes.head_dim, shapes.heads,
+                                             shapes.kv_heads, shapes.block_size, window,
+                                             soft_cap))
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    args = make_batch(requests, shapes, seed)
+    scale = shapes.head_dim ** -0.5
+    expected = np.asarray(reference(*args, scale=scale, sliding_window=window,
+                                    soft_cap=soft_cap), np.float32)
+    got = jitted(name, **knobs)(*args, scale=scale, sliding_window=window, soft_cap=soft_cap)
+    assert got.shape == args[0].shape and got.dtype == args[0].dtype
+    got = np.asarray(got, np.float32)
+    assert np.isfinite(got).all()
+    total = sum(q for _, q in requests)
+    assert (got[total:] == 0).all(), "padding tokens must come out as zeros"
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOL[shapes.dtype],
+                               err_msg=f"{name} {knobs} on {requests}")
+    return got
+
+
+# decodes, full prefills, chunks on cached KV (crossing blocks), in mixed order
+MIXED = [(20, 1), (23, 23), (17, 5), (1, 1), (12, 1), (30, 8)]
+
+
+@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (8, 2), (14, 2)])  # GQA 1, 2, 4, 7
+def test_mixed_batch_gqa(name, heads, kv_heads):
+    check_variant(name, MIXED, Shapes(heads=heads, kv_heads=kv_heads), seed=heads)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_random_batches(name):
+    """Random mixes of decodes, prefills and chunks, in random order, in one bucket."""
+    rng = np.random.default_rng(1)
+    for seed in range(5):
+        reqs = []
+        for _ in range(rng.integers(1, 8)):
+            q_len = int(rng.choice([1, 1, 2, 7, 16]))
+            reqs.append((q_len + int(rng.integers(0, 40)), q_len))
+        while sum(q for _, q in reqs) > 48:
+            reqs.pop()
+        check_variant(name, reqs, seed=seed)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_decode_only_and_prefill_only(name):
+    check_variant(name, [(n, 1) for n in (1, 8, 9, 33, 64, 2, 17, 40)])
+    check_variant(name, [(13, 13), (8, 8), (3, 3), (24, 24)], seed=1)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_padding_only_and_empty_requests(name):
+    """Empty requests between real ones, padding tokens, and a step with no tokens at all."""
+    check_variant(name, [(5, 1), (0, 0), (9, 9), (0, 0), (3, 2)])
+    got = check_variant(name, [])
+    assert (got == 0).all()
+
+
+@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("window", [1, 7])
+def test_sliding_window(name, window):
+    check_variant(name, MIXED, window=window, seed=window)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_soft_cap(name):
+    check_variant(name, MIXED, soft_cap=2.0, seed=3)
+
+
+BF16 = Shapes(head_dim=64, block_size=16, max_blocks=8, num_blocks=24, heads=4, kv_heads=2,
+              dtype="bfloat16")
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_bfloat16_head_dim_64(name):
+    check_variant(name, [(100, 3), (40, 40), (1, 1), (0, 0), (70, 1)], BF16)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_bfloat16_head_dim_128_block_size_32(name):
+    if get_variant(name).lowering == "mosaic_gpu":
+        pytest.skip("the Mosaic GPU interpreter takes ~10 s to build a case; head_dim 128 "
+                    "differs only in its swizzle tiles, which test_lowers_for_an_h100 lowers")
+    shapes = dataclasses.replace(BF16, head_dim=128, block_size=32, max_blocks=4)
+    check_variant(name, [(100, 3), (40, 40), (1, 1), (70, 1)], shapes, seed=1)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_bfloat16_gqa7_window_soft_cap(name):
+    shapes = dataclasses.replace(BF16, heads=14)
+    check_variant(name, [(50, 1), (16, 16), (64, 20), (90, 7)], shapes, window=20, soft_cap=30.0)
+
+
+@pytest.mark.parametrize("knobs,window", [(dict(block_q=1, block_k=16), None),
+                                          (dict(block_q=4, block_k=32), None),
+                                          (dict(block_q=16, block_k=16, kv_splits=3), 9)])
+def test_triton_knobs(knobs, window):
+    """Tiles of 1..16 tokens, key steps smaller and larger than a block, split keys."""
+    check_variant("triton", MIXED, Shapes(block_size=16, max_blocks=4, num_blocks=40),
+                  window=window, **knobs)
+
+
+def test_kernel_reads_the_given_layer_only():
+    """Each layer of the stacked cache gives its own answer (the kernel indexes the layer)."""
+    args = list(make_batch(MIXED, Shapes(), 0))
+    outs = []
+    for layer in range(LAYERS):
+        args[3] = jnp.int32(layer)
+        outs.append(np.asarray(jitted("triton")(*args, scale=0.25)))
+        np.testing.assert_allclose(outs[-1], reference(*args, scale=0.25), atol=2e-5)
+    assert np.abs(outs[0] - outs[1]).max() > 0.1
+
+
+# --- KV writers -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("writer", sorted(KV_WRITERS))
+def test_kv_writers(writer):
+    """New k/v land exactly in their slots of the given layer; nothing else changes except
+    the null block 0 that padding tokens write into."""
+    rng = np.random.default_rng(0)
+    shape = (3, 12, 4, 3, 16)  # 3 KV heads: not a power of two
+    k_cache = rng.standard_normal(shape).astype(np.float32)
+    v_cache = rng.standard_normal(shape).astype(np.float32)
+    slots = np.concatenate([rng.permutation(np.arange(4, 48))[:21], [0, 0, 0]]).astype(np.int32)
+    k = rng.standard_normal((24, 3, 16)).astype(np.float32)
+    v = rng.standard_normal((24, 3, 16)).astype(np.float32)
+    out_k, out_v = jax.jit(KV_WRITERS[writer])(jnp.asarray(k_cache), jnp.asarray(v_cache),
+                                               jnp.int32(2), jnp.asarray(k), jnp.asarray(v),
+                                               jnp.asarray(slots))
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    for t, slot in enumerate(slots[:21]):
+        want_k[2, slot // 4, slot % 4] = k[t]
+        want_v[2, slot // 4, slot % 4] = v[t]
+    for got, want in ((out_k, want_k), (out_v, want_v)):
+        got = np.asarray(got).copy()
+        got[:, 0], want[:, 0] = 0, 0
+        np.testing.assert_array_equal(got, want)
+
+
+# --- host-side validation -------------------------------------------------------------------
+
+GOOD = dict(query_start_loc=[0, 1, 4, 4], seq_lens=[5, 3, 0], block_tables=[[3, 2], [1, 9], [0, 0]])
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(block_tables=[[3, 2], [12, 9], [0, 0]]), r"block_tables\[1, 0\] = 12"),
+    (dict(block_tables=[[3, -1], [1, 9], [0, 0]]), r"block_tables\[0, 1\] = -1"),
+    (dict(seq_lens=[5, 2, 0]), "request 1: seq_len 2 < q_len 3"),
+    (dict(query_start_loc=[0, 3, 2, 4]), "decreases at request 1"),
+    (dict(query_start_loc=[1, 1, 4, 4]), r"query_start_loc\[0\]"),
+    (dict(query_start_loc=[0, 1, 4, 9]), "exceeds the 8 query tokens"),
+    (dict(seq_lens=[9, 3, 0]), "needs more than the block table's 2 blocks"),
+    (dict(seq_lens=[5, 3]), "shapes disagree"),
+])
+def test_validation_rejects(change, message):
+    kwargs = {k: np.asarray(v, np.int32) for k, v in {**GOOD, **change}.items()}
+    validate_attention_inputs(**{k: np.asarray(v, np.int32) for k, v in GOOD.items()},
+                              num_tokens=8, num_blocks=10, block_size=4)
+    with pytest.raises(ValueError, match=message):
+        validate_attention_inputs(**kwargs, num_tokens=8, num_blocks=10, block_size=4)
+
+
+def test_validation_checks_slot_mapping_and_eager_kernel_calls():
+    good = {k: np.asarray(v, np.int32) for k, v in GOOD.items()}
+    with pytest.raises(ValueError, match=r"slot_mapping\[2\] = 40"):
+        validate_attention_inputs(**good, num_tokens=4, num_blocks=10, block_size=4,
+                                  slot_mapping=np.array([1, 2, 40, 0], np.int32))
+    # an eager (untraced) kernel call validates before it runs
+    args = list(make_batch(MIXED, Shapes(), 0))
+    args[6] = args[6].at[2, 0].set(500)
+    with pytest.raises(ValueError, match=r"block_tables\[2, 0\] = 500"):
+        get_variant("triton")(*args, scale=0.25)
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+def test_registry_finds_every_variant_and_rejects_duplicates():
+    names = variants()
+    assert {"reference", "triton", "triton_splitk", "mosaic_gpu"} <= set(names)
+    with pytest.raises(ValueError, match="already registered"):
+        register_variant("triton", lambda *a, **k: None, lowering="triton", description="dup")
+    with pytest.raises(ValueError, match="no attention variant named 'nope'"):
+        get_variant("nope")
+
+
+def test_attention_backend_names():
+    from jaxvllm.config import EngineConfig
+    from jaxvllm.models.attention import resolve_attention_backend
+
+    assert resolve_attention_backend("reference") == ("reference", "scatter")
+    assert resolve_attention_backend("pallas") == ("triton", "scatter")
+    assert resolve_attention_backend("pallas_mosaic_gpu+kv_triton") == ("mosaic_gpu", "triton")
+    assert resolve_attention_backend("pallas:triton_splitk") == ("triton_splitk", "scatter")
+    assert EngineConfig().resolved_attention_backend() == ("reference" if not ON_GPU else "pallas")
+    for bad in ("cuda", "pallas:nope", "pallas+kv_nope"):
+        with pytest.raises(ValueError, match="is not available"):
+            EngineConfig(attention_backend=bad)
+
+
+# --- GPU lowering without a GPU -------------------------------------------------------------
+
+def _gpu_specs(heads=32, kv_heads=8, head_dim=128, block_size=16, tokens=64, reqs=16):
+    sd = jax.ShapeDtypeStruct
+    cache = sd((2, 64, block_size, kv_heads, head_dim), jnp.bfloat16)
+    return (sd((tokens, heads, head_dim), jnp.bfloat16), cache, cache, sd((), jnp.int32),
+            sd((reqs + 1,), jnp.int32), sd((reqs,), jnp.int32), sd((reqs, 8), jnp.int32))
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_lowers_for_an_h100(name):
+    """The real GPU lowering (Pallas -> Triton IR or Mosaic GPU dialect) accepts the kernel
+    at the benchmark's head layouts, with the window and soft cap on."""
+    from pallas_kernels.gpu_lowering import lower_for_gpu
+
+    fn = functools.partial(get_variant(name).fn, scale=0.1, interpret=False,
+                           sliding_window=64, soft_cap=30.0)
+    text = lower_for_gpu(fn, *_gpu_specs())
+    assert ("__gpu$xla.gpu.triton" in text) or ("mosaic_gpu" in text)
+    lower_for_gpu(functools.partial(get_variant(name).fn, scale=0.1, interpret=False),
+                  *_gpu_specs(heads=14, kv_heads=2, head_dim=64))
+
+
+def test_mosaic_p_in_registers_lowers():
+    """The Mosaic GPU knob the interpreter cannot run (wgmma with P from registers) lowers."""
+    from pallas_kernels.gpu_lowering import lower_for_gpu
+
+    fn = functools.partial(get_variant("mosaic_gpu").fn, scale=0.1, interpret=False,
+                           p_in_registers=True, block_kv=128)
+    assert "mosaic_gpu" in lower_for_gpu(fn, *_gpu_specs())
+
+
+@pytest.mark.parametrize("name", TRITON)
+def test_triton_compiles_to_cubin(name):
+    """Triton IR -> PTX -> cubin for sm_90 with the triton package, within H100 limits."""
+    pytest.importorskip("triton")
+    from pallas_kernels.gpu_lowering import compile_triton
+
+    fn = functools.partial(get_variant(name).fn, scale=0.1, interpret=False)
+    for specs in (_gpu_specs(), _gpu_specs(tokens=256, reqs=8)):  # decode tiles, prefill tiles
+        for build in compile_triton(fn, *specs):
+            assert build.shared_bytes <= 227 * 1024 and build.spill_bytes == 0, build
+    sd = jax.ShapeDtypeStruct
+    cache = _gpu_specs()[1]
+    kv = sd((64, 8, 128), jnp.bfloat16)
+    builds = compile_triton(functools.partial(KV_WRITERS["triton"], interpret=False),
+                            cache, cache, sd((), jnp.int32), kv, kv, sd((64,), jnp.int32))
+    assert builds and builds[0].spill_bytes == 0
+
+
+# --- the engine -----------------------------------------------------------------------------
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], list(range(30, 60)), [99]]
+
+
+def _greedy(folder, backend, block_size):
+    """Greedy tokens in float32 with exact matmuls (on a GPU too), so that only the
+    attention backend differs between two runs."""
+    from jaxvllm import LLM, SamplingParams
+
+    with jax.default_matmul_precision("highest"):
+        llm = LLM(str(folder), attention_backend=backend, block_size=block_size, dtype="float32",
+                  max_num_seqs=3, max_num_batched_tokens=16, num_gpu_blocks_override=48,
+                  max_model_len=96)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                            SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                            use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_engine_pallas_matches_reference(zoo):
+    """Chunked prefills (16-token budget) and decodes of 3 requests at a time through the
+    Pallas kernel in interpret mode: the same greedy tokens as the reference backend."""
+    path = zoo.case("llama_gqa").path
+    assert _greedy(path, "pallas", 16) == _greedy(path, "reference", 16)
+
+
+def test_engine_kv_kernel_and_sliding_window(zoo):
+    """The Pallas KV writer and a sliding-window model (window 12 < the 38-token request)."""
+    path = zoo.case("mistral_sliding").path
+    assert _greedy(path, "pallas+kv_triton", 8) == _greedy(path, "reference", 8)
+
+
+# --- on a GPU (scripts/gpu_check.sh) --------------------------------------------------------
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_compiled_matches_reference(name, dtype, head_dim):
+    shapes = Shapes(tokens=2048, reqs=16, max_blocks=32, num_blocks=600, block_size=16,
+                    heads=32, kv_heads=8, head_dim=head_dim, dtype=dtype)
+    rng = np.random.default_rng(head_dim)
+    for seed in range(3):
+        reqs = [(int(rng.integers(q, 500)), int(q)) for q in rng.choice([1, 1, 1, 37, 128], 12)]
+        check_variant(name, reqs, shapes, seed=seed)
+        check_variant(name, reqs, shapes, seed=seed, window=100, soft_cap=30.0)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("backend", ["pallas", "pallas_triton+kv_triton"])
+def test_gpu_engine_pallas_matches_reference(zoo, backend):
+    path = zoo.case("llama_gqa").path
+    assert _greedy(path, backend, 16) == _greedy(path, "reference", 16)
+
+
+def test_benchmark_smoke(capsys):
+    """benchmarks/kernels.py end to end at its smoke scale: timings, checks against the
+    reference, baselines, KV writers, the final JSON line."""
+    from benchmarks import kernels as bench
+
+    result = bench.main(["--smoke", "--variants", "reference,triton", "--only", "mixed_smoke",
+                         "--skip", "scan", "--iters", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last)["benchmark"] == "kernels"
+    shape = result["shapes"]["mixed_smoke"]
+    assert set(shape["results"]) >= {"reference", "triton"} and not shape["errors"]
+    assert shape["best_kernel"] == "triton" and "triton" in shape["separate_parts_ms"]
+    assert set(result["kv_write"]["tokens_16"]) == set(KV_WRITERS)
