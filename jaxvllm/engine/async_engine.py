@@ -103,7 +103,8 @@ class LoggingStatLogger:
         if elapsed < self.interval:
             return
         s = self._sched
-        idle = not (self._prompt_tokens or self._generation_tokens or s.num_running or s.num_waiting)
+        busy = self._prompt_tokens or self._generation_tokens or s.num_running or s.num_waiting
+        idle = not busy
         if not (idle and self._last_was_idle):  # one line when going idle, then silence
             hit_rate = 100.0 * self._hits / self._queries if self._queries else 0.0
             logger.info("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f "
@@ -377,10 +378,13 @@ class AsyncLLMEngine:
                     break
                 self._process_commands()
                 iteration = IterationStats()
+                deliveries = []
                 if engine.has_unfinished_requests():
-                    outputs = engine.step()
-                    self._publish(outputs, iteration)
+                    deliveries = self._collect(engine.step(), iteration)
+                # stats first: a reader woken by its last output sees them up to date
                 self._record(iteration)
+                for stream, request_id, output in deliveries:
+                    stream._put(request_id, output)
         except BaseException as e:  # a bug in a step: fail every stream, keep the server up
             logger.exception("the engine loop stopped")
             self._dead = e
@@ -438,8 +442,10 @@ class AsyncLLMEngine:
         if finished:
             self._record(IterationStats(finished=finished))
 
-    def _publish(self, outputs: list[RequestOutput], stats: IterationStats) -> None:
+    def _collect(self, outputs: list[RequestOutput], stats: IterationStats) -> list:
+        """Per-request timing and token counts; returns the (stream, id, output) to deliver."""
         now = time.monotonic()
+        deliveries = []
         for out in outputs:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
@@ -466,7 +472,8 @@ class AsyncLLMEngine:
                 stats.finished.append(FinishedRequestStats(
                     out.request_id, reasons[0] if reasons else "stop", now - tracked.arrival,
                     len(out.prompt_token_ids), generated))
-            tracked.stream._put(out.request_id, out)
+            deliveries.append((tracked.stream, out.request_id, out))
+        return deliveries
 
     def _record(self, iteration: IterationStats) -> None:
         engine = self.engine

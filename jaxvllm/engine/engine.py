@@ -325,10 +325,12 @@ class LLMEngine:
                 index=seq.index, text=seq.detokenizer.releasable_text(finished),
                 token_ids=list(req.output_token_ids),
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                logprobs=seq.logprobs, finish_reason=reason, stop_reason=stop_reason))
+                logprobs=None if seq.logprobs is None else list(seq.logprobs),
+                finish_reason=reason, stop_reason=stop_reason))
         first = parent.sequences[0].request
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
-                             parent.prompt_logprobs,
+        prompt_logprobs = None if parent.prompt_logprobs is None else list(parent.prompt_logprobs)
+        return RequestOutput(parent.request_id, parent.prompt, list(parent.prompt_token_ids),
+                             prompt_logprobs,
                              completions, parent.finished,
                              num_cached_tokens=max(first.num_cached_tokens, 0))
 

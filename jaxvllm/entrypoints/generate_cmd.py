@@ -1,9 +1,10 @@
 """`jaxvllm generate`: load a model (the embedded default when none is named), generate for
-the prompts given on the command line and print the texts."""
+the prompts given on the command line and print the texts (as they come with --stream)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 DEMO_PROMPTS = ["The capital of France is", "The three primary colors are",
@@ -17,19 +18,22 @@ def add_parser(subparsers) -> None:
         description="Generate continuations of PROMPTs (greedy unless --temperature > 0).",
         epilog="examples:\n  jaxvllm generate 'The capital of France is'\n"
                "  jaxvllm generate --model ./Qwen2.5-0.5B-Instruct --chat 'Tell me a joke'\n"
+               "  jaxvllm generate --stream --max-tokens 200 --temperature 0.8 'Once upon a time'\n"
+               "  jaxvllm generate --stop '.' --repetition-penalty 1.2 'The three colors are'\n"
                "  jaxvllm generate --demo")
     p.add_argument("prompts", nargs="*", metavar="PROMPT")
     p.add_argument("--model", default=None, help="HF folder, Hub id, .gguf file or converted "
                    "checkpoint (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument("--stream", action="store_true",
+                   help="print the tokens as they are generated, one prompt after another")
+    from jaxvllm.entrypoints.chat_cmd import add_sampling_args
+
+    add_sampling_args(p, max_tokens=32, temperature=0.0)
     p.add_argument("--demo", action="store_true",
                    help="run the demo: example prompts, greedy then sampled, and a chat turn")
     p.set_defaults(func=run)
@@ -50,6 +54,9 @@ def run(args) -> int:
     _validate(args)
     if not args.prompts and not args.demo:
         raise ValueError("give at least one PROMPT (or --demo)")
+    from jaxvllm.entrypoints.chat_cmd import sampling_params
+
+    flags_params = sampling_params(args)  # check every sampling flag before loading
     from jaxvllm import LLM, SamplingParams
 
     start = time.perf_counter()
@@ -82,11 +89,39 @@ def run(args) -> int:
         run_batch(f"sampled (temperature={sampled['temperature']}, top_p={sampled['top_p']}, "
                   f"seed={args.seed})", prompts, args.chat, **sampled)
         run_batch("chat (greedy)", ["What is the capital of France?"], True, temperature=0)
-    elif args.temperature == 0:
-        run_batch("greedy", args.prompts, args.chat, temperature=0)
+    elif args.stream:
+        _stream(llm, args.prompts, args.chat, flags_params)
     else:
-        run_batch("sampled", args.prompts, args.chat, temperature=args.temperature,
-                  top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        title = "greedy" if args.temperature == 0 else "sampled"
+        run_batch(title, args.prompts, args.chat, **_changed_fields(flags_params, args))
     print(f"\ncompiled programs: {engine.runner.num_compiled}, "
           f"compile time: {engine.runner.compile_seconds:.1f} s")
     return 0
+
+
+def _changed_fields(params, args) -> dict:
+    """The flags as SamplingParams keyword arguments (run_batch adds max_tokens)."""
+    from jaxvllm import SamplingParams
+
+    default = SamplingParams(max_tokens=args.max_tokens)
+    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "min_tokens", "stop", "stop_token_ids", "ignore_eos", "seed")
+    return {k: getattr(params, k) for k in names if getattr(params, k) != getattr(default, k)}
+
+
+def _stream(llm, prompts, chat: bool, params) -> None:
+    """Each prompt alone, its continuation printed token by token."""
+    from jaxvllm.entrypoints.chat_cmd import stream_text
+
+    engine = llm.llm_engine
+    for i, prompt in enumerate(prompts):
+        request = prompt
+        if chat:
+            ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                       tokenize=True, add_generation_prompt=True)
+            request = {"prompt_token_ids": list(ids["input_ids"] if hasattr(ids, "keys") else ids)}
+        print(f"\n== {prompt!r} ->", flush=True)
+        for delta in stream_text(engine, request, params.clone(), request_id=f"stream-{i}"):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        print(flush=True)
