@@ -25,18 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
                "  jaxvllm generate 'The capital of France is'\n"
                "  jaxvllm generate --stream --temperature 0.8 'Once upon a time'\n"
                "  jaxvllm chat --model ./Qwen2.5-0.5B-Instruct\n"
-               "  jaxvllm convert Qwen/Qwen2.5-0.5B-Instruct ./qwen-jax --dtype bfloat16\n\n"
+               "  jaxvllm convert Qwen/Qwen2.5-0.5B-Instruct ./qwen-jax --dtype bfloat16\n"
+               "  jaxvllm bench throughput --dataset random --num-prompts 64 --compare-hf\n\n"
                "'jaxvllm COMMAND --help' describes each command.")
     parser.add_argument("--version", action="version", version=f"jaxvllm {jaxvllm.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from jaxvllm.entrypoints import chat_cmd, generate_cmd, serve_cmd
+    from convert import cli as convert_cli
+    from jaxvllm.entrypoints import bench_cmd, chat_cmd, generate_cmd, serve_cmd
 
     serve_cmd.add_parser(sub)
     generate_cmd.add_parser(sub)
     chat_cmd.add_parser(sub)
-    from convert import cli as convert_cli
-
     convert_cli.add_parser(sub)
+    bench_cmd.add_parser(sub)
     return parser
 
 

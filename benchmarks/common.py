@@ -1,0 +1,553 @@
+"""What every benchmark shares: engine flags, a per-step probe of the engine, statistics,
+the Hugging Face transformers baseline, the printed table, the closing JSON line and plots.
+
+The contract of every benchmark's output: a readable table first, then, as the very last
+line, one JSON object with all figures (model, device, dtype, workload, each metric, ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+# -- the machine, the model, the caches ------------------------------------------------------
+
+
+def device_name() -> str:
+    """'cpu (2 cores)' or 'gpu: NVIDIA H100 80GB HBM3' (x count when there are several)."""
+    import jax
+
+    devices = jax.devices()
+    d = devices[0]
+    if d.platform == "cpu":
+        return f"cpu ({os.cpu_count()} cores)"
+    count = f" x{len(devices)}" if len(devices) > 1 else ""
+    return f"{d.platform}: {getattr(d, 'device_kind', '?')}{count}"
+
+
+def compilation_cache_state() -> dict:
+    """The persistent compilation cache an engine will use, and how many programs it holds
+    already (0 = a cold start, more = warm)."""
+    import jax
+
+    from jaxvllm.cache import cache_dir
+
+    folder = jax.config.jax_compilation_cache_dir
+    if not folder and os.environ.get("JAXVLLM_COMPILATION_CACHE", "1") != "0":
+        folder = str(cache_dir() / "xla")
+    if not folder:
+        return {"compilation_cache_dir": None, "compilation_cache_entries": 0}
+    path = Path(folder)
+    entries = sum(1 for p in path.iterdir() if p.is_file()) if path.is_dir() else 0
+    return {"compilation_cache_dir": str(path), "compilation_cache_entries": entries}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """vLLM's engine flags (those jaxvllm has); unset ones keep the engine's defaults."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="HF folder, Hub id, .gguf file or converted checkpoint "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=None)
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--attention-backend", default=None)
+    g.add_argument("--seed", type=int, default=0)
+
+
+_ENGINE_FLAGS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                 "block_size", "gpu_memory_utilization", "num_gpu_blocks_override",
+                 "enable_prefix_caching", "attention_backend", "seed")
+
+
+def engine_kwargs(args) -> dict:
+    return {k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k, None) is not None}
+
+
+def workload_model_info(model: Optional[str], tokenizer: Optional[str] = None,
+                        need_tokenizer: bool = False) -> dict:
+    """What a workload needs from the model before any engine is built (so that a baseline can
+    run first, and `LLM(...)` to first token is timed alone): vocab size, context length and,
+    if asked, the tokenizer. Reads configs and GGUF metadata only; no weights, no device."""
+    from jaxvllm.models.loader import read_hf_config, source_config_and_weights
+    from jaxvllm.models.source import resolve_model
+
+    source = resolve_model(model)
+    if source.kind == "converted":
+        config = read_hf_config(source.path)
+    else:
+        config, _ = source_config_and_weights(source)  # the weights stream stays unread
+    tok = None
+    if need_tokenizer:
+        from jaxvllm.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(source, tokenizer)
+    return {"vocab_size": int(config["vocab_size"]),
+            "max_position_embeddings": config.get("max_position_embeddings"),
+            "tokenizer": tok, "source_kind": source.kind}
+
+
+def describe_model(llm) -> dict:
+    from jaxvllm.models.config import dtype_name
+
+    engine = llm.llm_engine
+    return {"model": engine.loaded.source.name, "device": device_name(),
+            "dtype": dtype_name(engine.loaded.dtype)}
+
+
+def check_fits(requests, max_model_len: int) -> None:
+    too_long = [r for r in requests if r.prompt_len + r.expected_output_len > max_model_len]
+    if too_long:
+        r = too_long[0]
+        raise ValueError(f"{len(too_long)} request(s) exceed max_model_len={max_model_len} "
+                         f"(e.g. {r.prompt_len} prompt + {r.expected_output_len} output tokens); "
+                         f"raise --max-model-len or shorten the workload")
+
+
+# -- the engine, step by step ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StepRecord:
+    start: float
+    end: float
+    running: int  # requests holding KV blocks after the step
+    new_tokens: int  # output tokens the step produced
+    kv_stored: int  # tokens whose KV is in the cache, over the running requests
+    kv_slots: int  # token slots of the blocks those requests hold
+    kv_usage: float  # fraction of the cache's blocks in use
+    compile_s: float = 0.0  # compilation of new step programs inside this step
+    # deltas of the runner's counters over the step, where it has them
+    real_tokens: Optional[int] = None
+    padded_tokens: Optional[int] = None
+    host_seconds: Optional[float] = None
+    device_seconds: Optional[float] = None
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+RUNNER_COUNTERS = ("real_tokens", "padded_tokens", "host_seconds", "device_seconds")
+
+
+class StepProbe:
+    """Wraps `engine.step` of one engine instance while active and records every step:
+    duration, output tokens produced, KV utilization (tokens stored / slots in the blocks
+    the running requests hold, as benchmarks/kv_utilization.py), block usage, and the
+    runner's cumulative counters (`real_tokens`, `padded_tokens`, `host_seconds`,
+    `device_seconds`, on `runner.counters` or the runner itself) where it has them.
+
+    `origin` (a perf_counter time, e.g. taken just before `LLM(...)`) dates the first
+    generated token: `first_token_s` is the time from it to the end of the first step that
+    produced a token.
+    """
+
+    def __init__(self, engine, origin: Optional[float] = None):
+        self.engine = engine
+        self.origin = origin
+        self.steps: list[StepRecord] = []
+        self.first_token_at: Optional[float] = None
+        self._seen: dict[str, int] = {}
+        self._block_size = engine.config.block_size
+
+    def _counters(self) -> dict:
+        runner = self.engine.runner
+        holder = getattr(runner, "counters", runner)
+        return {name: getattr(holder, name) for name in RUNNER_COUNTERS
+                if isinstance(getattr(holder, name, None), (int, float))}
+
+    def __enter__(self) -> "StepProbe":
+        inner = self.engine.step  # the bound method
+        probe = self
+
+        def step():
+            before = probe._counters(), probe._compile_seconds()
+            start = time.perf_counter()
+            outputs = inner()
+            end = time.perf_counter()
+            probe._record(start, end, outputs, before)
+            return outputs
+
+        self.engine.step = step
+        return self
+
+    def _compile_seconds(self) -> float:
+        return float(getattr(self.engine.runner, "compile_seconds", 0.0))
+
+    def __exit__(self, *exc) -> None:
+        self.engine.__dict__.pop("step", None)
+
+    def _record(self, start, end, outputs, before) -> None:
+        new = 0
+        for out in outputs:
+            count = sum(len(c.token_ids) for c in out.outputs)
+            new += max(0, count - self._seen.get(out.request_id, 0))
+            if out.finished:
+                self._seen.pop(out.request_id, None)
+            else:
+                self._seen[out.request_id] = count
+        if new and self.first_token_at is None:
+            self.first_token_at = end
+        live = [r for r in self.engine.scheduler.running if r.block_ids]
+        (counters, compiled), after = before, self._counters()
+        deltas = {k: after[k] - counters[k] for k in after if k in counters}
+        self.steps.append(StepRecord(
+            start, end, len(live), new, sum(r.num_computed_tokens for r in live),
+            sum(len(r.block_ids) for r in live) * self._block_size,
+            float(self.engine.kv_manager.usage), self._compile_seconds() - compiled,
+            **deltas))
+
+    @property
+    def first_token_s(self) -> Optional[float]:
+        if self.first_token_at is None or self.origin is None:
+            return None
+        return self.first_token_at - self.origin
+
+    def summary(self) -> dict:
+        """Aggregates over the recorded steps (what goes into the JSON line)."""
+        steps = self.steps
+        if not steps:
+            return {"num_steps": 0}
+        stored = sum(s.kv_stored for s in steps)
+        slots = sum(s.kv_slots for s in steps)
+        ms = [s.seconds * 1e3 for s in steps]
+        warm = [s.seconds * 1e3 for s in steps if s.compile_s == 0] or [float("nan")]
+        out = {"num_steps": len(steps), "step_ms_mean": _r(np.mean(ms)),
+               "step_ms_median": _r(np.median(ms)), "step_ms_max": _r(max(ms)),
+               "steps_compiling": sum(1 for s in steps if s.compile_s > 0),
+               "step_ms_mean_excl_compile": _r(np.mean(warm)),
+               "kv_utilization": _r(stored / slots, 4) if slots else None,
+               "kv_cache_usage_peak": _r(max(s.kv_usage for s in steps), 4),
+               "running_requests_mean": _r(np.mean([s.running for s in steps]), 2),
+               "running_requests_max": max(s.running for s in steps)}
+        if all(s.real_tokens is not None and s.padded_tokens is not None for s in steps):
+            real = sum(s.real_tokens for s in steps)
+            padded = sum(s.padded_tokens for s in steps)
+            per_step = [s.padded_tokens / s.real_tokens for s in steps if s.real_tokens]
+            out.update(real_tokens=real, padded_tokens=padded,
+                       padding_waste=_r(padded / real, 4) if real else None,
+                       padding_waste_step_mean=_r(np.mean(per_step), 4) if per_step else None)
+        else:
+            out.update(real_tokens=None, padded_tokens=None, padding_waste=None,
+                       padding_waste_note="the runner has no real_tokens/padded_tokens counters")
+        timed = [s for s in steps if s.host_seconds is not None and s.device_seconds is not None
+                 and s.compile_s == 0]
+        if timed:
+            out.update(host_ms_per_step=_r(1e3 * np.mean([s.host_seconds for s in timed])),
+                       device_ms_per_step=_r(1e3 * np.mean([s.device_seconds for s in timed])),
+                       engine_overhead_ms_per_step=_r(1e3 * np.mean(
+                           [s.seconds - s.host_seconds - s.device_seconds for s in timed])))
+        return out
+
+
+def engine_stats(llm, compile_seconds_before: float = 0.0,
+                 compiled_before: int = 0) -> dict:
+    """`LLMEngine.stats()`, plus what this run added to the compile count and time."""
+    stats = dict(llm.llm_engine.stats())
+    out = {k: (_r(v, 4) if isinstance(v, float) else v) for k, v in stats.items()}
+    out["compile_seconds_in_run"] = _r(stats.get("compile_seconds", 0.0) - compile_seconds_before)
+    out["compiled_in_run"] = stats.get("num_compiled_programs", 0) - compiled_before
+    return out
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+
+def _r(x, digits: int = 3):
+    """Round a float for the JSON line (None and non-finite values pass as None)."""
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, digits) if math.isfinite(x) else None
+
+
+def summarize(values: Sequence[float], percentiles: Sequence[float] = (50, 99),
+              prefix: str = "", suffix: str = "", digits: int = 3) -> dict:
+    """mean, median, std and the percentiles of `values`, named vLLM's way:
+    `{prefix}mean{suffix}`, `{prefix}median{suffix}`, `{prefix}p99{suffix}`, ..."""
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        v = np.zeros(1)
+    out = {f"{prefix}mean{suffix}": _r(v.mean(), digits),
+           f"{prefix}median{suffix}": _r(np.median(v), digits),
+           f"{prefix}std{suffix}": _r(v.std(), digits)}
+    for p in percentiles:
+        label = f"{p:g}".replace(".", "_")
+        out[f"{prefix}p{label}{suffix}"] = _r(np.percentile(v, p), digits)
+    return out
+
+
+def ratio(a: Optional[float], b: Optional[float], digits: int = 2) -> Optional[float]:
+    return _r(a / b, digits) if a is not None and b else None
+
+
+# -- the Hugging Face transformers baseline -----------------------------------------------------
+
+
+def load_hf_model(model: Optional[str], dtype: str = "float32", device: Optional[str] = None):
+    """The same model in transformers (torch): a HF folder or Hub id as is, a GGUF file via
+    `from_pretrained(folder, gguf_file=name)` (dequantized). Returns (model, device)."""
+    import torch
+    import transformers
+
+    from jaxvllm.models.source import resolve_model
+
+    source = resolve_model(model)
+    torch_dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}[dtype]
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if source.kind == "gguf":
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            str(source.path.parent), gguf_file=source.path.name, dtype=torch_dtype)
+    elif source.kind == "hf":
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch_dtype)
+    else:
+        raise ValueError(f"{source.name}: a converted checkpoint cannot be loaded by transformers; "
+                         f"give --model the Hugging Face folder or GGUF file it came from")
+    return hf.to(device).eval(), device
+
+
+def _is_oom(error: BaseException) -> bool:
+    return "out of memory" in str(error).lower() or type(error).__name__ == "OutOfMemoryError"
+
+
+class HFBaseline:
+    """HF transformers `generate` on the same model (torch), loaded once.
+
+    `run` takes prompts as token ids and one output length per prompt: static batches,
+    longest outputs first (so each batch pads as little as it can), left padding, every
+    sequence forced to its batch's longest output (`min_new_tokens`), only the useful tokens
+    (each request's own output length) counted. `batch_size` None means as large as fits:
+    all requests at once, halved on an out-of-memory error.
+    """
+
+    def __init__(self, model: Optional[str], dtype: str = "auto", device: Optional[str] = None,
+                 log: Callable[[str], None] = print):
+        import torch
+
+        if dtype == "auto":  # as jaxvllm's "auto": float32 on CPU, bfloat16 on a GPU
+            dtype = "bfloat16" if (device or ("cuda" if torch.cuda.is_available() else "cpu")
+                                   ).startswith("cuda") else "float32"
+        self.dtype, self.log = dtype, log
+        start = time.perf_counter()
+        self.model, self.device = load_hf_model(model, dtype, device)
+        self.load_s = time.perf_counter() - start
+        cfg = self.model.generation_config
+        self.pad = next((p for p in (self.model.config.pad_token_id, cfg.pad_token_id,
+                                     cfg.eos_token_id) if isinstance(p, int)), 0)
+        # first-call allocations and kernel selection are not the steady state
+        self._generate([[1, 2, 3, 4]], 2, 0.0)
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+
+    def _generate(self, prompts: Sequence[Sequence[int]], new_tokens: int,
+                  temperature: float) -> int:
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[row, width - len(p):] = 1
+        sample = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) \
+            if temperature > 0 else dict(do_sample=False)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids.to(self.device),
+                                      attention_mask=mask.to(self.device),
+                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      pad_token_id=self.pad, **sample)
+        self._sync()
+        return int(out.shape[1] - width) * len(prompts)
+
+    def run(self, prompts: Sequence[Sequence[int]], output_lens: Sequence[int],
+            batch_size: Optional[int] = None, temperature: float = 0.0) -> dict:
+        import torch
+
+        order = sorted(range(len(prompts)), key=lambda i: (output_lens[i], len(prompts[i])),
+                       reverse=True)
+        size = min(batch_size or len(prompts), len(prompts))
+        while True:
+            try:
+                generated, batches = 0, 0
+                start = time.perf_counter()
+                for b in range(0, len(order), size):
+                    idx = order[b:b + size]
+                    generated += self._generate([prompts[i] for i in idx],
+                                                max(output_lens[i] for i in idx), temperature)
+                    batches += 1
+                elapsed = time.perf_counter() - start
+                break
+            except (RuntimeError, MemoryError) as e:
+                if not _is_oom(e) or size == 1 or batch_size is not None:
+                    raise
+                size = max(1, size // 2)
+                self.log(f"(HF generate: out of memory; retrying with batch size {size})")
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        useful = int(sum(output_lens))
+        prompt_tokens = int(sum(len(p) for p in prompts))
+        return {"elapsed_s": _r(elapsed), "load_s": _r(self.load_s), "batch_size": size,
+                "num_batches": batches, "useful_output_tokens": useful,
+                "generated_tokens": generated, "prompt_tokens": prompt_tokens,
+                "requests_per_s": _r(len(prompts) / elapsed, 4),
+                "output_tokens_per_s": _r(useful / elapsed, 2),
+                "total_tokens_per_s": _r((useful + prompt_tokens) / elapsed, 2),
+                "device": self.device, "dtype": self.dtype}
+
+    def time_generate(self, prompts: Sequence[Sequence[int]], new_tokens: int,
+                      temperature: float = 0.0) -> float:
+        """Seconds for one `generate` of the whole batch."""
+        start = time.perf_counter()
+        self._generate(prompts, new_tokens, temperature)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Free the model (and, on a GPU, torch's cached memory, before JAX wants it)."""
+        import gc
+
+        self.model = None
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def hf_generate(model: Optional[str], prompts: Sequence[Sequence[int]], output_lens: Sequence[int],
+                *, dtype: str = "auto", batch_size: Optional[int] = None,
+                temperature: float = 0.0, device: Optional[str] = None,
+                log: Callable[[str], None] = print) -> dict:
+    """Load the model in transformers, run the workload once (see `HFBaseline.run`), free it."""
+    baseline = HFBaseline(model, dtype, device, log)
+    try:
+        return baseline.run(prompts, output_lens, batch_size, temperature)
+    finally:
+        baseline.close()
+
+
+# -- output: the table, the JSON line, the plot ------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value == 0 or abs(value) >= 100:
+            return f"{value:,.2f}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_table(title: str, rows: Sequence[tuple[str, Any]], width: int = 60,
+                file=None) -> None:
+    """A titled two-column table; a row whose label starts with '--' is a sub-heading."""
+    file = file or sys.stdout
+    print(f"{' ' + title + ' ':=^{width}}", file=file)
+    for label, value in rows:
+        if label.startswith("--"):
+            print(f"{' ' + label.strip('- ') + ' ':-^{width}}", file=file)
+            continue
+        text = _fmt(value)
+        print(f"{label:<{max(width - len(text) - 1, len(label))}} {text}", file=file)
+    print("=" * width, file=file)
+
+
+def emit_json(result: dict) -> None:
+    """The benchmark's last output line."""
+    sys.stdout.flush()
+    print(json.dumps(result, default=str), flush=True)
+
+
+def save_plot(path: str | os.PathLike, panels: Sequence[tuple[str, Callable]],
+              title: str = "") -> str:
+    """One figure with a panel per (title, draw(ax)) pair, written to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(2, max(1, len(panels)))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False)
+    for ax, (name, draw) in zip(axes.flat, panels):
+        draw(ax)
+        ax.set_title(name, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_cdf(ax, values: Sequence[float], label: str, xlabel: str) -> None:
+    v = np.sort(np.asarray(list(values), dtype=np.float64))
+    if v.size:
+        ax.step(v, np.arange(1, v.size + 1) / v.size, where="post", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction of samples")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+
+
+def plot_bars(ax, labels: Sequence[str], values: Sequence[Optional[float]], ylabel: str) -> None:
+    vals = [v or 0.0 for v in values]
+    bars = ax.bar(labels, vals, color=["tab:blue", "tab:orange", "tab:green"][:len(vals)])
+    for bar, v in zip(bars, vals):
+        ax.annotate(f"{v:,.1f}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_ylabel(ylabel)
+
+
+def step_panels(probe: StepProbe, origin: float) -> list[tuple[str, Callable]]:
+    """Per-step figures from a probe: output tokens/s against the running batch, and KV
+    utilization and block usage over time."""
+    steps = probe.steps
+
+    def throughput_vs_batch(ax):
+        sampled = [s for s in steps if s.new_tokens and s.seconds > 0 and s.compile_s == 0]
+        ax.scatter([s.new_tokens for s in sampled], [s.new_tokens / s.seconds for s in sampled],
+                   s=8, alpha=0.5)
+        ax.set_xlabel("requests that sampled a token in the step (steps without compilation)")
+        ax.set_ylabel("output tokens/s in the step")
+
+    def kv_over_time(ax):
+        t = [s.end - origin for s in steps]
+        ax.plot(t, [s.kv_stored / s.kv_slots if s.kv_slots else np.nan for s in steps],
+                label="tokens stored / allocated slots")
+        ax.plot(t, [s.kv_usage for s in steps], label="blocks in use / all blocks")
+        ax.set_xlabel("seconds")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=8)
+
+    return [("output tokens/s per step vs batch size", throughput_vs_batch),
+            ("KV cache over the run", kv_over_time)]

@@ -1,0 +1,51 @@
+"""`jaxvllm bench throughput|latency|serve ...`: the benchmarks of `benchmarks/`, with the
+same flags as `python benchmarks/<name>.py` (see `jaxvllm bench NAME --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+BENCHMARKS = {"throughput": "offline LLM.generate over a dataset (requests/s, tokens/s)",
+              "latency": "one fixed batch: warm-up, then timed iterations",
+              "serve": "streaming client against an OpenAI-compatible server (TTFT, TPOT, ITL)"}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="run a benchmark (throughput, latency, serve)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a benchmark. Every benchmark prints a table, then one JSON line.\n\n"
+                    + "\n".join(f"  {name:<11} {text}" for name, text in BENCHMARKS.items()),
+        epilog="examples:\n"
+               "  jaxvllm bench throughput --dataset random --num-prompts 64 --input-len 128 "
+               "--output-len 128 --range-ratio 0.75 --compare-hf\n"
+               "  jaxvllm bench latency --batch-size 1 --input-len 128 --output-len 128\n"
+               "  jaxvllm bench serve --base-url http://localhost:8000 --request-rate 4\n"
+               "  jaxvllm bench throughput --help")
+    p.add_argument("benchmark", choices=sorted(BENCHMARKS), metavar="BENCHMARK",
+                   help=", ".join(BENCHMARKS))
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="...",
+                   help="the benchmark's own flags")
+    p.set_defaults(func=run)
+
+
+def _import(name: str):
+    try:
+        return importlib.import_module(f"benchmarks.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != "benchmarks":
+            raise
+    # not installed as a package: a source checkout has it beside jaxvllm/
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "__init__.py").is_file():
+        raise ValueError("the benchmarks package is not installed; run from a source checkout")
+    sys.path.insert(0, str(root))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def run(args) -> int:
+    _import(args.benchmark).main(list(args.args))
+    return 0

@@ -1,0 +1,348 @@
+"""The benchmarks run end to end on a tiny random model with tiny workloads and print their
+JSON; the datasets give the requested lengths; the serving client times a stub server that
+streams in the OpenAI shape with known delays."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# `benchmarks` sits beside `jaxvllm` in the checkout; a plain `pytest` does not put the
+# repository root on sys.path (`python -m pytest` does)
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from benchmarks import common, datasets  # noqa: E402
+
+
+def _last_json(capsys) -> dict:
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+# -- datasets ------------------------------------------------------------------------------------
+
+
+def test_random_dataset_lengths():
+    reqs = datasets.random_requests(400, 128, 64, 0.75, vocab_size=300, seed=1)
+    ins = np.array([r.prompt_len for r in reqs])
+    outs = np.array([r.expected_output_len for r in reqs])
+    assert ins.min() >= 32 and ins.max() <= 224 and outs.min() >= 16 and outs.max() <= 112
+    # uniform: both ends are reached and the mean sits in the middle
+    assert ins.min() < 40 and ins.max() > 215 and abs(ins.mean() - 128) < 8
+    assert all(0 <= t < 300 for r in reqs for t in r.prompt_token_ids)
+    fixed = datasets.random_requests(5, 10, 3, 0.0, vocab_size=50, prefix_len=4)
+    assert {r.prompt_len for r in fixed} == {14} and {r.expected_output_len for r in fixed} == {3}
+    assert len({tuple(r.prompt_token_ids[:4]) for r in fixed}) == 1  # the shared prefix
+    assert datasets.random_requests(3, 8, 2, 0.5, 50, seed=7)[0].prompt_token_ids == \
+        datasets.random_requests(3, 8, 2, 0.5, 50, seed=7)[0].prompt_token_ids
+    with pytest.raises(ValueError):
+        datasets.random_requests(1, 8, 2, 1.0, 50)
+
+
+def test_nano_vllm_dataset():
+    reqs = datasets.nano_vllm_requests(vocab_size=49152, seed=0)
+    assert len(reqs) == 256
+    lens = [r.prompt_len for r in reqs] + [r.expected_output_len for r in reqs]
+    assert min(lens) >= 100 and max(lens) <= 1024 and max(lens) > 950 and min(lens) < 150
+    assert max(t for r in reqs for t in r.prompt_token_ids) < 10000
+    small = datasets.nano_vllm_requests(vocab_size=256, num_prompts=64, min_len=32, max_len=256)
+    assert len(small) == 64
+    assert all(32 <= r.prompt_len <= 256 and 32 <= r.expected_output_len <= 256 for r in small)
+    assert max(t for r in small for t in r.prompt_token_ids) < 256
+
+
+class _WordTokenizer:
+    def encode(self, text):
+        return [len(w) for w in text.split()]
+
+
+def test_sharegpt_dataset(tmp_path):
+    convs = [{"conversations": [{"from": "human", "value": " ".join(["w"] * n)},
+                                {"from": "gpt", "value": " ".join(["x"] * m)}]}
+             for n, m in [(10, 20), (2, 50), (30, 3), (1500, 10), (8, 8)]]
+    convs.append({"conversations": [{"from": "human", "value": "only one turn"}]})
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(convs))
+    reqs = datasets.sharegpt_requests(path, 2, _WordTokenizer(), seed=0)
+    # too short (2 prompt / 3 output tokens), too long (1500) and one-turn conversations skipped
+    assert sorted((r.prompt_len, r.expected_output_len) for r in reqs) == [(8, 8), (10, 20)]
+    assert all(r.prompt and r.prompt.startswith("w") for r in reqs)
+    fixed = datasets.sharegpt_requests(path, 2, _WordTokenizer(), output_len=5)
+    assert {r.expected_output_len for r in fixed} == {5}
+    with pytest.raises(ValueError, match="only 2 usable"):
+        datasets.sharegpt_requests(path, 3, _WordTokenizer())
+    with pytest.raises(ValueError, match="tokenizer"):
+        datasets.sharegpt_requests(path, 1, None)
+
+
+def test_summaries_and_table(capsys):
+    s = common.summarize([1.0, 2.0, 3.0, 4.0], (50, 99), "x_", "_ms")
+    assert s["x_mean_ms"] == 2.5 and s["x_median_ms"] == 2.5 and s["x_p50_ms"] == 2.5
+    assert s["x_p99_ms"] == pytest.approx(3.97)
+    common.print_table("T", [("a", 1.23456), ("-- sub --", None), ("b", None)])
+    out = capsys.readouterr().out
+    assert "a" in out and "1.235" in out and "n/a" in out and "sub" in out
+
+
+# -- throughput and latency on the tiny model ------------------------------------------------------
+
+ENGINE = ["--max-model-len", "64", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
+          "--block-size", "4", "--disable-tqdm"]
+
+
+def test_throughput_random_with_hf(zoo, capsys, tmp_path):
+    from benchmarks import throughput
+
+    model = str(zoo.case("llama_gqa").path)
+    plot = tmp_path / "throughput.png"
+    res = throughput.main(["--model", model, "--dataset", "random", "--num-prompts", "6",
+                           "--input-len", "8", "--output-len", "4", "--range-ratio", "0.5",
+                           "--temperature", "0", "--compare-hf", "--plot", str(plot), *ENGINE])
+    printed = _last_json(capsys)
+    assert printed["output_tokens_per_second"] == res["output_tokens_per_second"]
+    for key in ("model", "device", "dtype", "workload", "elapsed_time", "requests_per_second",
+                "tokens_per_second", "output_tokens_per_second", "first_token_s", "load_s",
+                "engine", "steps", "hf", "ratio_output_tokens_per_second_vs_hf"):
+        assert printed[key] is not None, key
+    assert printed["benchmark"] == "throughput" and printed["dtype"] == "float32"
+    w = printed["workload"]
+    assert w["num_prompts"] == 6 and 4 <= w["input_len_min"] <= w["input_len_max"] <= 12
+    # ignore_eos: exactly the requested output lengths, and HF counted the same useful tokens
+    assert printed["total_output_tokens"] == printed["hf"]["useful_output_tokens"]
+    assert printed["hf"]["batch_size"] == 6 and printed["hf"]["generated_tokens"] >= \
+        printed["total_output_tokens"]
+    eng = printed["engine"]
+    for key in ("num_compiled_programs", "compile_seconds", "kv_cache_usage", "num_blocks",
+                "num_preemptions"):
+        assert key in eng
+    steps = printed["steps"]
+    assert steps["num_steps"] >= 4 and 0 < steps["kv_utilization"] <= 1
+    assert "padding_waste" in steps
+    assert 0 < printed["first_token_s"] and plot.stat().st_size > 0
+
+
+def test_throughput_nano_vllm_scaled(zoo, capsys):
+    from benchmarks import throughput
+
+    res = throughput.main(["--model", str(zoo.case("llama_gqa").path), "--dataset", "nano-vllm",
+                           "--num-prompts", "3", "--min-len", "4", "--max-len", "10", *ENGINE])
+    w = res["workload"]
+    assert w["dataset"] == "nano-vllm" and w["num_prompts"] == 3
+    assert 4 <= w["input_len_min"] and w["output_len_max"] <= 10
+    assert res["total_output_tokens"] == sum(
+        datasets.nano_vllm_requests(256, 3, 4, 10, seed=0)[i].expected_output_len
+        for i in range(3))
+    assert _last_json(capsys)["benchmark"] == "throughput"
+
+
+def test_throughput_rejects_too_long(zoo):
+    from benchmarks import throughput
+
+    with pytest.raises(SystemExit, match="max_model_len"):
+        throughput.main(["--model", str(zoo.case("llama_gqa").path), "--num-prompts", "1",
+                         "--input-len", "60", "--output-len", "10", *ENGINE])
+
+
+def test_latency(zoo, capsys):
+    from benchmarks import latency
+
+    res = latency.main(["--model", str(zoo.case("llama_gqa").path), "--batch-size", "2",
+                        "--input-len", "6", "--output-len", "5", "--num-iters-warmup", "1",
+                        "--num-iters", "3", "--compare-hf", "--hf-num-iters", "1", *ENGINE[:-1]])
+    printed = _last_json(capsys)
+    assert printed["avg_latency"] == res["avg_latency"] > 0
+    assert len(printed["latencies"]) == 3
+    assert set(printed["percentiles"]) == {"10", "25", "50", "75", "90", "99"}
+    assert printed["percentiles"]["10"] <= printed["percentiles"]["99"]
+    assert printed["decode_step_median_ms"] > 0 and printed["ttft_mean_ms"] > 0
+    assert printed["first_token_s"] > 0 and printed["hf"]["avg_latency"] > 0
+    assert printed["ratio_latency_hf_over_jaxvllm"] > 0
+    assert printed["workload"] == {"batch_size": 2, "input_len": 6, "output_len": 5, "n": 1,
+                                   "num_iters_warmup": 1, "num_iters": 3, "temperature": 1.0}
+
+
+def test_bench_command_forwards(zoo, capsys):
+    import argparse
+
+    from jaxvllm.entrypoints import bench_cmd
+
+    parser = argparse.ArgumentParser(prog="jaxvllm")
+    bench_cmd.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "latency", "--model", str(zoo.case("llama_gqa").path),
+                              "--batch-size", "1", "--input-len", "4", "--output-len", "2",
+                              "--num-iters-warmup", "0", "--num-iters", "1", *ENGINE[:-1]])
+    assert args.func(args) == 0
+    assert _last_json(capsys)["benchmark"] == "latency"
+
+
+# -- serve against a stub OpenAI server ----------------------------------------------------------
+
+TTFT_DELAY, ITL_DELAY = 0.20, 0.05
+
+
+class _StubHandler(BaseHTTPRequestHandler):
+    """/v1/models, and /v1/completions streaming one chunk per token, as vLLM's server:
+    `data: {...}` events, the last choice with a finish reason, a usage-only chunk, [DONE]."""
+
+    protocol_version = "HTTP/1.1"
+    requests_seen: list = []
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def _send(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+    def do_GET(self):
+        body = json.dumps({"object": "list", "data": [{"id": "stub-model"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _StubHandler.requests_seen.append(body)
+        if self.path != "/v1/completions" or body.get("model") != "stub-model":
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        n = body["max_tokens"]
+        time.sleep(TTFT_DELAY)
+        for i in range(n):
+            if i:
+                time.sleep(ITL_DELAY)
+            chunk = {"id": "cmpl-1", "object": "text_completion", "model": "stub-model",
+                     "choices": [{"index": 0, "text": f" t{i}",
+                                  "finish_reason": "length" if i == n - 1 else None}]}
+            self._send(f"data: {json.dumps(chunk)}\n\n".encode())
+        prompt = body["prompt"]
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": n,
+                 "total_tokens": len(prompt) + n}
+        self._send(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
+        self._send(b"data: [DONE]\n\n")
+        self._send(b"")
+
+
+@pytest.fixture()
+def stub_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StubHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _StubHandler.requests_seen = []
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_serve_against_stub(stub_server, capsys, tmp_path):
+    from benchmarks import serve
+
+    detail = tmp_path / "detail.json"
+    res = serve.main(["--base-url", stub_server, "--dataset", "random", "--num-prompts", "6",
+                      "--input-len", "10", "--output-len", "5", "--vocab-size", "100",
+                      "--request-rate", "50", "--max-concurrency", "3", "--disable-tqdm",
+                      "--goodput", "ttft:10000", "tpot:1", "--metric-percentiles", "50,99",
+                      "--save-result", str(detail), "--plot", str(tmp_path / "serve.png")])
+    printed = _last_json(capsys)
+    assert printed == {k: v for k, v in res.items()}
+    assert res["model"] == "stub-model" and res["completed"] == 6 and res["failed"] == 0
+    assert res["total_output_tokens"] == 30 and res["total_input_tokens"] == 60
+    assert res["max_concurrent_requests"] <= 3
+    # the known delays, measured from the client (generous upper bounds: a busy machine)
+    assert TTFT_DELAY <= res["mean_ttft_ms"] / 1e3 < TTFT_DELAY + 0.25
+    assert ITL_DELAY <= res["median_itl_ms"] / 1e3 < ITL_DELAY + 0.05
+    assert ITL_DELAY <= res["mean_tpot_ms"] / 1e3 < ITL_DELAY + 0.05
+    e2e = TTFT_DELAY + 4 * ITL_DELAY
+    assert e2e <= res["mean_e2el_ms"] / 1e3 < e2e + 0.3
+    assert {"p50_ttft_ms", "p99_ttft_ms", "p99_itl_ms", "p99_tpot_ms", "p99_e2el_ms"} <= set(res)
+    # the TPOT SLO of 1 ms is missed by every request: goodput 0
+    assert res["request_goodput"] == 0 and res["request_throughput"] > 0
+    # what the client sent: token-id prompts, streaming with usage, vLLM's ignore_eos
+    sent = _StubHandler.requests_seen[-1]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert sent["ignore_eos"] is True and all(isinstance(t, int) for t in sent["prompt"])
+    saved = json.loads(detail.read_text())
+    assert len(saved["itls"]) == 6 and all(len(x) == 4 for x in saved["itls"])
+
+
+def test_serve_poisson_arrivals_and_failures(stub_server, capsys):
+    from benchmarks import serve
+
+    start = time.perf_counter()
+    res = serve.main(["--base-url", stub_server, "--num-prompts", "4", "--input-len", "4",
+                      "--output-len", "1", "--vocab-size", "50", "--request-rate", "20",
+                      "--disable-tqdm", "--skip-test-request"])
+    assert res["completed"] == 4 and time.perf_counter() - start >= TTFT_DELAY
+    assert res["mean_tpot_ms"] == 0.0  # one token each: no TPOT
+    with pytest.raises(SystemExit, match="test request"):
+        serve.main(["--base-url", stub_server, "--model", "other", "--num-prompts", "1",
+                    "--input-len", "4", "--output-len", "1", "--vocab-size", "50",
+                    "--disable-tqdm"])
+    res = serve.main(["--base-url", stub_server, "--model", "other", "--num-prompts", "2",
+                      "--input-len", "4", "--output-len", "1", "--vocab-size", "50",
+                      "--disable-tqdm", "--skip-test-request"])
+    assert res["failed"] == 2 and res["completed"] == 0 and "404" in res["first_error"]
+    capsys.readouterr()
+
+
+def test_gamma_arrivals_mean_interval():
+    from benchmarks.serve import arrival_intervals
+
+    poisson = arrival_intervals(2001, 10.0, 1.0, np.random.default_rng(0))
+    bursty = arrival_intervals(2001, 10.0, 0.25, np.random.default_rng(0))
+    assert len(poisson) == 2000
+    assert abs(poisson.mean() - 0.1) < 0.01 and abs(bursty.mean() - 0.1) < 0.02
+    assert abs(poisson.std() - 0.1) < 0.015  # exponential: std = mean
+    assert bursty.std() > 1.5 * poisson.std()  # gamma shape < 1: burstier
+    assert not arrival_intervals(5, float("inf"), 1.0, np.random.default_rng(0)).any()
+
+
+def test_serve_against_jaxvllm_server(zoo, capsys, tmp_path):
+    """The same client against jaxvllm's own server. The tiny model gets SmolLM2's tokenizer:
+    a server streams text, and a model without a tokenizer has none, so its stream would hold
+    one chunk (no ITL to measure)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import shutil
+
+    from jaxvllm.engine.async_engine import AsyncLLMEngine
+    from jaxvllm.entrypoints.openai.server import ServerThread, build_app
+    from jaxvllm.tokenizer import load_tokenizer
+
+    from benchmarks import serve
+
+    folder = tmp_path / "tiny-with-tokenizer"
+    shutil.copytree(zoo.case("llama_gqa").path, folder)
+    load_tokenizer(None).save_pretrained(folder)
+    engine = AsyncLLMEngine.from_engine_args(model=str(folder),
+                                             max_model_len=64, max_num_seqs=4, block_size=4,
+                                             max_num_batched_tokens=32)
+    try:
+        with ServerThread(build_app(engine, served_model_names=["tiny"])) as server:
+            res = serve.main(["--base-url", server.url, "--num-prompts", "5", "--input-len", "8",
+                              "--output-len", "4", "--vocab-size", "256", "--request-rate",
+                              "inf", "--max-concurrency", "4", "--disable-tqdm"])
+    finally:
+        engine.shutdown()
+    assert res["model"] == "tiny" and res["completed"] == 5 and res["failed"] == 0
+    assert res["total_output_tokens"] == 20 and res["total_input_tokens"] == 40
+    assert res["mean_ttft_ms"] > 0 and res["mean_tpot_ms"] > 0
+    assert res["mean_e2el_ms"] > res["mean_ttft_ms"]
+    assert _last_json(capsys)["benchmark"] == "serve"
