@@ -32,7 +32,6 @@ never compiled or run on a GPU yet (see benchmarks/README.md).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -40,19 +39,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.ragged_tiles import (
+    LOG2E,
+    MASK_VALUE,
     TILE_LEN,
     TILE_POS,
     TILE_REQ,
     TILE_TOKEN,
     next_power_of_2,
     plan_query_tiles,
+    tile_key_steps,
     tiles_to_tokens,
 )
 from pallas_kernels.validation import maybe_validate
 from pallas_kernels.variants import register_variant
 
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-LOG2E = math.log2(math.e)
 ROWS = 64  # one warpgroup's wgmma M
 
 
@@ -111,10 +111,7 @@ def _kernel(
 
     plgpu.copy_gmem_to_smem(q_ref.at[tile, head], q_smem, q_barrier.at[0])
 
-    kv_hi = first_pos + length
-    kv_lo = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
-    start = kv_lo // block_kv
-    stop = jnp.where(length > 0, (kv_hi + block_kv - 1) // block_kv, start)
+    kv_hi, start, stop = tile_key_steps(first_pos, length, sliding_window, block_kv)
 
     def fetch(step, slot):
         for i in range(pages):  # one TMA copy (and barrier) per page of the step

@@ -32,7 +32,6 @@ on CPU) runs the same kernel on the host and is what the tests check.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -40,20 +39,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.ragged_tiles import (
+    LOG2E,
+    MASK_VALUE,
     TILE_LEN,
     TILE_POS,
     TILE_REQ,
     TILE_TOKEN,
     next_power_of_2,
     plan_query_tiles,
+    tile_key_steps,
     tiles_to_tokens,
 )
 from pallas_kernels.validation import maybe_validate
 from pallas_kernels.variants import register_variant
 
-# A finite "minus infinity": masked scores never produce inf - inf = NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-LOG2E = math.log2(math.e)
 MIN_DOT = 16  # Triton's smallest dot dimension
 
 
@@ -97,11 +96,8 @@ def _kernel(
     q_head = head * group + jnp.minimum(g, group - 1)
     q = q_ref[q_tok, q_head, :]  # [rows, D]
 
-    # keys [kv_lo, kv_hi) in steps of block_k; this split takes one contiguous part of them
-    kv_hi = first_pos + length
-    kv_lo = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
-    step_lo = kv_lo // block_k
-    step_hi = jnp.where(length > 0, (kv_hi + block_k - 1) // block_k, step_lo)
+    # the tile's keys in steps of block_k; this split takes one contiguous part of them
+    kv_hi, step_lo, step_hi = tile_key_steps(first_pos, length, sliding_window, block_k)
     per_split = (step_hi - step_lo + kv_splits - 1) // kv_splits
     start = step_lo + split * per_split
     stop = jnp.minimum(start + per_split, step_hi)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,11 @@ from pallas_kernels.ragged_paged_attention import token_positions
 
 # fields of the packed tile table, rows of the [4, num_tiles] int32 array the kernels read
 TILE_REQ, TILE_TOKEN, TILE_LEN, TILE_POS = range(4)
+
+# The kernels' softmax: a finite "minus infinity" (masked scores never produce inf - inf =
+# NaN), and exponents in base 2, exp(x) = 2^(x log2 e).
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+LOG2E = math.log2(math.e)
 
 
 def next_power_of_2(n: int) -> int:
@@ -74,6 +80,17 @@ def plan_query_tiles(query_start_loc: jax.Array, seq_lens: jax.Array, num_tokens
     token = jnp.clip(jnp.where(valid, token, 0), 0, num_tokens - 1)
     table = jnp.stack([req, token, length, jnp.where(valid, pos, 0)]).astype(jnp.int32)
     return QueryTiles(table, first.astype(jnp.int32), block_q)
+
+
+def tile_key_steps(first_pos, length, sliding_window: int | None, block_k: int):
+    """The keys a tile reads, `[kv_lo, kv_hi)`: from the sliding window's first key (or 0) to
+    its last token's position. Returns (kv_hi, first step, end step) in steps of `block_k`
+    keys; an empty tile has no steps. Traceable inside a kernel (scalars)."""
+    kv_hi = first_pos + length
+    kv_lo = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
+    step_lo = kv_lo // block_k
+    step_hi = jnp.where(length > 0, (kv_hi + block_k - 1) // block_k, step_lo)
+    return kv_hi, step_lo, step_hi
 
 
 def tiles_to_tokens(out: jax.Array, tiles: QueryTiles, query_start_loc: jax.Array,

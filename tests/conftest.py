@@ -49,6 +49,17 @@ def _offline_session():
     assert os.environ.get("HF_HUB_OFFLINE") == "1", "a test cleared HF_HUB_OFFLINE"
 
 
+@dataclasses.dataclass
+class FakeSamplingParams:
+    """Stand-in for SamplingParams in the KV-cache and scheduler tests: the fields the
+    scheduler reads."""
+
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+    ignore_eos: bool = False
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny random HF models
 # ---------------------------------------------------------------------------------------------
@@ -235,3 +246,30 @@ def zoo(tmp_path_factory) -> ModelZoo:
 def llama_folder(zoo) -> Path:
     """A valid tiny HF checkpoint folder (Llama, GQA); copy it before modifying it."""
     return zoo.case("llama_gqa").path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with SmolLM2's tokenizer and chat template (a saved HF folder):
+    nonsense text, but a real vocabulary and template, and milliseconds per step. The server
+    and CLI tests share it, and with it their compiled programs."""
+    import torch
+    import transformers
+
+    from jaxvllm.tokenizer import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    tok = load_tokenizer(None)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape)
+            p.copy_(1 + 0.1 * noise if "norm" in name else 0.2 * noise)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

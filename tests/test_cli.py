@@ -1,7 +1,7 @@
 """The `jaxvllm` command line: help with examples everywhere, `serve` as a real subprocess
 (answers /health and the API, stops cleanly on SIGINT and SIGTERM with a request in flight),
-`generate --stream` and the `chat` loop (in-process, on a tiny model with SmolLM2's
-tokenizer and chat template)."""
+`generate --stream` and the `chat` loop (in-process, on conftest's `tiny_chat_model`: a tiny
+model with SmolLM2's tokenizer and chat template)."""
 
 from __future__ import annotations
 
@@ -22,32 +22,6 @@ import pytest
 from jaxvllm.entrypoints.cli import main
 
 QUESTION = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory) -> Path:
-    """A random 2-layer Llama with SmolLM2's tokenizer and chat template (the model of
-    tests/test_server.py, so that the compiled programs are shared)."""
-    import torch
-    import transformers
-
-    from jaxvllm.tokenizer import load_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-chat-cli")
-    tok = load_tokenizer(None)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.2 * noise)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def free_port() -> int:

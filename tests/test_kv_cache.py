@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 
+try:
+    from conftest import FakeSamplingParams
+except ImportError:  # tests/ imported as a package
+    from tests.conftest import FakeSamplingParams
 from jaxvllm.engine.kv_cache import NULL_BLOCK_ID, BlockPool, KVCacheManager
 from jaxvllm.engine.request import Request, RequestStatus
 
 BS = 4
 
-
-@dataclass
-class Params:  # stand-in for SamplingParams: the fields the scheduler reads
-    max_tokens: int | None = 16
-    min_tokens: int = 0
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-
-
 _ids = iter(range(10**9))
 
 
 def make_request(tokens, rid=None) -> Request:
-    return Request(rid or f"r{next(_ids)}", list(tokens), Params())
+    return Request(rid or f"r{next(_ids)}", list(tokens), FakeSamplingParams())
 
 
 def admit(kv: KVCacheManager, req: Request) -> list[int]:

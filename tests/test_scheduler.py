@@ -9,21 +9,16 @@ block table, a bad prefix-cache hit or a lost recomputation changes the generate
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 import pytest
 
+try:
+    from conftest import FakeSamplingParams
+except ImportError:  # tests/ imported as a package
+    from tests.conftest import FakeSamplingParams
 from jaxvllm.engine.kv_cache import NULL_BLOCK_ID, KVCacheManager
 from jaxvllm.engine.request import Request, RequestStatus
 from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-
-
-@dataclass
-class Params:  # stand-in for SamplingParams: the fields the scheduler reads
-    max_tokens: int | None = 16
-    min_tokens: int = 0
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
 
 
 def next_token(tokens: list[int]) -> int:
@@ -77,9 +72,9 @@ _counter = iter(range(10**9))
 
 def make_request(prompt, max_tokens=8, rid=None, priority=0, eos=None, arrival=None, **params):
     n = next(_counter)
-    return Request(rid or f"r{n}", list(prompt), Params(max_tokens=max_tokens, **params),
-                   eos_token_id=eos, arrival_time=float(n) if arrival is None else arrival,
-                   priority=priority)
+    sampling = FakeSamplingParams(max_tokens=max_tokens, **params)
+    return Request(rid or f"r{n}", list(prompt), sampling, eos_token_id=eos,
+                   arrival_time=float(n) if arrival is None else arrival, priority=priority)
 
 
 def check_step(sched: Scheduler, out: SchedulerOutput) -> None:

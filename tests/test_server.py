@@ -2,11 +2,12 @@
 wire format itself is the point): every endpoint, streaming, n, logprobs, stop, usage, the
 error bodies, the API key, 64 concurrent streams and client disconnects.
 
-The model is a random 2-layer Llama carrying SmolLM2's tokenizer and chat template: its text
-is nonsense, but it has a real vocabulary and template and steps in milliseconds, so the
-expected texts are computed from the server itself (greedy, so repeatable). One engine and one
-server on a loopback port serve the module; a second app with an API key shares the engine.
-tests/test_server_smollm2.py checks real answers with the embedded model.
+The model (conftest's `tiny_chat_model`) is a random 2-layer Llama carrying SmolLM2's
+tokenizer and chat template: its text is nonsense, but it has a real vocabulary and template
+and steps in milliseconds, so the expected texts are computed from the server itself (greedy,
+so repeatable). One engine and one server on a loopback port serve the module; a second app
+with an API key shares the engine. tests/test_server_smollm2.py checks real answers with the
+embedded model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -30,33 +30,9 @@ MAX_MODEL_LEN = 512
 NAMES = ["tiny-chat", "tiny-alias"]
 
 
-def build_tiny_chat_model(folder: Path) -> Path:
-    """A random 2-layer Llama with SmolLM2's tokenizer and chat template (saved HF folder)."""
-    import torch
-    import transformers
-
-    from jaxvllm.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(None)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.2 * noise)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    folder = build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
-    eng = AsyncLLMEngine.from_engine_args(model=str(folder), max_model_len=MAX_MODEL_LEN,
+def engine(tiny_chat_model):
+    eng = AsyncLLMEngine.from_engine_args(model=str(tiny_chat_model), max_model_len=MAX_MODEL_LEN,
                                           max_num_seqs=16, seed=0)
     yield eng
     eng.shutdown()

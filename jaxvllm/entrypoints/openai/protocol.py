@@ -65,6 +65,23 @@ class UsageInfo(OpenAIBaseModel):
     total_tokens: int = 0
     completion_tokens: Optional[int] = 0
 
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "UsageInfo":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class _ResponseFields(OpenAIBaseModel):
+    """The frame of a completion or chat response and of their stream chunks; each response
+    narrows `object`, `choices` and `usage` (a field redeclared keeps its place)."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list
+    usage: Optional[UsageInfo] = None
+
 
 class ResponseFormat(OpenAIBaseModel):
     type: Literal["text", "json_object", "json_schema"]
@@ -133,6 +150,12 @@ class _SamplingFields(OpenAIBaseModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
 
+    def stream_usage(self) -> tuple[bool, bool]:
+        """(usage in a last chunk of its own, usage in every chunk), as stream_options asks."""
+        options = self.stream_options
+        include_usage = bool(options and options.include_usage)
+        return include_usage, bool(include_usage and options.continuous_usage_stats)
+
 
 def _default(value, default):
     return default if value is None else value
@@ -186,32 +209,21 @@ class CompletionResponseChoice(OpenAIBaseModel):
     token_ids: Optional[list[int]] = None
 
 
-class CompletionResponse(OpenAIBaseModel):
+class CompletionResponse(_ResponseFields):
     id: str = Field(default_factory=lambda: f"cmpl-{random_id()}")
     object: str = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[CompletionResponseChoice]
     usage: UsageInfo
 
 
-class CompletionResponseStreamChoice(OpenAIBaseModel):
-    index: int
-    text: str
-    logprobs: Optional[CompletionLogProbs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[int, str]] = None
-    prompt_token_ids: Optional[list[int]] = None
-    token_ids: Optional[list[int]] = None
+class CompletionResponseStreamChoice(CompletionResponseChoice):
+    """A choice of a stream chunk: the fields of a whole response's choice."""
 
 
-class CompletionStreamResponse(OpenAIBaseModel):
-    id: str
+class CompletionStreamResponse(_ResponseFields):
     object: str = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionResponseStreamChoice]
-    usage: Optional[UsageInfo] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,9 +253,23 @@ class ChatMessage(OpenAIBaseModel):
         return "\n".join(texts)
 
 
-class ChatCompletionRequest(_SamplingFields):
-    # https://platform.openai.com/docs/api-reference/chat/create
+class ChatTemplateFields(OpenAIBaseModel):
+    """The conversation and how the chat template renders it: what a chat completion request
+    and a chat /tokenize request share."""
+
     messages: list[ChatMessage]
+    tools: Optional[list[dict[str, Any]]] = None
+
+    # --- vLLM extensions ---------------------------------------------------------------------
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+
+class ChatCompletionRequest(ChatTemplateFields, _SamplingFields):
+    # https://platform.openai.com/docs/api-reference/chat/create
     model: Optional[str] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
@@ -251,18 +277,12 @@ class ChatCompletionRequest(_SamplingFields):
                                       "max_completion_tokens")
     max_completion_tokens: Optional[int] = None
     response_format: Optional[ResponseFormat] = None
-    tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
 
     # --- vLLM extensions ---------------------------------------------------------------------
     echo: bool = False
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    add_special_tokens: bool = False
     documents: Optional[list[dict[str, str]]] = None
-    chat_template: Optional[str] = None
-    chat_template_kwargs: Optional[dict[str, Any]] = None
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
@@ -307,20 +327,22 @@ class ChatResponseMessage(OpenAIBaseModel):
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
-class ChatCompletionResponseChoice(OpenAIBaseModel):
+class _ChatChoiceFields(OpenAIBaseModel):
+    """What a chat choice and a chat stream choice share besides their message or delta."""
+
     index: int
-    message: ChatResponseMessage
     logprobs: Optional[ChatCompletionLogProbs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
     token_ids: Optional[list[int]] = None
 
 
-class ChatCompletionResponse(OpenAIBaseModel):
-    id: str
+class ChatCompletionResponseChoice(_ChatChoiceFields):
+    message: ChatResponseMessage
+
+
+class ChatCompletionResponse(_ResponseFields):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
     prompt_token_ids: Optional[list[int]] = None
@@ -331,22 +353,13 @@ class DeltaMessage(OpenAIBaseModel):
     content: Optional[str] = None
 
 
-class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
-    index: int
+class ChatCompletionResponseStreamChoice(_ChatChoiceFields):
     delta: DeltaMessage
-    logprobs: Optional[ChatCompletionLogProbs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[int, str]] = None
-    token_ids: Optional[list[int]] = None
 
 
-class ChatCompletionStreamResponse(OpenAIBaseModel):
-    id: str
+class ChatCompletionStreamResponse(_ResponseFields):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatCompletionResponseStreamChoice]
-    usage: Optional[UsageInfo] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,16 +389,9 @@ class TokenizeCompletionRequest(OpenAIBaseModel):
     return_token_strs: Optional[bool] = False
 
 
-class TokenizeChatRequest(OpenAIBaseModel):
+class TokenizeChatRequest(ChatTemplateFields):
     model: Optional[str] = None
-    messages: list[ChatMessage]
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    add_special_tokens: bool = False
     return_token_strs: Optional[bool] = False
-    chat_template: Optional[str] = None
-    chat_template_kwargs: Optional[dict[str, Any]] = None
-    tools: Optional[list[dict[str, Any]]] = None
 
 
 class TokenizeResponse(OpenAIBaseModel):

@@ -131,6 +131,13 @@ def _respond(result) -> Response:
                              headers={"cache-control": "no-cache"})
 
 
+async def _generate(raw_request: Request, request_type: type[BaseModel], create) -> Response:
+    """A completion or chat route: the body as `request_type`, `create(request, raw_request)`
+    run until the client disconnects, its result as JSON or as an event stream."""
+    request = await parse_body(raw_request, request_type)
+    return _respond(await _until_disconnect(raw_request, create(request, raw_request)))
+
+
 def build_app(engine: AsyncLLMEngine, *, served_model_names: Optional[Sequence[str]] = None,
               api_key: Union[str, Sequence[str], None] = None,
               max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
@@ -222,17 +229,11 @@ def build_app(engine: AsyncLLMEngine, *, served_model_names: Optional[Sequence[s
 
     @app.post("/v1/completions")
     async def create_completion(raw_request: Request):
-        request = await parse_body(raw_request, CompletionRequest)
-        result = await _until_disconnect(
-            raw_request, completion.create_completion(request, raw_request))
-        return _respond(result)
+        return await _generate(raw_request, CompletionRequest, completion.create_completion)
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(raw_request: Request):
-        request = await parse_body(raw_request, ChatCompletionRequest)
-        result = await _until_disconnect(
-            raw_request, chat.create_chat_completion(request, raw_request))
-        return _respond(result)
+        return await _generate(raw_request, ChatCompletionRequest, chat.create_chat_completion)
 
     @app.post("/tokenize")
     async def tokenize(raw_request: Request):
@@ -243,15 +244,7 @@ def build_app(engine: AsyncLLMEngine, *, served_model_names: Optional[Sequence[s
         base.require_tokenizer("/tokenize", "messages" if is_chat else "prompt")
 
         def run():
-            if is_chat:
-                text = base.render_chat(request.messages,
-                                        add_generation_prompt=request.add_generation_prompt,
-                                        continue_final_message=request.continue_final_message,
-                                        chat_template=request.chat_template,
-                                        template_kwargs=request.chat_template_kwargs,
-                                        tools=request.tools)
-            else:
-                text = request.prompt
+            text = base.render_chat(request) if is_chat else request.prompt
             ids = base.encode(text, request.add_special_tokens)
             strs = (base.tokenizer.convert_ids_to_tokens(ids)
                     if request.return_token_strs else None)

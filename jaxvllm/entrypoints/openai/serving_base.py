@@ -1,19 +1,24 @@
 """What the completion and chat handlers share: the model-name check, tokenization off the
-event loop, the context-length rules, request ids, errors and log-probability formatting."""
+event loop, the context-length rules, request ids, errors, handing requests to the engine,
+server-sent events and log-probability formatting."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
 import itertools
+import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, Sequence
+from typing import Any, AsyncGenerator, AsyncIterator, Optional, Sequence
 
-from jaxvllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
-from jaxvllm.entrypoints.openai.protocol import (ChatMessage, ErrorInfo, ErrorResponse,
-                                                 random_id)
+from pydantic import BaseModel
+
+from jaxvllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from jaxvllm.entrypoints.openai.protocol import (ChatTemplateFields, ErrorInfo, ErrorResponse,
+                                                 UsageInfo, random_id)
+from jaxvllm.outputs import RequestOutput
 
 # Log-probabilities of -inf cannot be written as JSON; OpenAI sends this instead.
 MIN_LOGPROB = -9999.0
@@ -101,27 +106,26 @@ class OpenAIServing:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def render_chat(self, messages: list[ChatMessage], *, add_generation_prompt: bool,
-                    continue_final_message: bool, chat_template: Optional[str],
-                    template_kwargs: Optional[dict], tools=None, documents=None) -> str:
-        """The conversation through the model's chat template (ValueError when it fails)."""
+    def render_chat(self, request: ChatTemplateFields, documents=None) -> str:
+        """The request's conversation through the model's chat template, as the request asks
+        (ValueError when it fails)."""
         conversation = []
-        for m in messages:
+        for m in request.messages:
             entry = {"role": m.role, "content": m.text()}
             if m.name is not None:
                 entry["name"] = m.name
             entry.update(m.model_extra or {})
             conversation.append(entry)
-        kwargs = dict(template_kwargs or {})
-        if tools is not None:
-            kwargs["tools"] = tools
+        kwargs = dict(request.chat_template_kwargs or {})
+        if request.tools is not None:
+            kwargs["tools"] = request.tools
         if documents is not None:
             kwargs["documents"] = documents
         try:
             return self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, chat_template=chat_template,
-                **kwargs)
+                conversation, tokenize=False, add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                chat_template=request.chat_template, **kwargs)
         except Exception as e:  # jinja2 errors, "no chat template", role order, ...
             raise ValueError(f"messages: the chat template failed: {e}") from e
 
@@ -171,6 +175,24 @@ class OpenAIServing:
         serial = next(self._counter)
         return [f"{response_id}-{i}.{serial}" for i in range(count)]
 
+    # -- the engine ----------------------------------------------------------------------------
+
+    async def add_requests(self, items: list, *, arrival: float, priority: int,
+                           fields: Sequence[str], response_id: str,
+                           raw_request) -> RequestStream:
+        """Hand `items` (engine id, prompt, sampling params) to the engine as one stream: a
+        request the engine refuses is a 400 (naming one of `fields`), a dead engine a 503."""
+        try:
+            stream = await self.engine.add_requests(items, arrival_time=arrival,
+                                                    priority=priority)
+        except ValueError as e:
+            raise bad_request(e, fields) from e
+        except EngineDeadError as e:
+            raise engine_error(e) from e
+        if raw_request is not None:
+            raw_request.state.log_info = f"id={response_id}"
+        return stream
+
     # -- log-probabilities ---------------------------------------------------------------------
 
     def token_str(self, token_id: int, logprob, as_ids: bool) -> str:
@@ -188,3 +210,56 @@ def clamp_logprob(value: float) -> float:
 
 def now() -> int:
     return int(time.time())
+
+
+async def final_outputs(stream: RequestStream, count: int) -> list[RequestOutput]:
+    """The last output of each of the stream's `count` requests (a dead engine is a 503)."""
+    finals: list[Optional[RequestOutput]] = [None] * count
+    try:
+        async for index, output in stream:
+            finals[index] = output
+    except EngineDeadError as e:
+        raise engine_error(e) from e
+    finally:
+        stream.close()
+    return finals
+
+
+def padded(entries: Optional[Sequence], count: int) -> list:
+    """The first `count` per-token logprob dicts, padded with None to `count`."""
+    entries = list(entries or [])[:count]
+    return entries + [None] * (count - len(entries))
+
+
+def note_usage(raw_request, usage: UsageInfo, reasons) -> None:
+    """Usage for the server's one log line per request."""
+    if raw_request is None:
+        return
+    reasons = ",".join(sorted({r for r in reasons if r})) or "-"
+    raw_request.state.log_info = (f"{getattr(raw_request.state, 'log_info', '')} "
+                                  f"prompt_tokens={usage.prompt_tokens} "
+                                  f"completion_tokens={usage.completion_tokens} "
+                                  f"finish={reasons}").strip()
+
+
+# -- server-sent events ------------------------------------------------------------------------
+
+
+def sse_event(chunk: BaseModel) -> str:
+    return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
+
+
+async def sse_stream(events: AsyncGenerator[str, None],
+                     stream: RequestStream) -> AsyncIterator[str]:
+    """`events` as sent: a failure becomes an error event, the engine requests are closed
+    however it ends (a client gone included), and `[DONE]` comes last."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:
+        error = e if isinstance(e, ServingError) else engine_error(e)
+        yield f"data: {json.dumps(error.body(), ensure_ascii=False)}\n\n"
+    finally:
+        stream.close()
+        await events.aclose()
+    yield "data: [DONE]\n\n"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator, Optional, Union
 
-from jaxvllm.engine.async_engine import EngineDeadError, RequestStream
+from jaxvllm.engine.async_engine import RequestStream
 from jaxvllm.entrypoints.openai.protocol import (ChatCompletionLogProb, ChatCompletionLogProbs,
                                                  ChatCompletionLogProbsContent,
                                                  ChatCompletionRequest, ChatCompletionResponse,
@@ -15,8 +15,8 @@ from jaxvllm.entrypoints.openai.protocol import (ChatCompletionLogProb, ChatComp
                                                  ChatCompletionStreamResponse, ChatResponseMessage,
                                                  DeltaMessage, UsageInfo)
 from jaxvllm.entrypoints.openai.serving_base import (OpenAIServing, ServingError, bad_request,
-                                                     clamp_logprob, engine_error, now)
-from jaxvllm.entrypoints.openai.serving_completion import _entries, _json, _note
+                                                     clamp_logprob, final_outputs, note_usage,
+                                                     now, padded, sse_event, sse_stream)
 
 FIELDS = tuple(ChatCompletionRequest.model_fields)
 
@@ -44,28 +44,17 @@ class OpenAIServingChat(OpenAIServing):
         response_id = self.response_id("chatcmpl", raw_request, request.request_id)
         (engine_id,) = self.engine_ids(response_id, 1)
         prompt = {"prompt_token_ids": prompt_ids, "prompt": prompt_text}
-        try:
-            stream = await self.engine.add_requests([(engine_id, prompt, params)],
-                                                    arrival_time=arrival,
-                                                    priority=request.priority)
-        except ValueError as e:
-            raise bad_request(e, FIELDS) from e
-        except EngineDeadError as e:
-            raise engine_error(e) from e
-        if raw_request is not None:
-            raw_request.state.log_info = f"id={response_id}"
+        stream = await self.add_requests([(engine_id, prompt, params)], arrival=arrival,
+                                         priority=request.priority, fields=FIELDS,
+                                         response_id=response_id, raw_request=raw_request)
         echo = self._echo_text(request)
         if request.stream:
-            return self._stream(request, stream, prompt_ids, echo, response_id, raw_request)
+            return sse_stream(self._stream(request, stream, prompt_ids, echo, response_id,
+                                           raw_request), stream)
         return await self._full(request, stream, prompt_ids, echo, response_id, raw_request)
 
     def _render(self, request: ChatCompletionRequest) -> tuple[str, list[int]]:
-        text = self.render_chat(request.messages,
-                                add_generation_prompt=request.add_generation_prompt,
-                                continue_final_message=request.continue_final_message,
-                                chat_template=request.chat_template,
-                                template_kwargs=request.chat_template_kwargs,
-                                tools=request.tools, documents=request.documents)
+        text = self.render_chat(request, documents=request.documents)
         ids = self.encode(text, request.add_special_tokens)
         if request.truncate_prompt_tokens is not None:
             ids = self.truncate(ids, request.truncate_prompt_tokens)
@@ -84,28 +73,19 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _full(self, request, stream: RequestStream, prompt_ids, echo, response_id,
                     raw_request) -> ChatCompletionResponse:
-        final = None
-        try:
-            async for _, output in stream:
-                final = output
-        except EngineDeadError as e:
-            raise engine_error(e) from e
-        finally:
-            stream.close()
+        (final,) = await final_outputs(stream, 1)
         as_ids = bool(request.return_tokens_as_token_ids)
         choices = []
         for c in final.outputs:
-            logprobs = (self._logprobs(list(c.token_ids), _entries(c, len(c.token_ids)),
+            logprobs = (self._logprobs(list(c.token_ids), padded(c.logprobs, len(c.token_ids)),
                                        request.top_logprobs or 0, as_ids)
                         if request.logprobs else None)
             choices.append(ChatCompletionResponseChoice(
                 index=c.index, message=ChatResponseMessage(role="assistant", content=echo + c.text),
                 logprobs=logprobs, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                 token_ids=list(c.token_ids) if request.return_token_ids else None))
-        generated = sum(len(c.token_ids) for c in final.outputs)
-        usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=generated,
-                          total_tokens=len(prompt_ids) + generated)
-        _note(raw_request, usage, [c.finish_reason for c in choices])
+        usage = UsageInfo.of(len(prompt_ids), sum(len(c.token_ids) for c in final.outputs))
+        note_usage(raw_request, usage, [c.finish_reason for c in choices])
         return ChatCompletionResponse(
             id=response_id, created=now(), model=self.model_name, choices=choices, usage=usage,
             prompt_token_ids=prompt_ids if request.return_token_ids else None)
@@ -119,9 +99,7 @@ class OpenAIServingChat(OpenAIServing):
         text_used = [0] * n
         tokens_used = [0] * n
         finished: list[Optional[str]] = [None] * n
-        options = request.stream_options
-        include_usage = bool(options and options.include_usage)
-        continuous = bool(include_usage and options.continuous_usage_stats)
+        include_usage, continuous = request.stream_usage()
         as_ids = bool(request.return_tokens_as_token_ids)
         num_prompt = len(prompt_ids)
 
@@ -131,55 +109,45 @@ class OpenAIServingChat(OpenAIServing):
                                                  choices=choices)
             if usage is not None:
                 chunk.usage = usage
-            return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
+            return sse_event(chunk)
 
-        def usage_now(completion_tokens: int) -> UsageInfo:
-            return UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
-                             total_tokens=num_prompt + completion_tokens)
-
-        try:
-            # the first chunk of each choice carries the role (and the echoed text)
-            for i in range(n):
+        # the first chunk of each choice carries the role (and the echoed text)
+        for i in range(n):
+            choice = ChatCompletionResponseStreamChoice(
+                index=i, delta=DeltaMessage(role="assistant", content=echo),
+                logprobs=None, finish_reason=None)
+            yield chunk_json([choice], UsageInfo.of(num_prompt, 0) if continuous else None)
+        async for _, output in stream:
+            for c in output.outputs:
+                i = c.index
+                if finished[i] is not None:
+                    continue
+                text = c.text[text_used[i]:]
+                new_ids = list(c.token_ids[tokens_used[i]:])
+                wants_tokens = request.logprobs or request.return_token_ids
+                if not text and not c.finish_reason and not (new_ids and wants_tokens):
+                    continue
+                logprobs = None
+                if request.logprobs:
+                    entries = padded(c.logprobs, len(c.token_ids))[tokens_used[i]:]
+                    logprobs = self._logprobs(new_ids, entries, request.top_logprobs or 0,
+                                              as_ids)
                 choice = ChatCompletionResponseStreamChoice(
-                    index=i, delta=DeltaMessage(role="assistant", content=echo),
-                    logprobs=None, finish_reason=None)
-                yield chunk_json([choice], usage_now(0) if continuous else None)
-            async for _, output in stream:
-                for c in output.outputs:
-                    i = c.index
-                    if finished[i] is not None:
-                        continue
-                    text = c.text[text_used[i]:]
-                    new_ids = list(c.token_ids[tokens_used[i]:])
-                    wants_tokens = request.logprobs or request.return_token_ids
-                    if not text and not c.finish_reason and not (new_ids and wants_tokens):
-                        continue
-                    logprobs = None
-                    if request.logprobs:
-                        entries = _entries(c, len(c.token_ids))[tokens_used[i]:]
-                        logprobs = self._logprobs(new_ids, entries, request.top_logprobs or 0,
-                                                  as_ids)
-                    choice = ChatCompletionResponseStreamChoice(
-                        index=i, delta=DeltaMessage(content=text), logprobs=logprobs,
-                        finish_reason=c.finish_reason)
-                    if c.finish_reason is not None:
-                        choice.stop_reason = c.stop_reason
-                    if request.return_token_ids:
-                        choice.token_ids = new_ids
-                    text_used[i] = max(text_used[i], len(c.text))
-                    tokens_used[i] = len(c.token_ids)
-                    finished[i] = c.finish_reason
-                    yield chunk_json([choice], usage_now(tokens_used[i]) if continuous else None)
-            usage = usage_now(sum(tokens_used))
-            _note(raw_request, usage, finished)
-            if include_usage:
-                yield chunk_json([], usage)
-        except Exception as e:
-            error = e if isinstance(e, ServingError) else engine_error(e)
-            yield f"data: {_json(error.body())}\n\n"
-        finally:
-            stream.close()
-        yield "data: [DONE]\n\n"
+                    index=i, delta=DeltaMessage(content=text), logprobs=logprobs,
+                    finish_reason=c.finish_reason)
+                if c.finish_reason is not None:
+                    choice.stop_reason = c.stop_reason
+                if request.return_token_ids:
+                    choice.token_ids = new_ids
+                text_used[i] = max(text_used[i], len(c.text))
+                tokens_used[i] = len(c.token_ids)
+                finished[i] = c.finish_reason
+                yield chunk_json([choice],
+                                 UsageInfo.of(num_prompt, tokens_used[i]) if continuous else None)
+        usage = UsageInfo.of(num_prompt, sum(tokens_used))
+        note_usage(raw_request, usage, finished)
+        if include_usage:
+            yield chunk_json([], usage)
 
     def _logprobs(self, token_ids: list[int], entries: list, top_k: int,
                   as_ids: bool) -> ChatCompletionLogProbs:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator, Optional, Union
 
-from jaxvllm.engine.async_engine import EngineDeadError, RequestStream
+from jaxvllm.engine.async_engine import RequestStream
 from jaxvllm.entrypoints.openai.protocol import (CompletionLogProbs, CompletionRequest,
                                                  CompletionResponse, CompletionResponseChoice,
                                                  CompletionResponseStreamChoice,
                                                  CompletionStreamResponse, UsageInfo)
 from jaxvllm.entrypoints.openai.serving_base import (OpenAIServing, ServingError, bad_request,
-                                                     clamp_logprob, engine_error, now)
-from jaxvllm.outputs import RequestOutput
+                                                     clamp_logprob, final_outputs, note_usage,
+                                                     now, padded, sse_event, sse_stream)
 
 FIELDS = tuple(CompletionRequest.model_fields)
 
@@ -43,18 +43,13 @@ class OpenAIServingCompletion(OpenAIServing):
         engine_ids = self.engine_ids(response_id, len(prompts))
         items = [(eid, {"prompt_token_ids": p.token_ids, "prompt": p.text}, sp)
                  for eid, p, sp in zip(engine_ids, prompts, params)]
-        try:
-            stream = await self.engine.add_requests(items, arrival_time=arrival,
-                                                    priority=request.priority)
-        except ValueError as e:
-            raise bad_request(e, FIELDS) from e
-        except EngineDeadError as e:
-            raise engine_error(e) from e
-        if raw_request is not None:
-            raw_request.state.log_info = f"id={response_id}"
+        stream = await self.add_requests(items, arrival=arrival, priority=request.priority,
+                                         fields=FIELDS, response_id=response_id,
+                                         raw_request=raw_request)
         view = _PromptOnly() if prompt_only else _Generated()
         if request.stream:
-            return self._stream(request, stream, prompts, view, response_id, raw_request)
+            return sse_stream(self._stream(request, stream, prompts, view, response_id,
+                                           raw_request), stream)
         return await self._full(request, stream, prompts, view, response_id, raw_request)
 
     async def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
@@ -92,14 +87,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def _full(self, request, stream: RequestStream, prompts, view, response_id,
                     raw_request) -> CompletionResponse:
-        finals: list[Optional[RequestOutput]] = [None] * len(prompts)
-        try:
-            async for index, output in stream:
-                finals[index] = output
-        except EngineDeadError as e:
-            raise engine_error(e) from e
-        finally:
-            stream.close()
+        finals = await final_outputs(stream, len(prompts))
         choices = []
         num_generated = 0
         as_ids = bool(request.return_tokens_as_token_ids)
@@ -110,7 +98,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 if request.echo:
                     text = (prompt.text or "") + text
                     token_ids = prompt.token_ids + token_ids
-                    entries = _prompt_entries(final, len(prompt.token_ids)) + entries
+                    entries = padded(final.prompt_logprobs, len(prompt.token_ids)) + entries
                 logprobs = (self._logprobs(token_ids, entries, 0, as_ids)
                             if request.logprobs is not None else None)
                 choices.append(CompletionResponseChoice(
@@ -119,10 +107,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     prompt_token_ids=prompt.token_ids if request.return_token_ids else None,
                     token_ids=generated if request.return_token_ids else None))
                 num_generated += len(generated)
-        num_prompt = sum(len(p.token_ids) for p in prompts)
-        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                          total_tokens=num_prompt + num_generated)
-        _note(raw_request, usage, [c.finish_reason for c in choices])
+        usage = UsageInfo.of(sum(len(p.token_ids) for p in prompts), num_generated)
+        note_usage(raw_request, usage, [c.finish_reason for c in choices])
         return CompletionResponse(id=response_id, created=now(), model=self.model_name,
                                   choices=choices, usage=usage)
 
@@ -138,64 +124,49 @@ class OpenAIServingCompletion(OpenAIServing):
         chars_sent = [0] * total  # for logprobs' text_offset (echoed prompt included)
         echoed = [False] * total
         finished: list[Optional[str]] = [None] * total
-        options = request.stream_options
-        include_usage = bool(options and options.include_usage)
-        continuous = bool(include_usage and options.continuous_usage_stats)
+        include_usage, continuous = request.stream_usage()
         as_ids = bool(request.return_tokens_as_token_ids)
-        try:
-            async for index, output in stream:
-                prompt = prompts[index]
-                for c in output.outputs:
-                    i = index * n + c.index
-                    if finished[i] is not None:
-                        continue
-                    full_text, token_ids, all_entries, finish, stop_reason = view(c)
-                    text = full_text[text_used[i]:]
-                    new_ids = token_ids[tokens_used[i]:]
-                    entries = all_entries[tokens_used[i]:]
-                    if request.echo and not echoed[i]:
-                        echoed[i] = True
-                        text = (prompt.text or "") + text
-                        new_ids = prompt.token_ids + new_ids
-                        entries = _prompt_entries(output, len(prompt.token_ids)) + entries
-                    wants_tokens = request.logprobs is not None or request.return_token_ids
-                    if not text and not finish and not (new_ids and wants_tokens):
-                        continue  # nothing to say yet (text held back for a stop string)
-                    logprobs = (self._logprobs(new_ids, entries, chars_sent[i], as_ids)
-                                if request.logprobs is not None else None)
-                    choice = CompletionResponseStreamChoice(
-                        index=i, text=text, logprobs=logprobs, finish_reason=finish,
-                        stop_reason=stop_reason)
-                    if request.return_token_ids:
-                        choice.token_ids = new_ids
-                    text_used[i] = max(text_used[i], len(full_text))
-                    tokens_used[i] = len(token_ids)
-                    chars_sent[i] += len(text)
-                    finished[i] = finish
-                    chunk = CompletionStreamResponse(id=response_id, object="text_completion",
-                                                     created=created, model=self.model_name,
-                                                     choices=[choice])
-                    if continuous:
-                        p = len(prompt.token_ids)
-                        chunk.usage = UsageInfo(prompt_tokens=p, completion_tokens=tokens_used[i],
-                                                total_tokens=p + tokens_used[i])
-                    yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
-            num_prompt = sum(len(p.token_ids) for p in prompts)
-            num_generated = sum(tokens_used)
-            usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                              total_tokens=num_prompt + num_generated)
-            _note(raw_request, usage, finished)
-            if include_usage:
+        async for index, output in stream:
+            prompt = prompts[index]
+            for c in output.outputs:
+                i = index * n + c.index
+                if finished[i] is not None:
+                    continue
+                full_text, token_ids, all_entries, finish, stop_reason = view(c)
+                text = full_text[text_used[i]:]
+                new_ids = token_ids[tokens_used[i]:]
+                entries = all_entries[tokens_used[i]:]
+                if request.echo and not echoed[i]:
+                    echoed[i] = True
+                    text = (prompt.text or "") + text
+                    new_ids = prompt.token_ids + new_ids
+                    entries = padded(output.prompt_logprobs, len(prompt.token_ids)) + entries
+                wants_tokens = request.logprobs is not None or request.return_token_ids
+                if not text and not finish and not (new_ids and wants_tokens):
+                    continue  # nothing to say yet (text held back for a stop string)
+                logprobs = (self._logprobs(new_ids, entries, chars_sent[i], as_ids)
+                            if request.logprobs is not None else None)
+                choice = CompletionResponseStreamChoice(
+                    index=i, text=text, logprobs=logprobs, finish_reason=finish,
+                    stop_reason=stop_reason)
+                if request.return_token_ids:
+                    choice.token_ids = new_ids
+                text_used[i] = max(text_used[i], len(full_text))
+                tokens_used[i] = len(token_ids)
+                chars_sent[i] += len(text)
+                finished[i] = finish
                 chunk = CompletionStreamResponse(id=response_id, object="text_completion",
                                                  created=created, model=self.model_name,
-                                                 choices=[], usage=usage)
-                yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
-        except Exception as e:
-            error = e if isinstance(e, ServingError) else engine_error(e)
-            yield f"data: {_json(error.body())}\n\n"
-        finally:
-            stream.close()
-        yield "data: [DONE]\n\n"
+                                                 choices=[choice])
+                if continuous:
+                    chunk.usage = UsageInfo.of(len(prompt.token_ids), tokens_used[i])
+                yield sse_event(chunk)
+        usage = UsageInfo.of(sum(len(p.token_ids) for p in prompts), sum(tokens_used))
+        note_usage(raw_request, usage, finished)
+        if include_usage:
+            yield sse_event(CompletionStreamResponse(
+                id=response_id, object="text_completion", created=created,
+                model=self.model_name, choices=[], usage=usage))
 
     def _logprobs(self, token_ids: list[int], entries: list, first_offset: int,
                   as_ids: bool) -> CompletionLogProbs:
@@ -221,7 +192,8 @@ class _Generated:
 
     def __call__(self, c):
         token_ids = list(c.token_ids)
-        return c.text, token_ids, _entries(c, len(token_ids)), c.finish_reason, c.stop_reason
+        entries = padded(c.logprobs, len(token_ids))
+        return c.text, token_ids, entries, c.finish_reason, c.stop_reason
 
 
 class _PromptOnly:
@@ -229,31 +201,3 @@ class _PromptOnly:
 
     def __call__(self, c):
         return "", [], [], "length" if c.finish_reason else None, None
-
-
-def _entries(completion, count: int) -> list:
-    """The completion's per-token logprob dicts, padded with None to `count`."""
-    entries = list(completion.logprobs or [])[:count]
-    return entries + [None] * (count - len(entries))
-
-
-def _prompt_entries(output: RequestOutput, count: int) -> list:
-    entries = list(output.prompt_logprobs or [])[:count]
-    return entries + [None] * (count - len(entries))
-
-
-def _note(raw_request, usage: UsageInfo, reasons) -> None:
-    """Usage for the server's one log line per request."""
-    if raw_request is None:
-        return
-    reasons = ",".join(sorted({r for r in reasons if r})) or "-"
-    raw_request.state.log_info = (f"{getattr(raw_request.state, 'log_info', '')} "
-                                  f"prompt_tokens={usage.prompt_tokens} "
-                                  f"completion_tokens={usage.completion_tokens} "
-                                  f"finish={reasons}").strip()
-
-
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj, ensure_ascii=False)
