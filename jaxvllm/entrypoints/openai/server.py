@@ -317,9 +317,12 @@ class _Server(uvicorn.Server):
 def uvicorn_config(app: FastAPI, host: str, port: int, *, log_level: str = "info",
                    timeout_graceful_shutdown: Optional[float] = 10.0,
                    access_log: bool = False, **kwargs) -> uvicorn.Config:
+    # log_config=None: uvicorn's loggers propagate to the process's logging set-up instead of
+    # uvicorn running dictConfig, which closes every handler already installed (and their
+    # streams, when a library such as absl installed one on a since-replaced sys.stderr).
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                           timeout_graceful_shutdown=timeout_graceful_shutdown, lifespan="on",
-                          **kwargs)
+                          log_config=None, **kwargs)
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
