@@ -52,11 +52,10 @@ class EngineConfig:
         check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy",
               "must be 'fcfs' or 'priority'")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
-        if self.tensor_parallel_size > len(jax.devices()):
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} exceeds the "
-                             f"{len(jax.devices())} available devices")
-        check(self.tensor_parallel_size == 1, "tensor_parallel_size",
-              "tensor parallelism is not implemented yet; use 1")
+        if self.tensor_parallel_size > 1:
+            from jaxvllm.parallel import check_device_count
+
+            check_device_count(self.tensor_parallel_size)  # ValueError: more than available
         if self.attention_backend is not None:
             from jaxvllm.models.attention import resolve_attention_backend
 

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
+from jaxvllm import distributed, parallel
 from jaxvllm.cache import enable_compilation_cache
 from jaxvllm.config import EngineConfig
 from jaxvllm.engine.detokenizer import IncrementalDetokenizer
@@ -62,17 +63,24 @@ class _Parent:
 
 
 def device_memory_stats() -> dict | None:
-    """The first device's allocator statistics (None on CPU)."""
-    return jax.devices()[0].memory_stats()
+    """This process's first device's allocator statistics (None on CPU)."""
+    return jax.local_devices()[0].memory_stats()
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         enable_compilation_cache()
+        # tensor parallel (or several processes): the mesh the model is sharded over
+        self.mesh = None
+        if config.tensor_parallel_size > 1 or jax.process_count() > 1:
+            self.mesh = parallel.make_mesh(config.tensor_parallel_size)
         self.loaded = load_model(config.model, dtype=config.dtype,
-                                 attention_backend=config.resolved_attention_backend())
+                                 attention_backend=config.resolved_attention_backend(),
+                                 mesh=self.mesh)
         self.model_config = self.loaded.config
+        distributed.check_same_everywhere(
+            (dataclasses.replace(config, model=None, tokenizer=None), self.model_config))
         self.tokenizer = self._load_tokenizer()
         self.max_model_len = self._max_model_len()
         self.vocab_size = self.model_config.vocab_size
@@ -80,15 +88,16 @@ class LLMEngine:
         budget = max(config.resolved_max_num_batched_tokens(self.max_model_len), 1)
         if not config.enable_chunked_prefill:
             budget = max(budget, self.max_model_len)
-        self.num_blocks = self._num_blocks(max_num_seqs)
+        self.num_blocks = distributed.from_process_zero(self._num_blocks(max_num_seqs))
         profile = self.num_blocks < 0
         if profile:  # a minimal cache for the profile run, resized right after
             self.num_blocks = 1 + math.ceil(self.max_model_len / config.block_size)
         self.runner = ModelRunner(self.loaded.model, num_blocks=self.num_blocks,
                                   block_size=config.block_size, max_model_len=self.max_model_len,
-                                  max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
+                                  max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
+                                  mesh=self.mesh)
         if profile:
-            self.num_blocks = self._profile_num_blocks()
+            self.num_blocks = distributed.from_process_zero(self._profile_num_blocks())
             self.runner.resize_kv_cache(self.num_blocks)
         self.kv_manager = KVCacheManager(self.num_blocks, config.block_size,
                                          enable_prefix_caching=config.enable_prefix_caching)
@@ -136,19 +145,28 @@ class LLMEngine:
         cfg = self.config
         if cfg.num_gpu_blocks_override is not None:
             return cfg.num_gpu_blocks_override
-        per_block = kv_cache_bytes_per_block(self.model_config, cfg.block_size, self.loaded.dtype)
+        per_block = self._kv_bytes_per_block()
         blocks_per_seq = math.ceil(self.max_model_len / cfg.block_size)
         if not device_memory_stats():  # CPU: no allocator statistics
             wanted = max_num_seqs * blocks_per_seq
             return 1 + max(blocks_per_seq, min(wanted, cfg.cpu_kv_cache_bytes // per_block))
         return -1  # sized by _profile_num_blocks once the runner exists
 
+    def _kv_bytes_per_block(self) -> int:
+        """KV-cache bytes of one block on each device (the whole block on one device)."""
+        if self.mesh is None:
+            return kv_cache_bytes_per_block(self.model_config, self.config.block_size,
+                                            self.loaded.dtype)
+        return parallel.kv_cache_bytes_per_block_per_device(
+            self.model_config, self.config.block_size, self.loaded.dtype,
+            parallel.tp_size(self.mesh))
+
     def _profile_num_blocks(self) -> int:
         cfg = self.config
         self.runner.profile_run(self.vocab_size)
         stats = device_memory_stats()
         limit, peak = stats.get("bytes_limit", 0), stats.get("peak_bytes_in_use", 0)
-        per_block = kv_cache_bytes_per_block(self.model_config, cfg.block_size, self.loaded.dtype)
+        per_block = self._kv_bytes_per_block()
         free = limit * cfg.gpu_memory_utilization - peak
         blocks = 1 + int(free // per_block)
         if blocks - 1 < math.ceil(self.max_model_len / cfg.block_size):
@@ -342,4 +360,15 @@ class LLMEngine:
                 "kv_cache_usage": self.kv_manager.usage,
                 "num_blocks": self.num_blocks,
                 "num_preemptions": self.scheduler.num_preemptions,
-                **self.runner.counters.summary()}
+                **self.runner.counters.summary(), **self._memory_stats()}
+
+    def _memory_stats(self) -> dict[str, Any]:
+        """With tensor parallelism: the devices and the largest per-device share of the
+        parameters and of the KV cache (bytes) on this process's devices."""
+        if self.mesh is None:
+            return {}
+        params = parallel.bytes_per_device(self.runner.state)
+        kv = parallel.bytes_per_device(self.runner.kv)
+        return {"tensor_parallel_size": parallel.tp_size(self.mesh),
+                "param_bytes_per_device": max(params.values()),
+                "kv_cache_bytes_per_device": max(kv.values())}

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxvllm import parallel
 from jaxvllm.engine.sampler import build_sampling_metadata, gather_logprobs, pow2_at_least, sample
 from jaxvllm.models.attention import AttentionMetadata, allocate_kv_cache
 
@@ -68,11 +69,12 @@ def _step_fn(graphdef, num_logprobs, num_prompt_logprobs, state, kv, input_ids, 
              logits_indices, sampling, prompt_indices, prompt_targets):
     model = nnx.merge(graphdef, state)
     hidden, kv = model(input_ids, positions, meta, kv)
-    logits = model.compute_logits(hidden[logits_indices])
+    # tensor parallel: the vocabulary-sharded logits gathered once; sampling runs replicated
+    logits = parallel.gather_logits(model.compute_logits(hidden[logits_indices]))
     sampled = sample(logits, sampling, num_logprobs=num_logprobs)
     prompt = None
     if num_prompt_logprobs is not None:
-        prompt_logits = model.compute_logits(hidden[prompt_indices])
+        prompt_logits = parallel.gather_logits(model.compute_logits(hidden[prompt_indices]))
         prompt = gather_logprobs(jax.nn.log_softmax(prompt_logits, axis=-1), prompt_targets,
                                  num_prompt_logprobs)
     return sampled, prompt, kv
@@ -80,8 +82,9 @@ def _step_fn(graphdef, num_logprobs, num_prompt_logprobs, state, kv, input_ids, 
 
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int,
-                 max_num_batched_tokens: int, max_num_seqs: int):
+                 max_num_batched_tokens: int, max_num_seqs: int, mesh=None):
         self.cfg = model.cfg
+        self.mesh = mesh  # tensor parallel: the model's shards live on this mesh
         self.graphdef, self.state = nnx.split(model)
         self.block_size = block_size
         self.max_blocks_per_req = -(-max_model_len // block_size)
@@ -92,7 +95,7 @@ class ModelRunner:
         self.max_table_width = bucket(self.max_blocks_per_req, 1)
         self.min_table_width = min(self.max_table_width, max(1, MIN_CONTEXT_SLOTS // block_size))
         self.max_num_seqs = max_num_seqs
-        self.kv = allocate_kv_cache(model.cfg, num_blocks, block_size, model.dtype)
+        self.kv = self._allocate_kv(num_blocks, model.dtype)
         self._programs: dict[tuple, object] = {}
         self.counters = StepCounters()
         self.compile_seconds = 0.0
@@ -105,8 +108,15 @@ class ModelRunner:
         program = self._programs.get(key)
         if program is None:
             start = time.perf_counter()
-            fn = jax.jit(functools.partial(_step_fn, self.graphdef, *key[-2:]), donate_argnums=(1,))
-            program = fn.lower(*args).compile()
+            step = functools.partial(_step_fn, self.graphdef, *key[-2:])
+            if self.mesh is None:
+                fn = jax.jit(step, donate_argnums=(1,))
+            else:  # outputs replicated, the cache stays sharded by KV head
+                rep = parallel.replicated(self.mesh)
+                fn = jax.jit(step, donate_argnums=(1,), out_shardings=(
+                    rep, rep, parallel.kv_cache_sharding(self.mesh)))
+            with parallel.tracing_under(self.mesh):
+                program = fn.lower(*args).compile()
             self.compile_seconds += time.perf_counter() - start
             self._programs[key] = program
         return program
@@ -114,8 +124,27 @@ class ModelRunner:
     def resize_kv_cache(self, num_blocks: int) -> None:
         self.kv = None  # let the old cache go before the new one is allocated
         self._programs.clear()  # they were compiled for the old cache shape
-        self.kv = allocate_kv_cache(self.cfg, num_blocks, self.block_size,
-                                    jax.tree.leaves(self.state)[0].dtype)
+        self.kv = self._allocate_kv(num_blocks, jax.tree.leaves(self.state)[0].dtype)
+
+    def _allocate_kv(self, num_blocks: int, dtype):
+        if self.mesh is None:
+            return allocate_kv_cache(self.cfg, num_blocks, self.block_size, dtype)
+        return parallel.allocate_kv_cache(self.cfg, num_blocks, self.block_size, dtype, self.mesh)
+
+    def _shard_inputs(self, args, key=None):
+        """Tensor parallel: the step's host inputs replicated over the mesh. With several
+        processes, process 0 (the one that schedules) first sends them, with the program
+        key, to the others, which run the same step (jaxvllm/distributed.py)."""
+        if key is not None and jax.process_count() > 1:
+            from jaxvllm import distributed
+
+            distributed.send_step(key, args[2:])
+        return (args[0], args[1], *parallel.replicate(args[2:], self.mesh))
+
+    def run_step(self, key, host_inputs) -> None:
+        """Run the step process 0 broadcast (the other processes' side of `execute`)."""
+        args = self._shard_inputs((self.state, self.kv, *host_inputs))
+        _, _, self.kv = self._program(key, args)(*args)
 
     def profile_run(self, vocab_size: int) -> None:
         """Run the largest step (every token and row, the widest block table) on dummy
@@ -128,6 +157,8 @@ class ModelRunner:
         args = (self.state, self.kv, zeros(T), zeros(T), meta, zeros(R), sampling, zeros(1),
                 zeros(1))
         key = (sampling.shape_key, T, R, MB, 1, None, None)
+        if self.mesh is not None:
+            args = self._shard_inputs(args)
         _, _, self.kv = self._program(key, args)(*args)
         jax.block_until_ready(self.kv)
 
@@ -167,15 +198,18 @@ class ModelRunner:
         sampling, num_logprobs = build_sampling_metadata(rows, vocab_size, pad_rows_to=R)
         prompt_idx, prompt_targets, prompt_spans, num_prompt_logprobs = self._prompt_logprob_inputs(
             scheduled, qsl)
-        meta = AttentionMetadata(jnp.asarray(qsl), jnp.asarray(seq_lens), jnp.asarray(tables),
-                                 jnp.asarray(slots))
-        args = (self.state, self.kv, jnp.asarray(ids), jnp.asarray(pos), meta,
-                jnp.asarray(logits_idx), sampling, jnp.asarray(prompt_idx),
-                jnp.asarray(prompt_targets))
+        put = jnp.asarray if self.mesh is None else np.asarray
+        meta = AttentionMetadata(put(qsl), put(seq_lens), put(tables), put(slots))
+        args = (self.state, self.kv, put(ids), put(pos), meta, put(logits_idx), sampling,
+                put(prompt_idx), put(prompt_targets))
         key = (sampling.shape_key, T, R, MB, len(prompt_idx), num_logprobs, num_prompt_logprobs)
+        if self.mesh is not None:
+            args = self._shard_inputs(args, key)
         program = self._program(key, args)
         launched = time.perf_counter()
         out, prompt_out, self.kv = program(*args)
+        if self.mesh is not None:
+            out, prompt_out = parallel.fetch((out, prompt_out))
         result = self._collect(scheduled, out, num_logprobs)  # waits for the device
         self.counters.record(total, T, launched - started, time.perf_counter() - launched)
         if prompt_out is not None:

@@ -74,6 +74,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    default=True, help="split long prompts over several steps")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="devices to shard the model over")
+    d = p.add_argument_group("distributed",
+                             "several hosts or processes (see docs/tensor_parallel.md)")
+    d.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="process 0's address for jax.distributed (also "
+                        "$JAXVLLM_COORDINATOR_ADDRESS); every process passes the same one")
+    d.add_argument("--num-processes", type=int, default=None,
+                   help="processes in all (also $JAXVLLM_NUM_PROCESSES)")
+    d.add_argument("--process-id", type=int, default=None,
+                   help="this process's rank, 0 serves (also $JAXVLLM_PROCESS_ID)")
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     g.add_argument("--attention-backend", default=None,
                    help="attention implementation (default: the reference)")
@@ -153,6 +162,13 @@ def run(args) -> int:
         logging.getLogger("jaxvllm.server.requests").setLevel(logging.WARNING)
     api_keys = resolve_api_keys(args.api_key)
 
+    from jaxvllm import distributed
+
+    multi_process = distributed.initialize(args.coordinator_address, args.num_processes,
+                                           args.process_id)
+    if multi_process and not distributed.is_driver():
+        return run_worker_process(args)
+
     from jaxvllm.entrypoints.openai.server import bind_socket, build_app, run_server
 
     sock = bind_socket(args.host, args.port)  # fail now, not after loading the model
@@ -180,5 +196,24 @@ def run(args) -> int:
                    timeout_graceful_shutdown=args.shutdown_timeout)
     finally:
         sock.close()
+        if multi_process:
+            distributed.stop_workers()
     logger.info("stopped")
+    return 0
+
+
+def run_worker_process(args) -> int:
+    """A process other than 0 of a multi-process server: load its shards, then run the
+    steps process 0 schedules until process 0 stops."""
+    import jax
+
+    from jaxvllm import distributed
+    from jaxvllm.config import EngineConfig
+    from jaxvllm.engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
+    logger.info("process %d of %d: serving steps for process 0", jax.process_index(),
+                jax.process_count())
+    steps = distributed.run_worker(engine)
+    logger.info("process 0 stopped after %d steps", steps)
     return 0

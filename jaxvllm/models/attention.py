@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvllm import parallel
 from pallas_kernels.kv_write import DEFAULT_KV_WRITER, KV_WRITERS
 from pallas_kernels.variants import get_variant, variants
 
@@ -104,8 +105,27 @@ def kv_cache_bytes_per_block(cfg, block_size: int, dtype) -> int:
 def write_kv(kv: KVCache, layer, k, v, meta: AttentionMetadata, backend: str) -> KVCache:
     """Store this step's k, v [T, KVH, D] at `meta.slot_mapping` of `layer`."""
     _, writer = resolve_attention_backend(backend)
+    mesh = parallel.active_mesh()
+    if mesh is not None:  # tensor parallel: each device writes its own KV heads
+        return _write_kv_sharded(mesh, writer, kv, layer, k, v, meta)
     k_cache, v_cache = KV_WRITERS[writer](kv.k, kv.v, layer, k, v, meta.slot_mapping)
     return KVCache(k_cache, v_cache)
+
+
+_HEADS = parallel.P(None, parallel.AXIS, None)  # [T, heads, D] split by head
+
+
+def _write_kv_sharded(mesh, writer, kv, layer, k, v, meta):
+    if writer == "scatter":  # XLA partitions the scatter along the KV-head axis
+        k, v = parallel.constrain(k, _HEADS), parallel.constrain(v, _HEADS)
+        k_cache, v_cache = KV_WRITERS[writer](kv.k, kv.v, layer, k, v, meta.slot_mapping)
+        return KVCache(parallel.constrain(k_cache, parallel.kv_cache_spec()),
+                       parallel.constrain(v_cache, parallel.kv_cache_spec()))
+    cache, rep = parallel.kv_cache_spec(), parallel.P()
+    fn = parallel.shard_map(KV_WRITERS[writer], mesh,
+                            in_specs=(cache, cache, rep, _HEADS, _HEADS, rep),
+                            out_specs=(cache, cache))
+    return KVCache(*fn(kv.k, kv.v, jnp.asarray(layer, jnp.int32), k, v, meta.slot_mapping))
 
 
 def paged_attention(q, kv: KVCache, layer, meta: AttentionMetadata, *, scale: float,
@@ -113,6 +133,16 @@ def paged_attention(q, kv: KVCache, layer, meta: AttentionMetadata, *, scale: fl
                     soft_cap: float | None = None) -> jax.Array:
     """Ragged paged attention of q [T, H, D] over `layer` of the stacked cache -> [T, H, D]."""
     variant, _ = resolve_attention_backend(backend)
-    return get_variant(variant)(
-        q, kv.k, kv.v, layer, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-        scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    fn = functools.partial(get_variant(variant).fn, scale=scale, sliding_window=sliding_window,
+                           soft_cap=soft_cap)
+    mesh = parallel.active_mesh()
+    if mesh is not None and variant == "reference":  # XLA partitions it by head
+        out = fn(parallel.constrain(q, _HEADS), kv.k, kv.v, layer, meta.query_start_loc,
+                 meta.seq_lens, meta.block_tables)
+        return parallel.constrain(out, _HEADS)
+    if mesh is not None:  # a kernel runs per shard on its own heads and KV heads
+        cache, rep = parallel.kv_cache_spec(), parallel.P()
+        fn = parallel.shard_map(fn, mesh, in_specs=(_HEADS, cache, cache, rep, rep, rep, rep),
+                                out_specs=_HEADS)
+        layer = jnp.asarray(layer, jnp.int32)
+    return fn(q, kv.k, kv.v, layer, meta.query_start_loc, meta.seq_lens, meta.block_tables)

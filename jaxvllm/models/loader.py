@@ -131,17 +131,29 @@ def abstract_model(cfg: ModelConfig, dtype, attention_backend: str = "reference"
 
 
 def build_model(cfg: ModelConfig, params: dict[str, Any], dtype,
-                attention_backend: str = "reference") -> CausalLM:
-    """A CausalLM whose parameters are `params` (a pure dict of host arrays) on the device."""
+                attention_backend: str = "reference", mesh=None) -> CausalLM:
+    """A CausalLM whose parameters are `params` (a pure dict of host arrays) on the device.
+
+    With a `mesh` (tensor parallelism), each parameter goes straight from the host into its
+    shards (see jaxvllm/parallel.py) and the module runs with the mesh's KV-head layout."""
+    if mesh is not None:
+        from jaxvllm import parallel
+
+        tp = parallel.tp_size(mesh)
+        run_cfg = parallel.tp_model_config(cfg, tp)
+        params = parallel.shard_params(parallel.widen_kv_heads(params, cfg, tp), mesh, dtype)
+        cfg = run_cfg
     graphdef, state = nnx.split(abstract_model(cfg, dtype, attention_backend))
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    if mesh is None:
+        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
 def load_model(model: str | None = None, *, dtype: str | Any = "auto",
-               attention_backend: str = "reference") -> LoadedModel:
-    """Resolve `model` and return it loaded, with its config and where it came from."""
+               attention_backend: str = "reference", mesh=None) -> LoadedModel:
+    """Resolve `model` and return it loaded, with its config and where it came from; with a
+    `mesh`, sharded over it for tensor parallelism (`config` stays the checkpoint's)."""
     start = time.perf_counter()
     source = resolve_model(model)
     target = resolve_dtype(dtype)
@@ -152,7 +164,11 @@ def load_model(model: str | None = None, *, dtype: str | Any = "auto",
     else:
         hf_config, weights = source_config_and_weights(source)
         cfg = model_config_from_hf(hf_config, str(source.path))
+        if mesh is not None:  # an impossible layout fails before any weight is read
+            from jaxvllm.parallel import check_model_divisible, tp_size
+
+            check_model_divisible(cfg, tp_size(mesh))
         params = assemble_params(cfg, hf_config, weights, target, str(source.path))
-    module = build_model(cfg, params, target, attention_backend)
+    module = build_model(cfg, params, target, attention_backend, mesh)
     jax.block_until_ready(nnx.state(module))
     return LoadedModel(cfg, hf_config, module, source, target, time.perf_counter() - start)
