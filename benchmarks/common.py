@@ -61,6 +61,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=None)
+    g.add_argument("--tensor-parallel-size", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--block-size", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
@@ -72,7 +73,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 _ENGINE_FLAGS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                  "block_size", "gpu_memory_utilization", "num_gpu_blocks_override",
-                 "enable_prefix_caching", "attention_backend", "seed")
+                 "enable_prefix_caching", "attention_backend", "seed", "tensor_parallel_size")
 
 
 def engine_kwargs(args) -> dict:
