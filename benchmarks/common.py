@@ -62,6 +62,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--tensor-parallel-size", type=int, default=None)
+    g.add_argument("--kv-cache-dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"])
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--block-size", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
@@ -73,7 +74,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 _ENGINE_FLAGS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                  "block_size", "gpu_memory_utilization", "num_gpu_blocks_override",
-                 "enable_prefix_caching", "attention_backend", "seed", "tensor_parallel_size")
+                 "enable_prefix_caching", "attention_backend", "seed", "tensor_parallel_size", "kv_cache_dtype")
 
 
 def engine_kwargs(args) -> dict:

@@ -28,6 +28,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: Optional[int] = None
     cpu_kv_cache_bytes: int = DEFAULT_CPU_KV_CACHE_BYTES
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype), "bfloat16", "float16", "float32"
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     tensor_parallel_size: int = 1
@@ -49,6 +50,8 @@ class EngineConfig:
         check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,
               "num_gpu_blocks_override", "must be >= 2 (block 0 is reserved)")
+        check(self.kv_cache_dtype in ("auto", "bfloat16", "float16", "float32"), "kv_cache_dtype",
+              "must be 'auto', 'bfloat16', 'float16' or 'float32'")
         check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy",
               "must be 'fcfs' or 'priority'")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")

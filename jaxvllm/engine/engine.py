@@ -24,6 +24,7 @@ from jaxvllm.engine.request import Request, RequestStatus
 from jaxvllm.engine.runner import ModelRunner
 from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig
 from jaxvllm.models.attention import kv_cache_bytes_per_block
+from jaxvllm.models.config import resolve_dtype
 from jaxvllm.models.loader import load_model
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxvllm.sampling_params import SamplingParams
@@ -88,6 +89,7 @@ class LLMEngine:
         budget = max(config.resolved_max_num_batched_tokens(self.max_model_len), 1)
         if not config.enable_chunked_prefill:
             budget = max(budget, self.max_model_len)
+        self.kv_dtype = self._kv_cache_dtype()
         self.num_blocks = distributed.from_process_zero(self._num_blocks(max_num_seqs))
         profile = self.num_blocks < 0
         if profile:  # a minimal cache for the profile run, resized right after
@@ -95,7 +97,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.loaded.model, num_blocks=self.num_blocks,
                                   block_size=config.block_size, max_model_len=self.max_model_len,
                                   max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
-                                  mesh=self.mesh)
+                                  mesh=self.mesh, kv_dtype=self.kv_dtype)
         if profile:
             self.num_blocks = distributed.from_process_zero(self._profile_num_blocks())
             self.runner.resize_kv_cache(self.num_blocks)
@@ -152,13 +154,24 @@ class LLMEngine:
             return 1 + max(blocks_per_seq, min(wanted, cfg.cpu_kv_cache_bytes // per_block))
         return -1  # sized by _profile_num_blocks once the runner exists
 
+    def _kv_cache_dtype(self):
+        """The KV cache's dtype: the model's ("auto") or a narrower one (vLLM's kv_cache_dtype).
+        On CPU a bfloat16 cache halves the bytes the reference attention gathers per step."""
+        if self.config.kv_cache_dtype == "auto":
+            return self.loaded.dtype
+        dtype = resolve_dtype(self.config.kv_cache_dtype)
+        if dtype != self.loaded.dtype and self.config.resolved_attention_backend() != "reference":
+            raise ValueError(f"kv_cache_dtype={self.config.kv_cache_dtype!r} differs from the "
+                             f"model dtype; only attention_backend='reference' supports that yet")
+        return dtype
+
     def _kv_bytes_per_block(self) -> int:
         """KV-cache bytes of one block on each device (the whole block on one device)."""
         if self.mesh is None:
             return kv_cache_bytes_per_block(self.model_config, self.config.block_size,
-                                            self.loaded.dtype)
+                                            self.kv_dtype)
         return parallel.kv_cache_bytes_per_block_per_device(
-            self.model_config, self.config.block_size, self.loaded.dtype,
+            self.model_config, self.config.block_size, self.kv_dtype,
             parallel.tp_size(self.mesh))
 
     def _profile_num_blocks(self) -> int:

@@ -82,7 +82,7 @@ def _step_fn(graphdef, num_logprobs, num_prompt_logprobs, state, kv, input_ids, 
 
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int,
-                 max_num_batched_tokens: int, max_num_seqs: int, mesh=None):
+                 max_num_batched_tokens: int, max_num_seqs: int, mesh=None, kv_dtype=None):
         self.cfg = model.cfg
         self.mesh = mesh  # tensor parallel: the model's shards live on this mesh
         self.graphdef, self.state = nnx.split(model)
@@ -95,7 +95,8 @@ class ModelRunner:
         self.max_table_width = bucket(self.max_blocks_per_req, 1)
         self.min_table_width = min(self.max_table_width, max(1, MIN_CONTEXT_SLOTS // block_size))
         self.max_num_seqs = max_num_seqs
-        self.kv = self._allocate_kv(num_blocks, model.dtype)
+        self.kv_dtype = kv_dtype if kv_dtype is not None else model.dtype
+        self.kv = self._allocate_kv(num_blocks, self.kv_dtype)
         self._programs: dict[tuple, object] = {}
         self.counters = StepCounters()
         self.compile_seconds = 0.0
@@ -124,7 +125,7 @@ class ModelRunner:
     def resize_kv_cache(self, num_blocks: int) -> None:
         self.kv = None  # let the old cache go before the new one is allocated
         self._programs.clear()  # they were compiled for the old cache shape
-        self.kv = self._allocate_kv(num_blocks, jax.tree.leaves(self.state)[0].dtype)
+        self.kv = self._allocate_kv(num_blocks, self.kv_dtype)
 
     def _allocate_kv(self, num_blocks: int, dtype):
         if self.mesh is None:
