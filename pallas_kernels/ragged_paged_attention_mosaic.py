@@ -262,10 +262,27 @@ def ragged_paged_attention_mosaic(
         grid=(num_tiles, num_kv_heads),
         grid_names=("tile", "head"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else False,
+        interpret=_interpret_params() if interpret else False,
     )(tiles.table, jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
       block_tables.astype(jnp.int32), q_tiles, k_cache, v_cache)
     return tiles_to_tokens(out, tiles, query_start_loc, seq_lens, num_tokens, group)
+
+
+def interpret_available() -> bool:
+    """Mosaic GPU's interpreter (for runs without a GPU) arrived in jax 0.11."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return hasattr(plgpu, "InterpretGPUParams")
+
+
+def _interpret_params():
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    if not interpret_available():
+        raise ValueError("the Mosaic GPU kernel cannot be interpreted on this jax version "
+                         f"({jax.__version__}; needs >= 0.11); use attention_backend="
+                         "'pallas_triton' or 'reference' without a GPU")
+    return plgpu.InterpretGPUParams()
 
 
 def _supports_shapes(dtype, head_dim, num_heads, num_kv_heads, block_size) -> str | None:
