@@ -1,8 +1,8 @@
-"""Generation without a scheduler: a fixed batch of sequences, each owning a contiguous run of
+"""Greedy generation without a scheduler: a fixed batch of sequences, each owning a contiguous run of
 KV blocks, prefilled in one ragged step and then decoded one token per sequence per step.
 
 It exercises the same model forward, ragged metadata and paged cache as the engine, so it is
-the oracle for model parity tests and the engine's own tests, and it backs `make demo`.
+the oracle for the model parity tests and the engine's own tests.
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxvllm.engine.runner import bucket
 from jaxvllm.models.attention import AttentionMetadata, allocate_kv_cache
 from jaxvllm.models.transformer import CausalLM
-
-
-def _bucket(n: int, minimum: int = 8) -> int:
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
@@ -27,25 +24,6 @@ def _forward(graphdef, state, kv, input_ids, positions, meta, logits_indices):
     model = nnx.merge(graphdef, state)
     hidden, kv = model(input_ids, positions, meta, kv)
     return model.compute_logits(hidden[logits_indices]), kv
-
-
-@functools.partial(jax.jit, static_argnames=("greedy",))
-def _sample(logits, key, temperature, top_p, top_k, *, greedy: bool):
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    vocab = logits.shape[-1]
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(sorted_logits, jnp.full((logits.shape[0], 1), k - 1), axis=-1)
-    probs_sorted = jax.nn.softmax(sorted_logits, axis=-1)
-    cum = jnp.cumsum(probs_sorted, axis=-1)
-    # keep the smallest prefix whose mass reaches top_p (always at least one token)
-    cutoff_idx = jnp.sum(cum - probs_sorted < top_p, axis=-1, keepdims=True) - 1
-    cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
-    threshold = jnp.maximum(kth, cutoff)
-    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 class SimpleGenerator:
@@ -59,7 +37,7 @@ class SimpleGenerator:
     def _layout(self, lengths: list[int], max_len: int):
         bs = self.block_size
         per_seq = -(-max_len // bs)
-        num_seqs = _bucket(len(lengths), 1)
+        num_seqs = bucket(len(lengths), 1)
         block_tables = np.zeros((num_seqs, per_seq), np.int32)
         for i in range(len(lengths)):
             block_tables[i] = 1 + i * per_seq + np.arange(per_seq)  # block 0 is the null block
@@ -73,7 +51,7 @@ class SimpleGenerator:
         """
         num_seqs = block_tables.shape[0]
         total = sum(len(c) for c in chunks)
-        num_tokens = _bucket(total)
+        num_tokens = bucket(total, 8)
         ids = np.zeros(num_tokens, np.int32)
         pos = np.zeros(num_tokens, np.int32)
         slots = np.zeros(num_tokens, np.int32)  # padding writes into the null block
@@ -106,15 +84,13 @@ class SimpleGenerator:
         logits, _ = self._step(kv, block_tables, [list(prompt)], [0], "all")
         return np.asarray(logits[:len(prompt)])
 
-    def generate(self, prompts: list[list[int]], max_tokens: int = 16, *, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+    def generate(self, prompts: list[list[int]], max_tokens: int = 16, *,
                  stop_token_ids: tuple[int, ...] = (), prefill_chunk: int | None = None) -> list[list[int]]:
-        """Generated token ids per prompt (stopping at a stop token, which is kept)."""
+        """Greedy token ids per prompt (stopping at a stop token, which is kept)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts must be non-empty lists of token ids")
         lengths = [len(p) for p in prompts]
         block_tables, kv = self._layout(lengths, max(lengths) + max_tokens)
-        key = jax.random.PRNGKey(seed)
         n = len(prompts)
         outputs: list[list[int]] = [[] for _ in prompts]
         done = [False] * n
@@ -127,11 +103,9 @@ class SimpleGenerator:
             logits, kv = self._step(kv, block_tables, chunks, [min(start, l) for l in lengths], "last")
             ends = jnp.asarray([i for i in range(n) if start < lengths[i] <= start + chunk], jnp.int32)
             last_logits = logits if last_logits is None else last_logits.at[ends].set(logits[ends])
-        sampling = dict(temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p),
-                        top_k=jnp.int32(top_k), greedy=temperature == 0.0)
         lens = list(lengths)
         for step in range(max_tokens):
-            tokens = np.asarray(_sample(last_logits, jax.random.fold_in(key, step), **sampling))
+            tokens = np.asarray(jnp.argmax(last_logits, axis=-1))
             for i in range(n):
                 if not done[i]:
                     outputs[i].append(int(tokens[i]))

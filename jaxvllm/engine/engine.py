@@ -299,7 +299,7 @@ class LLMEngine:
                 continue
             seq = next(s for s in parent.sequences if s.request.request_id == rid)
             if seq.logprobs is not None and rid in result.logprobs:
-                self._append_logprobs(seq, token, *result.logprobs[rid])
+                self._append_logprobs(seq, *result.logprobs[rid])
             req = seq.request
             stopped_on_token = (req.status == RequestStatus.FINISHED_STOPPED
                                 and not req.sampling_params.include_stop_str_in_output)
@@ -323,24 +323,24 @@ class LLMEngine:
                     self._child_to_parent.pop(s.request.request_id, None)
         return outputs
 
-    def _append_logprobs(self, seq: _Sequence, token: int, ids, values, rank) -> None:
-        k = seq.request.sampling_params.logprobs
-        entry = {token: Logprob(values[0], rank, self._decode_one(token))}
+    def _logprob_entry(self, ids, values, rank, k: int) -> dict[int, Logprob]:
+        """One position's logprobs: the chosen token (ids[0]) first, then the top k."""
+        entry = {ids[0]: Logprob(values[0], rank, self._decode_one(ids[0]))}
         for r, (tid, lp) in enumerate(zip(ids[1:k + 1], values[1:k + 1]), start=1):
             entry.setdefault(tid, Logprob(lp, r, self._decode_one(tid)))
-        seq.logprobs.append(entry)
+        return entry
+
+    def _append_logprobs(self, seq: _Sequence, ids, values, rank) -> None:
+        seq.logprobs.append(self._logprob_entry(ids, values, rank,
+                                                seq.request.sampling_params.logprobs))
         seq.cumulative_logprob += values[0]
 
     def _store_prompt_logprobs(self, parent: _Parent, first: int, rows) -> None:
-        k = parent.params.prompt_logprobs
         for offset, (ids, values, rank) in enumerate(rows):
             position = first + offset + 1  # the prompt token these logits predict
-            if parent.prompt_logprobs[position] is not None:
-                continue  # recomputed after a preemption
-            entry = {ids[0]: Logprob(values[0], rank, self._decode_one(ids[0]))}
-            for r, (tid, lp) in enumerate(zip(ids[1:k + 1], values[1:k + 1]), start=1):
-                entry.setdefault(tid, Logprob(lp, r, self._decode_one(tid)))
-            parent.prompt_logprobs[position] = entry
+            if parent.prompt_logprobs[position] is None:  # else recomputed after a preemption
+                parent.prompt_logprobs[position] = self._logprob_entry(
+                    ids, values, rank, parent.params.prompt_logprobs)
 
     def _decode_one(self, token: int) -> Optional[str]:
         return None if self.tokenizer is None else self.tokenizer.decode([token])
