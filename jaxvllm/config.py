@@ -86,5 +86,5 @@ class EngineConfig:
         return 256 if self.on_cpu else 8192
 
     def resolved_attention_backend(self) -> str:
-        """The Pallas kernels on GPU, the jnp reference on CPU, unless one was chosen."""
-        return self.attention_backend or ("reference" if self.on_cpu else "pallas")
+        """The Pallas kernels on GPU, XLA block-pair attention on CPU, unless one was chosen."""
+        return self.attention_backend or ("xla" if self.on_cpu else "pallas")

@@ -42,6 +42,20 @@ class Case:
 
 
 @dataclasses.dataclass(frozen=True)
+class StepPlanner:
+    """How the engine builds a variant's plan on the host, with numpy, once per step.
+
+    sizes(query_start_loc, seq_lens, block_size) -> the plan's static sizes (a tuple of ints,
+        already rounded to the sizes worth compiling; they join the program's shape key)
+    build(query_start_loc, seq_lens, block_tables, num_tokens, block_size, sizes) -> the
+        plan (a pytree of arrays) at `sizes`, which may exceed the step's own sizes
+    """
+
+    sizes: Callable
+    build: Callable
+
+
+@dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
     fn: Callable
@@ -51,6 +65,9 @@ class Variant:
     supports: Optional[Callable[[Case], Optional[str]]] = None
     # True once the variant has matched the reference on a GPU (recorded in benchmarks/README.md)
     gpu_verified: bool = False
+    # A variant that takes a host-built `plan=` keyword (and then no block table) says how
+    # to build it: see `StepPlanner`
+    plan: Optional["StepPlanner"] = None
 
     def unsupported_reason(self, case: Case) -> Optional[str]:
         return None if self.supports is None else self.supports(case)
@@ -65,13 +82,13 @@ _LOADED = False
 
 def register_variant(name: str, fn: Callable, *, lowering: str, description: str,
                      supports: Optional[Callable[[Case], Optional[str]]] = None,
-                     gpu_verified: bool = False) -> Variant:
+                     gpu_verified: bool = False, plan: Optional["StepPlanner"] = None) -> Variant:
     if lowering not in LOWERINGS:
         raise ValueError(f"variant {name!r}: lowering {lowering!r} is not one of {LOWERINGS}")
     existing = _REGISTRY.get(name)
     if existing is not None and existing.fn is not fn:
         raise ValueError(f"a variant named {name!r} is already registered ({existing.description})")
-    variant = Variant(name, fn, lowering, description, supports, gpu_verified)
+    variant = Variant(name, fn, lowering, description, supports, gpu_verified, plan)
     _REGISTRY[name] = variant
     return variant
 

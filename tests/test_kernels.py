@@ -32,6 +32,8 @@ from pallas_kernels.ragged_paged_attention_mosaic import (  # noqa: E402
 
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU (compiled, not interpreted)")
 KERNELS = sorted(name for name, v in variants().items() if v.lowering != "xla")
+# every variant the reference checks: the Pallas kernels and the other XLA ones
+CHECKED = sorted(name for name in variants() if name != "reference")
 TRITON = sorted(name for name in KERNELS if variants()[name].lowering == "triton")
 LAYERS, LAYER = 2, 1
 TOL = {"float32": 2e-5, "bfloat16": 3e-2}
@@ -129,13 +131,13 @@ def check_variant(name: str, requests, shapes: Shapes = Shapes(), *, seed: int =
 MIXED = [(20, 1), (23, 23), (17, 5), (1, 1), (12, 1), (30, 8)]
 
 
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", CHECKED)
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (8, 2), (14, 2)])  # GQA 1, 2, 4, 7
 def test_mixed_batch_gqa(name, heads, kv_heads):
     check_variant(name, MIXED, Shapes(heads=heads, kv_heads=kv_heads), seed=heads)
 
 
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_random_batches(name):
     """Random mixes of decodes, prefills and chunks, in random order, in one bucket."""
     rng = np.random.default_rng(1)
@@ -149,13 +151,13 @@ def test_random_batches(name):
         check_variant(name, reqs, seed=seed)
 
 
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_decode_only_and_prefill_only(name):
     check_variant(name, [(n, 1) for n in (1, 8, 9, 33, 64, 2, 17, 40)])
     check_variant(name, [(13, 13), (8, 8), (3, 3), (24, 24)], seed=1)
 
 
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_padding_only_and_empty_requests(name):
     """Empty requests between real ones, padding tokens, and a step with no tokens at all."""
     check_variant(name, [(5, 1), (0, 0), (9, 9), (0, 0), (3, 2)])
@@ -163,13 +165,13 @@ def test_padding_only_and_empty_requests(name):
     assert (got == 0).all()
 
 
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", CHECKED)
 @pytest.mark.parametrize("window", [1, 7])
 def test_sliding_window(name, window):
     check_variant(name, MIXED, window=window, seed=window)
 
 
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_soft_cap(name):
     check_variant(name, MIXED, soft_cap=2.0, seed=3)
 
@@ -178,12 +180,12 @@ BF16 = Shapes(head_dim=64, block_size=16, max_blocks=8, num_blocks=24, heads=4, 
               dtype="bfloat16")
 
 
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_bfloat16_head_dim_64(name):
     check_variant(name, [(100, 3), (40, 40), (1, 1), (0, 0), (70, 1)], BF16)
 
 
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_bfloat16_head_dim_128_block_size_32(name):
     if get_variant(name).lowering == "mosaic_gpu":
         pytest.skip("the Mosaic GPU interpreter takes ~10 s to build a case; head_dim 128 "
@@ -192,7 +194,7 @@ def test_bfloat16_head_dim_128_block_size_32(name):
     check_variant(name, [(100, 3), (40, 40), (1, 1), (70, 1)], shapes, seed=1)
 
 
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_bfloat16_gqa7_window_soft_cap(name):
     shapes = dataclasses.replace(BF16, heads=14)
     check_variant(name, [(50, 1), (16, 16), (64, 20), (90, 7)], shapes, window=20, soft_cap=30.0)
@@ -298,7 +300,8 @@ def test_attention_backend_names():
     assert resolve_attention_backend("pallas") == ("triton", "scatter")
     assert resolve_attention_backend("pallas_mosaic_gpu+kv_triton") == ("mosaic_gpu", "triton")
     assert resolve_attention_backend("pallas:triton_splitk") == ("triton_splitk", "scatter")
-    assert EngineConfig().resolved_attention_backend() == ("reference" if not ON_GPU else "pallas")
+    assert EngineConfig().resolved_attention_backend() == ("xla" if not ON_GPU else "pallas")
+    assert resolve_attention_backend("xla") == ("block_pairs", "scatter")
     for bad in ("cuda", "pallas:nope", "pallas+kv_nope"):
         with pytest.raises(ValueError, match="is not available"):
             EngineConfig(attention_backend=bad)
@@ -391,7 +394,7 @@ def test_engine_kv_kernel_and_sliding_window(zoo):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", CHECKED)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_compiled_matches_reference(name, dtype, head_dim):

@@ -19,7 +19,9 @@ from flax import nnx
 
 from jaxvllm import parallel
 from jaxvllm.engine.sampler import build_sampling_metadata, gather_logprobs, pow2_at_least, sample
-from jaxvllm.models.attention import AttentionMetadata, allocate_kv_cache
+from jaxvllm.models.attention import (AttentionMetadata, allocate_kv_cache,
+                                      resolve_attention_backend)
+from pallas_kernels.variants import get_variant
 
 
 MIN_CONTEXT_SLOTS = 256
@@ -96,6 +98,8 @@ class ModelRunner:
         self.min_table_width = min(self.max_table_width, max(1, MIN_CONTEXT_SLOTS // block_size))
         self.max_num_seqs = max_num_seqs
         self.kv_dtype = kv_dtype if kv_dtype is not None else model.dtype
+        # the StepPlanner of an attention variant that works from a host-built plan
+        self.planner = get_variant(resolve_attention_backend(model.attention_backend)[0]).plan
         self.kv = self._allocate_kv(num_blocks, self.kv_dtype)
         self._programs: dict[tuple, object] = {}
         self.counters = StepCounters()
@@ -157,7 +161,7 @@ class ModelRunner:
         sampling, _ = build_sampling_metadata([], vocab_size, pad_rows_to=R)
         args = (self.state, self.kv, zeros(T), zeros(T), meta, zeros(R), sampling, zeros(1),
                 zeros(1))
-        key = (sampling.shape_key, T, R, MB, 1, None, None)
+        key = (sampling.shape_key, T, R, MB, None, 1, None, None)
         if self.mesh is not None:
             args = self._shard_inputs(args)
         _, _, self.kv = self._program(key, args)(*args)
@@ -171,8 +175,12 @@ class ModelRunner:
         num_reqs = len(scheduled)
         widest = max(-(-(r.num_computed_tokens + n) // bs) for r, n in scheduled)
         T = bucket(total, 16, self.max_tokens_bucket)
-        R = bucket(num_reqs, 4, self.max_reqs_bucket)
-        MB = bucket(widest, self.min_table_width, self.max_table_width)
+        # Every request has a token, so R <= T: one row count per token bucket keeps the
+        # number of programs down, and a padded row costs only its logits.
+        R = min(self.max_reqs_bucket, T)
+        # A planned variant gets its blocks from the plan, not a bucketed table on the device.
+        MB = widest if self.planner else bucket(widest, self.min_table_width,
+                                                 self.max_table_width)
 
         ids = np.zeros(T, np.int32)
         pos = np.zeros(T, np.int32)
@@ -200,10 +208,17 @@ class ModelRunner:
         prompt_idx, prompt_targets, prompt_spans, num_prompt_logprobs = self._prompt_logprob_inputs(
             scheduled, qsl)
         put = jnp.asarray if self.mesh is None else np.asarray
-        meta = AttentionMetadata(put(qsl), put(seq_lens), put(tables), put(slots))
+        key = (sampling.shape_key, T, R, None if self.planner else MB, None, len(prompt_idx),
+               num_logprobs, num_prompt_logprobs)
+        if self.planner:
+            sizes = self._compiled_plan_sizes(key, self.planner.sizes(qsl, seq_lens, bs))
+            key = key[:4] + (sizes,) + key[5:]
+            plan = jax.tree.map(put, self.planner.build(qsl, seq_lens, tables, T, bs, sizes))
+            meta = AttentionMetadata(put(qsl), put(seq_lens), None, put(slots), plan)
+        else:
+            meta = AttentionMetadata(put(qsl), put(seq_lens), put(tables), put(slots))
         args = (self.state, self.kv, put(ids), put(pos), meta, put(logits_idx), sampling,
                 put(prompt_idx), put(prompt_targets))
-        key = (sampling.shape_key, T, R, MB, len(prompt_idx), num_logprobs, num_prompt_logprobs)
         if self.mesh is not None:
             args = self._shard_inputs(args, key)
         program = self._program(key, args)
@@ -220,6 +235,18 @@ class ModelRunner:
                 result.prompt_logprobs[rid] = (first, [(ids[j].tolist(), values[j].tolist(),
                                                         int(ranks[j])) for j in rows_])
         return result
+
+    def _compiled_plan_sizes(self, key, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        """`sizes`, or those of a compiled program that differs only in plan sizes, each at
+        most twice as large: padding a plan costs less than compiling a program."""
+        best = None
+        for other in self._programs:
+            have = other[4]
+            if (other[:4] + other[5:] == key[:4] + key[5:] and have is not None
+                    and all(n <= h <= 2 * max(n, 1) for n, h in zip(sizes, have))
+                    and (best is None or sum(have) < sum(best))):
+                best = have
+        return sizes if best is None else best
 
     @staticmethod
     def _prompt_logprob_inputs(scheduled, qsl):

@@ -2,7 +2,9 @@
 the two functions the decoder calls per layer (`write_kv`, `paged_attention`), dispatched on
 the engine's `attention_backend`:
 
-    "reference"          jnp reference attention, XLA scatter KV write (the CPU default)
+    "xla"                XLA (query rows, KV block) work items with a host-built plan,
+                         pallas_kernels/block_pairs.py (the CPU default)
+    "reference"          jnp reference attention, XLA scatter KV write (the tests' oracle)
     "pallas"             the Pallas kernel of this platform's default lowering (the GPU
                          default; on CPU it runs in interpret mode)
     "pallas_triton"      Pallas Triton lowering
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +29,8 @@ from jaxvllm import parallel
 from pallas_kernels.kv_write import DEFAULT_KV_WRITER, KV_WRITERS
 from pallas_kernels.variants import get_variant, variants
 
-ATTENTION_BACKENDS = ("reference", "pallas", "pallas_triton", "pallas_mosaic_gpu")
-_NAMED_VARIANTS = {"reference": "reference", "pallas_triton": "triton",
+ATTENTION_BACKENDS = ("xla", "reference", "pallas", "pallas_triton", "pallas_mosaic_gpu")
+_NAMED_VARIANTS = {"xla": "block_pairs", "reference": "reference", "pallas_triton": "triton",
                    "pallas_mosaic_gpu": "mosaic_gpu"}
 # The variant "pallas" means, per platform. Mosaic GPU becomes the Hopper default only once
 # benchmarks/kernels.py has shown it faster there (see benchmarks/README.md).
@@ -64,7 +67,8 @@ def resolve_attention_backend(backend: str) -> tuple[str, str]:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["query_start_loc", "seq_lens", "block_tables", "slot_mapping"],
+                   data_fields=["query_start_loc", "seq_lens", "block_tables", "slot_mapping",
+                                "plan"],
                    meta_fields=[])
 @dataclasses.dataclass
 class AttentionMetadata:
@@ -74,6 +78,7 @@ class AttentionMetadata:
     seq_lens: jax.Array  # [R] int32, cached + this step's tokens
     block_tables: jax.Array  # [R, max_blocks] int32
     slot_mapping: jax.Array  # [T] int32, where each token's k/v is written
+    plan: Any = None  # the host-built work plan of variants that take one (`Variant.plan`)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
@@ -133,10 +138,13 @@ def paged_attention(q, kv: KVCache, layer, meta: AttentionMetadata, *, scale: fl
                     soft_cap: float | None = None) -> jax.Array:
     """Ragged paged attention of q [T, H, D] over `layer` of the stacked cache -> [T, H, D]."""
     variant, _ = resolve_attention_backend(backend)
-    fn = functools.partial(get_variant(variant).fn, scale=scale, sliding_window=sliding_window,
+    spec = get_variant(variant)
+    fn = functools.partial(spec.fn, scale=scale, sliding_window=sliding_window,
                            soft_cap=soft_cap)
+    if spec.plan is not None:
+        fn = functools.partial(fn, plan=meta.plan)
     mesh = parallel.active_mesh()
-    if mesh is not None and variant == "reference":  # XLA partitions it by head
+    if mesh is not None and spec.lowering == "xla":  # XLA partitions it by head
         out = fn(parallel.constrain(q, _HEADS), kv.k, kv.v, layer, meta.query_start_loc,
                  meta.seq_lens, meta.block_tables)
         return parallel.constrain(out, _HEADS)
