@@ -3,6 +3,12 @@
 One `step()` schedules a ragged batch under the token budget, runs it as one jitted call,
 appends the sampled tokens, applies stop conditions and returns a `RequestOutput` for every
 request that made progress. A request with `n > 1` runs as n child sequences.
+
+Steps are pipelined with the device: `step()` collects the step in flight, folds its tokens
+into the scheduler, schedules and dispatches the next step, and only then detokenizes, checks
+stop strings and builds the outputs of the collected one, while the device runs the next.
+A request that a stop string finishes is thus in the next step too; that step's token for it
+is dropped (the scheduler skips a row that is no longer running).
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -21,8 +27,8 @@ from jaxvllm.config import EngineConfig
 from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.engine.kv_cache import KVCacheManager
 from jaxvllm.engine.request import Request, RequestStatus
-from jaxvllm.engine.runner import ModelRunner
-from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig
+from jaxvllm.engine.runner import ModelRunner, StepResult
+from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxvllm.models.attention import kv_cache_bytes_per_block
 from jaxvllm.models.config import resolve_dtype
 from jaxvllm.models.loader import load_model
@@ -61,6 +67,36 @@ class _Parent:
     @property
     def finished(self) -> bool:
         return all(s.request.status.is_finished for s in self.sequences)
+
+
+class StepHandle(Protocol):
+    """A dispatched step (`runner.execute_async`): `result()` waits for the device."""
+
+    def result(self) -> StepResult: ...
+
+
+class _Completed:
+    """The handle of a step the runner ran to the end before returning (`runner.execute`)."""
+
+    def __init__(self, result: StepResult):
+        self._result = result
+
+    def result(self) -> StepResult:
+        return self._result
+
+
+class _InFlight(NamedTuple):
+    scheduler_output: SchedulerOutput
+    handle: StepHandle
+    asynchronous: bool  # host work done until result() overlaps the device
+
+
+class _Collected(NamedTuple):
+    """A step's results for the requests still running when it came back, in batch order."""
+
+    sampled: list[tuple[Request, int]]
+    logprobs: dict[str, tuple[list[int], list[float], int]]
+    prompt_logprobs: list[tuple[Request, int, list]]  # (request, first position, rows)
 
 
 def device_memory_stats() -> dict | None:
@@ -114,6 +150,10 @@ class LLMEngine:
         eos = [self.tokenizer.eos_token_id] if self.tokenizer is not None else []
         self._eos_ids = [i for i in dict.fromkeys(eos + list(self.model_config.eos_token_ids))
                          if i is not None]
+        self._in_flight: Optional[_InFlight] = None
+        self._output_steps = 0
+        self._output_seconds = 0.0  # detokenizing, stop strings and outputs of collected steps
+        self._overlapped_seconds = 0.0  # the part of it spent while the next step ran
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> "LLMEngine":
@@ -156,13 +196,15 @@ class LLMEngine:
 
     def _kv_cache_dtype(self):
         """The KV cache's dtype: the model's ("auto") or a narrower one (vLLM's kv_cache_dtype).
-        On CPU a bfloat16 cache halves the bytes the reference attention gathers per step."""
+        On CPU a bfloat16 cache halves the bytes the XLA attention gathers per step."""
         if self.config.kv_cache_dtype == "auto":
             return self.loaded.dtype
         dtype = resolve_dtype(self.config.kv_cache_dtype)
-        if dtype != self.loaded.dtype and self.config.resolved_attention_backend() != "reference":
+        if (dtype != self.loaded.dtype
+                and self.config.resolved_attention_backend() not in ("xla", "reference")):
             raise ValueError(f"kv_cache_dtype={self.config.kv_cache_dtype!r} differs from the "
-                             f"model dtype; only attention_backend='reference' supports that yet")
+                             f"model dtype; only attention_backend='xla' or 'reference' "
+                             f"supports that yet")
         return dtype
 
     def _kv_bytes_per_block(self) -> int:
@@ -271,6 +313,7 @@ class LLMEngine:
             self.scheduler.finish_requests(live, RequestStatus.FINISHED_ABORTED)
             for s in parent.sequences:
                 self._child_to_parent.pop(s.request.request_id, None)
+        self._drain_if_idle()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -281,36 +324,85 @@ class LLMEngine:
     # -- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Collect the step in flight, dispatch the next one, then return the outputs of the
+        collected step (the first call after an idle period dispatches and returns [])."""
+        collected = self._collect()
         out = self.scheduler.schedule()
+        if out.scheduled:
+            self._dispatch(out)
+        outputs = [] if collected is None else self._process(collected)
+        self._drain_if_idle()
+        return outputs
+
+    def _dispatch(self, out: SchedulerOutput) -> None:
         scheduled = [(s.request, s.num_new_tokens) for s in out.scheduled]
-        if not scheduled:
-            return []
-        result = self.runner.execute(scheduled, self.vocab_size)
+        execute_async = getattr(self.runner, "execute_async", None)
+        if execute_async is not None:
+            self._in_flight = _InFlight(out, execute_async(scheduled, self.vocab_size), True)
+        else:
+            self._in_flight = _InFlight(
+                out, _Completed(self.runner.execute(scheduled, self.vocab_size)), False)
+
+    def _collect(self) -> Optional[_Collected]:
+        """Wait for the step in flight and fold its tokens into the scheduler (appending,
+        length / eos / stop-token checks, freeing the blocks of what finished)."""
+        if self._in_flight is None:
+            return None
+        out, handle, _ = self._in_flight
+        self._in_flight = None
+        result = handle.result()
+        # rows finished since dispatch (a stop string, an abort) are skipped by the scheduler
+        # and here: their token was computed past the end of the request
+        live = [s.request for s in out.scheduled if s.request.status == RequestStatus.RUNNING]
         self.scheduler.update_from_output(out, result.sampled)
-        touched: dict[str, _Parent] = {}
-        for rid, (first, rows) in result.prompt_logprobs.items():
-            parent = self._child_to_parent.get(rid)
-            if parent is not None and parent.sequences[0].request.request_id == rid:
+        return _Collected(
+            sampled=[(r, result.sampled[r.request_id]) for r in live
+                     if r.request_id in result.sampled],
+            logprobs=result.logprobs,
+            prompt_logprobs=[(r, *result.prompt_logprobs[r.request_id]) for r in live
+                             if r.request_id in result.prompt_logprobs])
+
+    def _drain_if_idle(self) -> None:
+        """With no request left, collect a step still in flight (its rows all finished after
+        it was dispatched) so that an idle engine has nothing running on the device."""
+        if self._in_flight is not None and not self.scheduler.has_unfinished_requests():
+            self._collect()
+
+    def _tracked(self, req: Request) -> tuple[Optional[_Parent], Optional[_Sequence]]:
+        """The parent and sequence of a request the engine still tracks (None, None once it
+        was aborted, even if its id has been reused since)."""
+        parent = self._child_to_parent.get(req.request_id)
+        seq = None if parent is None else next(
+            (s for s in parent.sequences if s.request is req), None)
+        return (parent, seq) if seq is not None else (None, None)
+
+    def _process(self, collected: _Collected) -> list[RequestOutput]:
+        """Detokenize a collected step's tokens, apply stop strings and build its outputs."""
+        started = time.perf_counter()
+        overlapped = self._in_flight is not None and self._in_flight.asynchronous
+        for req, first, rows in collected.prompt_logprobs:
+            parent, seq = self._tracked(req)
+            if seq is not None and seq.index == 0:  # the children share one prompt
                 self._store_prompt_logprobs(parent, first, rows)
+        touched: dict[str, _Parent] = {}
         stopped = []
-        for rid, token in result.sampled.items():
-            parent = self._child_to_parent.get(rid)
-            if parent is None:
+        for req, token in collected.sampled:
+            parent, seq = self._tracked(req)
+            if seq is None:
                 continue
-            seq = next(s for s in parent.sequences if s.request.request_id == rid)
-            if seq.logprobs is not None and rid in result.logprobs:
-                self._append_logprobs(seq, *result.logprobs[rid])
-            req = seq.request
+            rid = req.request_id
+            if seq.logprobs is not None and rid in collected.logprobs:
+                self._append_logprobs(seq, *collected.logprobs[rid])
             stopped_on_token = (req.status == RequestStatus.FINISHED_STOPPED
                                 and not req.sampling_params.include_stop_str_in_output)
             # as vLLM: the text of the eos / stop token that ended the request is left out
             stop = None if stopped_on_token else seq.detokenizer.append(token)
-            if stop is not None and not seq.request.status.is_finished:
+            if stop is not None and not req.status.is_finished:
                 seq.stop_reason = stop
                 stopped.append(rid)
-            elif stop is not None and seq.request.status == RequestStatus.FINISHED_LENGTH_CAPPED:
+            elif stop is not None and req.status == RequestStatus.FINISHED_LENGTH_CAPPED:
                 # the last allowed token also completed a stop string: vLLM reports the stop
-                seq.request.status = RequestStatus.FINISHED_STOPPED
+                req.status = RequestStatus.FINISHED_STOPPED
                 seq.stop_reason = stop
             touched[parent.request_id] = parent
         if stopped:
@@ -321,6 +413,11 @@ class LLMEngine:
                 self._parents.pop(p.request_id, None)
                 for s in p.sequences:
                     self._child_to_parent.pop(s.request.request_id, None)
+        elapsed = time.perf_counter() - started
+        self._output_steps += 1
+        self._output_seconds += elapsed
+        if overlapped:
+            self._overlapped_seconds += elapsed
         return outputs
 
     def _logprob_entry(self, ids, values, rank, k: int) -> dict[int, Logprob]:
@@ -373,7 +470,15 @@ class LLMEngine:
                 "kv_cache_usage": self.kv_manager.usage,
                 "num_blocks": self.num_blocks,
                 "num_preemptions": self.scheduler.num_preemptions,
-                **self.runner.counters.summary(), **self._memory_stats()}
+                **self.runner.counters.summary(), **self._output_stats(),
+                **self._memory_stats()}
+
+    def _output_stats(self) -> dict[str, float]:
+        """Host time per step on detokenizing, stop strings and outputs, and the part of it
+        that overlapped the device (the next step dispatched asynchronously, running)."""
+        steps = max(self._output_steps, 1)
+        return {"output_host_ms_per_step": 1000 * self._output_seconds / steps,
+                "overlapped_host_ms_per_step": 1000 * self._overlapped_seconds / steps}
 
     def _memory_stats(self) -> dict[str, Any]:
         """With tensor parallelism: the devices and the largest per-device share of the

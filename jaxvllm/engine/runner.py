@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +81,16 @@ def _step_fn(graphdef, num_logprobs, num_prompt_logprobs, state, kv, input_ids, 
         prompt = gather_logprobs(jax.nn.log_softmax(prompt_logits, axis=-1), prompt_targets,
                                  num_prompt_logprobs)
     return sampled, prompt, kv
+
+
+@dataclasses.dataclass
+class PendingStep:
+    """A dispatched step: `result()` waits for its tokens and returns the StepResult."""
+
+    finish: Callable[[], StepResult]
+
+    def result(self) -> StepResult:
+        return self.finish()
 
 
 class ModelRunner:
@@ -169,6 +180,12 @@ class ModelRunner:
 
     def execute(self, scheduled, vocab_size: int) -> StepResult:
         """Run one step for `scheduled`: a list of (request, num_new_tokens) in batch order."""
+        return self.execute_async(scheduled, vocab_size).result()
+
+    def execute_async(self, scheduled, vocab_size: int) -> "PendingStep":
+        """Dispatch one step and return at once; its `result()` waits for the device. In
+        between, the engine may finish or add requests, but the token counts and ids of the
+        rows in flight stay as they were, and `result()` reads nothing else."""
         started = time.perf_counter()
         bs = self.block_size
         total = sum(n for _, n in scheduled)
@@ -224,10 +241,16 @@ class ModelRunner:
         program = self._program(key, args)
         launched = time.perf_counter()
         out, prompt_out, self.kv = program(*args)
+        return PendingStep(functools.partial(self._finish, scheduled, out, prompt_out,
+                                             prompt_spans, num_logprobs, total, T,
+                                             launched - started, launched))
+
+    def _finish(self, scheduled, out, prompt_out, prompt_spans, num_logprobs, total, T,
+                host_seconds, launched) -> StepResult:
         if self.mesh is not None:
             out, prompt_out = parallel.fetch((out, prompt_out))
         result = self._collect(scheduled, out, num_logprobs)  # waits for the device
-        self.counters.record(total, T, launched - started, time.perf_counter() - launched)
+        self.counters.record(total, T, host_seconds, time.perf_counter() - launched)
         if prompt_out is not None:
             values, ids, ranks = (np.asarray(a) for a in prompt_out)
             for rid, first, start, count in prompt_spans:

@@ -8,6 +8,10 @@ long prompt, a recomputation after preemption and a one-token decode are all the
 a request with some tokens left to compute. When the last one is computed the model's logits
 for it give the next token, which makes `num_tokens` one larger again.
 
+A prompt chunk cut short by the budget is cut a little shorter, so that the step's token
+count is a power of two (a token bucket): the runner pads every step up to its bucket, and the
+tokens past a bucket would make the step as costly as the next, twice larger, one.
+
 Running requests go first, in admission order; then waiting ones (FCFS, or by priority).
 When the KV cache runs out of blocks, the scheduler preempts from the tail of the running
 list (the newest, or the lowest priority) by recompute: the victim drops its blocks and goes
@@ -25,6 +29,25 @@ from typing import Optional, Union
 
 from jaxvllm.engine.kv_cache import KVCacheManager
 from jaxvllm.engine.request import Request, RequestStatus
+
+
+# The runner pads a step's token count up to a power of two, at least this.
+MIN_TOKEN_BUCKET = 16
+
+
+def token_bucket_floor(num_tokens: int) -> int:
+    """The largest token bucket (a power of two >= MIN_TOKEN_BUCKET) <= num_tokens; 0 if none."""
+    if num_tokens < MIN_TOKEN_BUCKET:
+        return 0
+    return 1 << (num_tokens.bit_length() - 1)
+
+
+def bucket_aligned_grant(granted: int, num_scheduled: int) -> int:
+    """A budget-truncated grant of `granted` tokens, after `num_scheduled` tokens already in the
+    step, trimmed so that the step's total is a token bucket; unchanged if that leaves none."""
+    total = num_scheduled + granted
+    trimmed = granted - (total - token_bucket_floor(total))
+    return trimmed if trimmed >= 1 else granted
 
 
 @dataclass
@@ -218,15 +241,16 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(req.num_tokens - req.num_computed_tokens, budget,
-                    cfg.max_model_len - req.num_computed_tokens)
-            if n <= 0:
+            wanted = min(req.num_tokens - req.num_computed_tokens,
+                         cfg.max_model_len - req.num_computed_tokens)
+            if wanted <= 0:
                 continue
+            n, cost = self._grant(wanted, budget)
             while True:
                 if self.kv_manager.allocate_slots(req, n) is not None:
                     num_new[req] = n
                     start[req] = req.num_computed_tokens
-                    budget -= n
+                    budget -= cost
                     break
                 victim = self._pick_victim()
                 self._preempt(victim)
@@ -243,11 +267,10 @@ class Scheduler:
                and len(self.running) < cfg.max_num_seqs):
             req = self.waiting.peek()
             hits, num_cached = self.kv_manager.get_computed_blocks(req)
-            n = req.num_tokens - num_cached
-            if n > budget:
-                if not cfg.enable_chunked_prefill:
-                    break  # no skipping ahead: it goes first when the budget is whole again
-                n = budget
+            wanted = req.num_tokens - num_cached
+            if wanted > budget and not cfg.enable_chunked_prefill:
+                break  # no skipping ahead: it goes first when the budget is whole again
+            n, cost = self._grant(wanted, budget)
             if self.kv_manager.allocate_slots(req, n, hits) is None:
                 break
             self.waiting.pop()
@@ -258,7 +281,7 @@ class Scheduler:
             self.running.append(req)
             num_new[req] = n
             start[req] = num_cached
-            budget -= n
+            budget -= cost
 
         out = SchedulerOutput(preempted_req_ids=[r.request_id for r in preempted],
                               finished_req_ids=self._finished_req_ids)
@@ -294,6 +317,16 @@ class Scheduler:
         return finished
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _grant(self, wanted: int, budget: int) -> tuple[int, int]:
+        """(tokens granted, budget they use up) for a request wanting `wanted` more tokens.
+
+        A grant cut short by the budget is trimmed so that the step ends on a token bucket and
+        uses up the rest of the budget: nothing else may join the step and pass the bucket.
+        """
+        if wanted <= budget:
+            return wanted, wanted
+        return bucket_aligned_grant(budget, self.config.max_num_batched_tokens - budget), budget
 
     def _check_stop(self, req: Request) -> bool:
         """Stop conditions after appending a sampled token, in vLLM V1's order (check_stop).
