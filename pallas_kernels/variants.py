@@ -45,13 +45,18 @@ class Case:
 class StepPlanner:
     """How the engine builds a variant's plan on the host, with numpy, once per step.
 
-    sizes(query_start_loc, seq_lens, block_size) -> the plan's static sizes (a tuple of ints,
-        already rounded to the sizes worth compiling; they join the program's shape key)
+    sizes(query_start_loc, seq_lens, block_size) -> the step's own plan sizes (ints)
+    fits(sizes, compiled_sizes) -> whether a program compiled for `compiled_sizes` should
+        run a step of `sizes` (padded) rather than compile one of its own
+    compile_sizes(sizes) -> the sizes to compile when none fits (rounded up, with room for
+        the steps that follow; they join the program's shape key)
     build(query_start_loc, seq_lens, block_tables, num_tokens, block_size, sizes) -> the
         plan (a pytree of arrays) at `sizes`, which may exceed the step's own sizes
     """
 
     sizes: Callable
+    fits: Callable
+    compile_sizes: Callable
     build: Callable
 
 

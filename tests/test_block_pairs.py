@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.block_pairs import (TILE, block_pair_attention, build_plan, host_plan,
-                                        padded_size, plan_sizes)
+from pallas_kernels.block_pairs import (TILE, block_pair_attention, build_plan,
+                                        compile_sizes, host_plan, padded_size, plan_fits,
+                                        plan_sizes)
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
 BLOCK, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 8, 6, 2, 16, 2
@@ -103,3 +104,34 @@ def test_padded_size():
     assert all(s <= max(16, 1.5 * n) for n, s in enumerate(sizes) if n)
     assert sorted(set(sizes[17:])) == [24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
                                        1536, 2048]
+
+
+def test_compiled_sizes_fit_the_step_and_reuse_is_bounded():
+    for na in range(0, 300, 7):
+        for nt in (0, 1, 2, 5, 9, 17, 33):
+            nb = 0 if nt == 0 else nt * 3 + na % 50
+            sizes = (na, nt, nb)
+            compiled = compile_sizes(sizes)
+            assert plan_fits(sizes, compiled), (sizes, compiled)
+            assert all(c >= n for c, n in zip(compiled, sizes))
+    assert not plan_fits((100, 0, 0), (160, 0, 0))  # a decode pads at most 1.5x
+    assert plan_fits((100, 0, 0), (148, 0, 0)) and plan_fits((10, 0, 0), (48, 0, 0))
+    assert not plan_fits((100, 0, 0), (96, 0, 0))  # never smaller
+    assert not plan_fits((100, 2, 40), (100, 0, 0)) and not plan_fits((100, 0, 0), (100, 2, 40))
+
+
+def test_engine_reuses_programs_across_plan_sizes(zoo):
+    """Decodes whose work shrinks as requests finish run padded on the programs compiled
+    while they were longer, instead of compiling a program per size."""
+    from jaxvllm import LLM, SamplingParams
+
+    llm = LLM(zoo.case("llama_gqa").path, max_num_seqs=8, block_size=4)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (40, 40, 40, 40)]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=0) for m in (4, 8, 12, 16)]
+    llm.generate(prompts, params, use_tqdm=False)
+    runner = llm.llm_engine.runner
+    sizes = [key[4] for key in runner._programs]
+    decode = sorted(s for s in sizes if s[1] == 0)
+    # last-row pairs go 4 x 11..14 blocks, then 3, 2, 1 requests: one or two programs, not four
+    assert 1 <= len(decode) <= 2, decode
+    assert len(sizes) == runner.num_compiled

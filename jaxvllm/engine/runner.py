@@ -260,16 +260,16 @@ class ModelRunner:
         return result
 
     def _compiled_plan_sizes(self, key, sizes: tuple[int, ...]) -> tuple[int, ...]:
-        """`sizes`, or those of a compiled program that differs only in plan sizes, each at
-        most twice as large: padding a plan costs less than compiling a program."""
+        """Those of a compiled program that differs only in plan sizes and that the planner
+        would rather pad `sizes` to (the smallest such), else the sizes to compile."""
         best = None
         for other in self._programs:
             have = other[4]
             if (other[:4] + other[5:] == key[:4] + key[5:] and have is not None
-                    and all(n <= h <= 2 * max(n, 1) for n, h in zip(sizes, have))
+                    and self.planner.fits(sizes, have)
                     and (best is None or sum(have) < sum(best))):
                 best = have
-        return sizes if best is None else best
+        return self.planner.compile_sizes(sizes) if best is None else best
 
     @staticmethod
     def _prompt_logprob_inputs(scheduled, qsl):
