@@ -123,6 +123,18 @@ def build_plan(xp, query_start_loc, seq_lens, block_tables, *, num_tokens: int,
         i32(tile_token), i32(tile_pos), i32(b_tile), i32(b_block), i32(jb * block_size))
 
 
+class _BlockReader:
+    """Blocks of one layer of a stacked cache, read with one gather over (layer, block):
+    `cache[layer][blocks]` would first slice the whole layer out of the cache."""
+
+    def __init__(self, cache, layer):
+        self.cache, self.layer = cache, layer
+        self.shape = cache.shape[1:]
+
+    def __call__(self, blocks):
+        return self.cache[self.layer, blocks]
+
+
 def _segment(op, x, pair_row, num_rows):
     """Reduce the pairs' `x` into their rows; pairs of row `num_rows` (padding) drop out."""
     return op(x, pair_row, num_segments=num_rows, indices_are_sorted=True)
@@ -158,8 +170,8 @@ def _attend_last(q_rows, row_pos, pair_row, pair_block, pair_start, k_layer, v_l
     reads each block once, where a dot over [1 x D] rows would pay per tiny matmul."""
     num_rows = q_rows.shape[0]
     block_size = k_layer.shape[1]
-    k = k_layer[pair_block].astype(jnp.float32)  # [P, B, KVH, D]
-    v = v_layer[pair_block].astype(jnp.float32)
+    k = k_layer(pair_block).astype(jnp.float32)  # [P, B, KVH, D]
+    v = v_layer(pair_block).astype(jnp.float32)
     q = q_rows[jnp.minimum(pair_row, num_rows - 1)]  # [P, KVH, G, D]
     s = (q[:, None] * k[:, :, :, None, :]).sum(-1)  # [P, B, KVH, G]
     s, mask = _scores_mask(s, pair_row, pair_start, row_pos[:, None], num_rows, block_size, **kw)
@@ -173,8 +185,8 @@ def _attend_tiles(q_rows, row_pos, pair_row, pair_block, pair_start, k_layer, v_
     """Tiles of query rows: q_rows [N, Q, KVH, G, D] -> [N, Q, KVH, G, D] float32."""
     num_rows = q_rows.shape[0]
     block_size = k_layer.shape[1]
-    k = k_layer[pair_block].astype(jnp.float32)  # [P, B, KVH, D]
-    v = v_layer[pair_block].astype(jnp.float32)
+    k = k_layer(pair_block).astype(jnp.float32)  # [P, B, KVH, D]
+    v = v_layer(pair_block).astype(jnp.float32)
     q = q_rows[jnp.minimum(pair_row, num_rows - 1)]  # [P, Q, KVH, G, D]
     s = jnp.einsum("pqkgd,pbkd->pqkgb", q, k)
     s, mask = _scores_mask(s, pair_row, pair_start, row_pos, num_rows, block_size, **kw)
@@ -199,7 +211,8 @@ def block_pair_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens, 
         plan = build_plan(jnp, query_start_loc, seq_lens, block_tables, num_tokens=num_tokens,
                           block_size=block_size,
                           sizes=(num_reqs * max_blocks, tiles, tiles * max_blocks))
-    kw = dict(k_layer=k_cache[layer], v_layer=v_cache[layer], sliding_window=sliding_window,
+    kw = dict(k_layer=_BlockReader(k_cache, layer), v_layer=_BlockReader(v_cache, layer),
+              sliding_window=sliding_window,
               soft_cap=soft_cap)
     qg = q.reshape(num_tokens, kv_heads, group, head_dim).astype(jnp.float32) * scale
 
