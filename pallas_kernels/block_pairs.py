@@ -57,10 +57,6 @@ class BlockPairPlan:
     b_block: jax.Array  # [NB]
     b_start: jax.Array  # [NB]
 
-    @property
-    def sizes(self) -> tuple[int, int, int]:
-        return self.a_row.shape[0], self.tile_token.shape[0], self.b_tile.shape[0]
-
 
 def _lengths(xp, query_start_loc, seq_lens, block_size: int, tile: int):
     q_len = query_start_loc[1:] - query_start_loc[:-1]
@@ -71,13 +67,19 @@ def _lengths(xp, query_start_loc, seq_lens, block_size: int, tile: int):
     return q_len, busy, a_count, rest, tiles
 
 
+def _tile_blocks(xp, first_pos, rest, k, block_size: int, tile: int):
+    """Blocks seen by tile k of a request (first query position `first_pos`, `rest` tokens
+    in tiles): those up to its last token's position."""
+    return (first_pos + xp.minimum((k + 1) * tile, rest) - 1) // block_size + 1
+
+
 def plan_sizes(query_start_loc: np.ndarray, seq_lens: np.ndarray, block_size: int,
                tile: int = TILE) -> tuple[int, int, int]:
     """Exact (class-A pairs, tiles, class-B pairs) of a step, for the host to bucket."""
     q_len, _, a_count, rest, tiles = _lengths(np, query_start_loc, seq_lens, block_size, tile)
-    k = np.arange(int(tiles.max(initial=0)))
-    last_pos = (seq_lens - q_len)[:, None] + np.minimum((k + 1) * tile, rest[:, None]) - 1
-    visible = np.where(k[None, :] < tiles[:, None], last_pos // block_size + 1, 0)
+    k = np.arange(int(tiles.max(initial=0)))[None, :]
+    visible = np.where(k < tiles[:, None], _tile_blocks(
+        np, (seq_lens - q_len)[:, None], rest[:, None], k, block_size, tile), 0)
     return int(a_count.sum()), int(tiles.sum()), int(visible.sum())
 
 
@@ -108,31 +110,18 @@ def build_plan(xp, query_start_loc, seq_lens, block_tables, *, num_tokens: int,
     a_row, a_req, j, a_ok = _segment_of(xp, a_count, na)
     a_block = xp.where(a_ok, block_tables[a_req, xp.minimum(j, max_blocks - 1)], 0)
 
-    t_req_out, t_req, k, t_ok = _segment_of(xp, tiles, nt)
+    _, t_req, k, t_ok = _segment_of(xp, tiles, nt)
     offset = k[:, None] * tile + xp.arange(tile)[None, :]  # [NT, TILE] within the request
     t_ok2 = t_ok[:, None] & (offset < rest[t_req][:, None])
     tile_token = xp.where(t_ok2, query_start_loc[t_req][:, None] + offset, num_tokens)
     tile_pos = first_pos[t_req][:, None] + offset
-    tile_last = first_pos[t_req] + xp.minimum((k + 1) * tile, rest[t_req]) - 1
-    visible = xp.where(t_ok, tile_last // block_size + 1, 0)
+    visible = xp.where(t_ok, _tile_blocks(xp, first_pos[t_req], rest[t_req], k, block_size,
+                                          tile), 0)
     b_tile, b_of, jb, b_ok = _segment_of(xp, visible, nb)
     b_block = xp.where(b_ok, block_tables[t_req[b_of], xp.minimum(jb, max_blocks - 1)], 0)
-    del t_req_out
     return BlockPairPlan(
         i32(last_token), i32(seq_lens - 1), i32(a_row), i32(a_block), i32(j * block_size),
         i32(tile_token), i32(tile_pos), i32(b_tile), i32(b_block), i32(jb * block_size))
-
-
-class _BlockReader:
-    """Blocks of one layer of a stacked cache, read with one gather over (layer, block):
-    `cache[layer][blocks]` would first slice the whole layer out of the cache."""
-
-    def __init__(self, cache, layer):
-        self.cache, self.layer = cache, layer
-        self.shape = cache.shape[1:]
-
-    def __call__(self, blocks):
-        return self.cache[self.layer, blocks]
 
 
 def _segment(op, x, pair_row, num_rows):
@@ -140,59 +129,61 @@ def _segment(op, x, pair_row, num_rows):
     return op(x, pair_row, num_segments=num_rows, indices_are_sorted=True)
 
 
-def _scores_mask(s, pair_row, pair_start, row_pos, num_rows, block_size, *, sliding_window,
-                 soft_cap):
-    """Soft cap and the causal / window / padding mask [P, Q, B] of pairs' scores."""
-    if soft_cap is not None:
-        s = soft_cap * jnp.tanh(s / soft_cap)
-    slot = pair_start[:, None] + jnp.arange(block_size)[None, :]  # [P, B]
-    pos = row_pos[jnp.minimum(pair_row, num_rows - 1)]  # [P, Q]
-    mask = (slot[:, None, :] <= pos[:, :, None]) & (pair_row < num_rows)[:, None, None]
-    if sliding_window is not None:
-        mask &= slot[:, None, :] > pos[:, :, None] - sliding_window
-    return s, mask
-
-
-def _weights(s, mask, pair_row, num_rows, key_axis):
-    """exp(score - the row's max over all its pairs), zero where masked, and each row's sum."""
-    s = jnp.where(mask, s, MASK_VALUE)
-    row_max = _segment(jax.ops.segment_max, s.max(key_axis), pair_row, num_rows)
-    row_max = jnp.where(row_max > MASK_VALUE / 2, row_max, 0.0)
-    shift = jnp.expand_dims(row_max[jnp.minimum(pair_row, num_rows - 1)], key_axis)
-    p = jnp.where(mask, jnp.exp(s - shift), 0.0)
-    return p, _segment(jax.ops.segment_sum, p.sum(key_axis), pair_row, num_rows)
-
-
-def _attend_last(q_rows, row_pos, pair_row, pair_block, pair_start, k_layer, v_layer, **kw):
-    """One query row per request: q_rows [R, KVH, G, D] -> [R, KVH, G, D] float32.
+def _last_row_scores(q, k):
+    """One query row per pair, q [P, KVH, G, D] x k [P, B, KVH, D] -> [P, B, KVH, G].
 
     Broadcast-multiply-reduce instead of einsum: XLA fuses the block gather into it and
     reads each block once, where a dot over [1 x D] rows would pay per tiny matmul."""
-    num_rows = q_rows.shape[0]
-    block_size = k_layer.shape[1]
-    k = k_layer(pair_block).astype(jnp.float32)  # [P, B, KVH, D]
-    v = v_layer(pair_block).astype(jnp.float32)
-    q = q_rows[jnp.minimum(pair_row, num_rows - 1)]  # [P, KVH, G, D]
-    s = (q[:, None] * k[:, :, :, None, :]).sum(-1)  # [P, B, KVH, G]
-    s, mask = _scores_mask(s, pair_row, pair_start, row_pos[:, None], num_rows, block_size, **kw)
-    p, denom = _weights(s, mask[:, 0, :, None, None], pair_row, num_rows, key_axis=1)
-    out = _segment(jax.ops.segment_sum, (p[..., None] * v[:, :, :, None, :]).sum(1), pair_row,
-                   num_rows)
-    return out / jnp.where(denom > 0, denom, 1.0)[..., None]
+    return (q[:, None] * k[:, :, :, None, :]).sum(-1)
 
 
-def _attend_tiles(q_rows, row_pos, pair_row, pair_block, pair_start, k_layer, v_layer, **kw):
-    """Tiles of query rows: q_rows [N, Q, KVH, G, D] -> [N, Q, KVH, G, D] float32."""
+def _last_row_values(p, v):
+    """p [P, B, KVH, G] x v [P, B, KVH, D] -> [P, KVH, G, D]."""
+    return (p[..., None] * v[:, :, :, None, :]).sum(1)
+
+
+def _tile_scores(q, k):
+    """Tiles of rows, q [P, Q, KVH, G, D] x k [P, B, KVH, D] -> [P, Q, KVH, G, B]."""
+    return jnp.einsum("pqkgd,pbkd->pqkgb", q, k)
+
+
+def _tile_values(p, v):
+    return jnp.einsum("pqkgb,pbkd->pqkgd", p, v)
+
+
+# (scores, values, key axis of the scores, the mask [P, Q, B] in the scores' layout)
+LAST_ROWS = (_last_row_scores, _last_row_values, 1, lambda m: m[:, 0, :, None, None])
+TILE_ROWS = (_tile_scores, _tile_values, -1, lambda m: m[:, :, None, None, :])
+
+
+def _attend(q_rows, row_pos, pair_row, pair_block, pair_start, k_cache, v_cache, layer, *,
+            kind, sliding_window, soft_cap):
+    """Query rows q_rows [N, (Q,) KVH, G, D] at positions row_pos [N, Q] over the blocks of
+    their pairs -> q_rows' shape in float32 (zeros for rows that see nothing). `kind` is
+    LAST_ROWS (one row each, no Q axis) or TILE_ROWS."""
+    scores, values, key_axis, mask_layout = kind
     num_rows = q_rows.shape[0]
-    block_size = k_layer.shape[1]
-    k = k_layer(pair_block).astype(jnp.float32)  # [P, B, KVH, D]
-    v = v_layer(pair_block).astype(jnp.float32)
-    q = q_rows[jnp.minimum(pair_row, num_rows - 1)]  # [P, Q, KVH, G, D]
-    s = jnp.einsum("pqkgd,pbkd->pqkgb", q, k)
-    s, mask = _scores_mask(s, pair_row, pair_start, row_pos, num_rows, block_size, **kw)
-    p, denom = _weights(s, mask[:, :, None, None, :], pair_row, num_rows, key_axis=-1)
-    out = _segment(jax.ops.segment_sum, jnp.einsum("pqkgb,pbkd->pqkgd", p, v), pair_row,
-                   num_rows)
+    block_size = k_cache.shape[2]
+    row = jnp.minimum(pair_row, num_rows - 1)
+    # one gather over (layer, block): cache[layer][blocks] would first slice out the layer
+    k = k_cache[layer, pair_block].astype(jnp.float32)  # [P, B, KVH, D]
+    v = v_cache[layer, pair_block].astype(jnp.float32)
+    s = scores(q_rows[row], k)
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    slot = (pair_start[:, None] + jnp.arange(block_size)[None, :])[:, None, :]  # [P, 1, B]
+    pos = row_pos[row][:, :, None]  # [P, Q, 1]
+    mask = (slot <= pos) & (pair_row < num_rows)[:, None, None]
+    if sliding_window is not None:
+        mask &= slot > pos - sliding_window
+    mask = mask_layout(mask)
+
+    s = jnp.where(mask, s, MASK_VALUE)
+    row_max = _segment(jax.ops.segment_max, s.max(key_axis), pair_row, num_rows)
+    row_max = jnp.where(row_max > MASK_VALUE / 2, row_max, 0.0)
+    p = jnp.where(mask, jnp.exp(s - jnp.expand_dims(row_max[row], key_axis)), 0.0)
+    denom = _segment(jax.ops.segment_sum, p.sum(key_axis), pair_row, num_rows)
+    out = _segment(jax.ops.segment_sum, values(p, v), pair_row, num_rows)
     return out / jnp.where(denom > 0, denom, 1.0)[..., None]
 
 
@@ -211,19 +202,18 @@ def block_pair_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens, 
         plan = build_plan(jnp, query_start_loc, seq_lens, block_tables, num_tokens=num_tokens,
                           block_size=block_size,
                           sizes=(num_reqs * max_blocks, tiles, tiles * max_blocks))
-    kw = dict(k_layer=_BlockReader(k_cache, layer), v_layer=_BlockReader(v_cache, layer),
-              sliding_window=sliding_window,
+    kw = dict(k_cache=k_cache, v_cache=v_cache, layer=layer, sliding_window=sliding_window,
               soft_cap=soft_cap)
     qg = q.reshape(num_tokens, kv_heads, group, head_dim).astype(jnp.float32) * scale
 
     # a row index of T (padding) gathers a clipped row and is dropped by the scatter
-    last = _attend_last(qg[jnp.minimum(plan.last_token, num_tokens - 1)], plan.last_pos,
-                        plan.a_row, plan.a_block, plan.a_start, **kw)
+    last = _attend(qg[jnp.minimum(plan.last_token, num_tokens - 1)], plan.last_pos[:, None],
+                   plan.a_row, plan.a_block, plan.a_start, kind=LAST_ROWS, **kw)
     out = jnp.zeros((num_tokens, kv_heads, group, head_dim), jnp.float32)
     out = out.at[plan.last_token].set(last, mode="drop")
     if plan.tile_token.shape[0] and plan.b_tile.shape[0]:
-        rows = _attend_tiles(qg[jnp.minimum(plan.tile_token, num_tokens - 1)], plan.tile_pos,
-                             plan.b_tile, plan.b_block, plan.b_start, **kw)
+        rows = _attend(qg[jnp.minimum(plan.tile_token, num_tokens - 1)], plan.tile_pos,
+                       plan.b_tile, plan.b_block, plan.b_start, kind=TILE_ROWS, **kw)
         out = out.at[plan.tile_token].set(rows, mode="drop")
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
