@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# The Pallas kernels' GPU check, as one script for a lent GPU machine (repo copied there,
-# jax + CUDA preinstalled, no internet):
+# The GPU check, as one script for a lent GPU machine (repo copied there, jax + CUDA + torch +
+# transformers preinstalled, no internet):
 #
-#   scripts/gpu_check.sh                  tests compiled on the GPU, benchmark, knob sweep
-#   scripts/gpu_check.sh --smoke          the same phases at CPU scale (interpret mode):
-#                                         gpu-marked tests (they skip), benchmark --smoke
-#   PHASES=bench,sweep scripts/gpu_check.sh      run only some phases (tests, bench, sweep)
+#   scripts/gpu_check.sh           random-weight Qwen2.5-0.5B-shaped model (bfloat16), then:
+#                                  batch-1 latency vs HF, nano-vllm throughput vs HF, the
+#                                  kernel tests compiled on the GPU, the kernel benchmark
+#   scripts/gpu_check.sh --smoke   the same phases at CPU scale (2 layers, float32, tiny
+#                                  workloads, kernels interpreted; gpu-marked tests skip)
+#   PHASES=latency,throughput scripts/gpu_check.sh     only some phases (model is implied)
 #
-# Writes into $OUT (default ./gpu_check_out): env.json, pytest.log, pytest.xml,
-# kernels.log, kernels.json (the benchmark's result, also when it was cut short),
-# sweep.json, and gpu_check.json (one summary object, also printed last). Each phase has its
-# own time limit (TESTS_TIMEOUT, BENCH_TIMEOUT, SWEEP_TIMEOUT seconds; defaults fit the
-# whole run in about 7 minutes) and a failing phase does not stop the next.
+# Phases, in order of priority: model, latency, throughput, tests, kernels, sweep (sweep only
+# when named). The whole run ends by DEADLINE seconds (default 450): each phase gets its own
+# limit, cut to what is left, and a failing phase does not stop the next. If batch-1 latency
+# fails with the default attention ("pallas"), throughput falls back to "xla" and says so.
+#
+# Writes into $OUT (default ./gpu_check_out): gpu_check.json (one summary object, also printed
+# last), throughput.json, latency.json, kernels.json and logs.tgz (every log).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,24 +23,34 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-tests,bench,sweep}"
-TESTS_TIMEOUT="${TESTS_TIMEOUT:-150}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-180}"
-SWEEP_TIMEOUT="${SWEEP_TIMEOUT:-120}"
+PHASES="${PHASES:-model,latency,throughput,tests,kernels}"
+DEADLINE="${DEADLINE:-450}"
+WORK="$(mktemp -d)"
+MODEL_DIR="$WORK/model"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+START=$(date +%s)
 
 has_phase() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
-now() { date +%s; }
+left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+# run_phase NAME LIMIT CMD...: runs CMD under min(LIMIT, time left - 15 s), log in $WORK/NAME.log
+declare -A RC SECS
+run_phase() {
+    local name=$1 limit=$2; shift 2
+    local budget=$(( $(left) - 15 ))
+    [ "$budget" -lt "$limit" ] && limit=$budget
+    if [ "$limit" -lt 20 ]; then
+        RC[$name]=no_time; SECS[$name]=0; echo "== $name: skipped (no time left)"; return
+    fi
+    echo "== $name (limit ${limit}s)"
+    local t0=$(date +%s)
+    timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+    RC[$name]=$?; SECS[$name]=$(( $(date +%s) - t0 ))
+    echo "   rc=${RC[$name]} in ${SECS[$name]}s"
+}
 
-# the project, without dependencies, unless it already imports from outside the checkout
-if ! (cd / && "$PY" -c "import jaxvllm, pallas_kernels") >/dev/null 2>&1; then
-    { "$PY" -m pip install -q --no-deps -e . \
-        || "$PY" -m pip install -q --no-deps --no-build-isolation -e . ; } >"$OUT/install.log" 2>&1 \
-        || echo "pip install -e . failed (see $OUT/install.log); running from the checkout"
-fi
-
-"$PY" - >"$OUT/env.json" 2>>"$OUT/install.log" <<'EOF'
+"$PY" - >"$WORK/env.json" 2>"$WORK/env.log" <<'EOF'
 import json, subprocess, jax
 try:
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
@@ -46,69 +60,106 @@ except OSError:
 print(json.dumps({"jax": jax.__version__, "backend": jax.default_backend(),
                   "devices": [d.device_kind for d in jax.devices()], "nvidia_smi": smi}))
 EOF
-echo "environment: $(cat "$OUT/env.json")"
+echo "environment: $(cat "$WORK/env.json")"
 
-tests_rc=skipped; bench_rc=skipped; sweep_rc=skipped
-tests_s=0; bench_s=0; sweep_s=0
+if [ "$MODE" = smoke ]; then
+    MODEL_ARGS=(--num-layers 2 --dtype float32); DTYPE=float32
+    LAT_ARGS=(--input-len 16 --output-len 8 --num-iters-warmup 1 --num-iters 2 --hf-num-iters 1)
+    THR_ARGS=(--num-prompts 8 --min-len 16 --max-len 48)
+else
+    MODEL_ARGS=(--dtype bfloat16); DTYPE=bfloat16
+    LAT_ARGS=(--input-len 128 --output-len 128 --num-iters-warmup 3 --num-iters 10 --hf-num-iters 2)
+    THR_ARGS=()  # the nano-vllm workload as published: 256 requests, lengths in [100, 1024]
+fi
+COMMON=(--model "$MODEL_DIR" --dtype "$DTYPE" --max-model-len 2048)
+
+run_phase model 120 "$PY" benchmarks/random_model.py qwen2.5-0.5b "$MODEL_DIR" "${MODEL_ARGS[@]}"
+tail -n 2 "$WORK/model.log"
+
+BACKEND=pallas
+if has_phase latency; then
+    run_phase latency 150 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
+        --temperature 0 --compare-hf "${LAT_ARGS[@]}" --output-json "$OUT/latency.json"
+    grep -v '^{' "$WORK/latency.log" | tail -n 30
+    if [ "${RC[latency]}" != 0 ]; then
+        BACKEND=xla
+        echo "batch-1 latency failed with attention_backend=pallas; throughput uses xla"
+    fi
+fi
+
+if has_phase throughput; then
+    run_phase throughput 330 "$PY" benchmarks/throughput.py "${COMMON[@]}" --dataset nano-vllm \
+        --compare-hf --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
+        --output-json "$OUT/throughput.json"
+    grep -v '^{' "$WORK/throughput.log" | tail -n 40
+fi
 
 if has_phase tests; then
-    t0=$(now)
     if [ "$MODE" = smoke ]; then
         sel=(tests/test_kernels.py -m gpu)  # on CPU they skip: the selection itself is checked
     else
         sel=(tests/test_kernels.py)  # on a GPU every kernel test runs compiled, not interpreted
     fi
-    timeout "$TESTS_TIMEOUT" "$PY" -m pytest "${sel[@]}" -q -rs -p no:cacheprovider \
-        --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
-    tests_rc=$?
-    tests_s=$(( $(now) - t0 ))
-    tail -n 5 "$OUT/pytest.log"
+    run_phase tests 150 "$PY" -m pytest "${sel[@]}" -q -rs -p no:cacheprovider \
+        --junitxml="$WORK/pytest.xml"
+    tail -n 8 "$WORK/tests.log"
 fi
 
-if has_phase bench; then
-    t0=$(now)
+if has_phase kernels; then
     args=(--json-out "$OUT/kernels.json")
     [ "$MODE" = smoke ] && args+=(--smoke)
-    timeout "$BENCH_TIMEOUT" "$PY" benchmarks/kernels.py "${args[@]}" >"$OUT/kernels.log" 2>&1
-    bench_rc=$?
-    bench_s=$(( $(now) - t0 ))
-    grep -v '^{' "$OUT/kernels.log" | tail -n 40
+    run_phase kernels 120 "$PY" benchmarks/kernels.py "${args[@]}"
+    grep -v '^{' "$WORK/kernels.log" | tail -n 40
 fi
 
 if has_phase sweep && [ "$MODE" = full ]; then
-    t0=$(now)
-    timeout "$SWEEP_TIMEOUT" "$PY" benchmarks/kernels.py --sweep --variants triton \
-        --no-baselines --skip kv_write,scan --iters 10 --json-out "$OUT/sweep.json" \
-        >"$OUT/sweep.log" 2>&1
-    sweep_rc=$?
-    sweep_s=$(( $(now) - t0 ))
+    run_phase sweep 120 "$PY" benchmarks/kernels.py --sweep --variants triton \
+        --no-baselines --skip kv_write,scan --iters 10 --json-out "$WORK/sweep.json"
 fi
 
-"$PY" - "$OUT" "$MODE" "$tests_rc" "$tests_s" "$bench_rc" "$bench_s" "$sweep_rc" "$sweep_s" <<'EOF' | tee "$OUT/gpu_check.json"
+(cd "$WORK" && tar czf "$OUT/logs.tgz" --exclude=model ./*) 2>/dev/null
+
+phases=""
+for name in model latency throughput tests kernels sweep; do
+    [ -n "${RC[$name]+x}" ] && phases+="\"$name\": {\"rc\": \"${RC[$name]}\", \"seconds\": ${SECS[$name]}}, "
+done
+"$PY" - "$OUT" "$WORK" "$MODE" "$BACKEND" "{${phases%, }}" <<'EOF' | tee "$OUT/gpu_check.json"
 import json, os, sys
 import xml.etree.ElementTree as ET
 
-out, mode, t_rc, t_s, b_rc, b_s, s_rc, s_s = sys.argv[1:]
-summary = {"check": "gpu_check", "mode": mode,
-           "env": json.load(open(os.path.join(out, "env.json"))),
-           "phases": {"tests": {"rc": t_rc, "seconds": int(t_s)},
-                      "bench": {"rc": b_rc, "seconds": int(b_s)},
-                      "sweep": {"rc": s_rc, "seconds": int(s_s)}}}
-xml_path = os.path.join(out, "pytest.xml")
+out, work, mode, backend, phases = sys.argv[1:]
+summary = {"check": "gpu_check", "mode": mode, "throughput_attention_backend": backend,
+           "env": json.load(open(os.path.join(work, "env.json"))), "phases": json.loads(phases)}
+xml_path = os.path.join(work, "pytest.xml")
 if os.path.exists(xml_path):
     suite = ET.parse(xml_path).getroot()
     suite = suite if suite.tag == "testsuite" else suite[0]
     failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
               if c.find("failure") is not None or c.find("error") is not None]
     summary["tests"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    summary["tests"]["failed"] = failed[:50]
-for name in ("kernels", "sweep"):
+    summary["tests"]["failed"] = failed[:40]
+
+
+def load(name):
     path = os.path.join(out, f"{name}.json")
-    if os.path.exists(path):
-        r = json.load(open(path))
-        summary[name] = {s: {k: v.get(k) for k in ("best_kernel", "speedup_vs", "target_met")}
-                         | {"best": v["results"].get(v.get("best_kernel"), {})}
-                         for s, v in r.get("shapes", {}).items()}
-        summary[name + "_complete"] = r.get("complete", False)
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+if (t := load("throughput")) is not None:
+    keep = ("output_tokens_per_second", "output_tokens_per_second_excl_compile",
+            "tokens_per_second", "requests_per_second", "elapsed_time", "first_token_s",
+            "ratio_output_tokens_per_second_vs_hf", "ratio_excl_compile_vs_hf")
+    summary["throughput"] = {k: t.get(k) for k in keep} | {
+        "hf_output_tokens_per_second": (t.get("hf") or {}).get("output_tokens_per_s"),
+        "engine": t.get("engine")}
+if (l := load("latency")) is not None:
+    summary["latency"] = {k: v for k, v in l.items() if not isinstance(v, (list, dict))
+                          or k in ("hf", "ratios")}
+if (k := load("kernels")) is not None:
+    summary["kernels"] = {s: {x: v.get(x) for x in ("best_kernel", "speedup_vs", "target_met")}
+                          | {"best": v["results"].get(v.get("best_kernel"), {})}
+                          for s, v in k.get("shapes", {}).items()}
+    summary["kernels_complete"] = k.get("complete", False)
 print(json.dumps(summary))
 EOF
+rm -rf "$WORK"
