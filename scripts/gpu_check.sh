@@ -3,19 +3,21 @@
 # transformers preinstalled, no internet):
 #
 #   scripts/gpu_check.sh           random-weight Qwen2.5-0.5B-shaped model (bfloat16), then:
-#                                  batch-1 latency vs HF, nano-vllm throughput vs HF, the
+#                                  nano-vllm throughput vs HF, where a decode step's device
+#                                  time goes (batch 1 and 256), batch-1 latency vs HF, the
 #                                  kernel tests compiled on the GPU, the kernel benchmark
 #   scripts/gpu_check.sh --smoke   the same phases at CPU scale (2 layers, float32, tiny
 #                                  workloads, kernels interpreted; gpu-marked tests skip)
-#   PHASES=latency,throughput scripts/gpu_check.sh     only some phases (model is implied)
+#   PHASES=model,throughput scripts/gpu_check.sh     only some phases (keep model first)
+#   COMPARE_HF=0 ATTENTION_BACKEND=pallas:triton_splitk scripts/gpu_check.sh
 #
-# Phases, in order of priority: model, latency, throughput, tests, kernels, sweep (sweep only
-# when named). The whole run ends by DEADLINE seconds (default 450): each phase gets its own
-# limit, cut to what is left, and a failing phase does not stop the next. If batch-1 latency
-# fails with the default attention ("pallas"), throughput falls back to "xla" and says so.
+# Phases, in order of priority: model, throughput, profile, latency, tests, kernels, sweep
+# (sweep only when named). The whole run ends by DEADLINE seconds (default 450): each phase
+# gets its own limit, cut to what is left, and a failing phase does not stop the next.
+# COMPARE_HF=0 leaves out the HF baselines (the nano-vllm one alone takes ~110 s on an H200).
 #
 # Writes into $OUT (default ./gpu_check_out): gpu_check.json (one summary object, also printed
-# last), throughput.json, latency.json, kernels.json and logs.tgz (every log).
+# last), throughput.json, step_profile.json, latency.json, kernels.json and logs.tgz.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +25,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,latency,throughput,tests,kernels}"
+PHASES="${PHASES:-model,throughput,profile,latency,tests,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -66,32 +68,39 @@ if [ "$MODE" = smoke ]; then
     MODEL_ARGS=(--num-layers 2 --dtype float32); DTYPE=float32
     LAT_ARGS=(--input-len 16 --output-len 8 --num-iters-warmup 1 --num-iters 2 --hf-num-iters 1)
     THR_ARGS=(--num-prompts 8 --min-len 16 --max-len 48)
+    PROF_ARGS=(--batch-sizes 1,4 --context 32 --steps 2)
 else
     MODEL_ARGS=(--dtype bfloat16); DTYPE=bfloat16
     LAT_ARGS=(--input-len 128 --output-len 128 --num-iters-warmup 3 --num-iters 10 --hf-num-iters 2)
     THR_ARGS=()  # the nano-vllm workload as published: 256 requests, lengths in [100, 1024]
+    PROF_ARGS=(--batch-sizes 1,256 --context 512 --steps 5)
 fi
 COMMON=(--model "$MODEL_DIR" --dtype "$DTYPE" --max-model-len 2048)
 
 run_phase model 120 "$PY" benchmarks/random_model.py qwen2.5-0.5b "$MODEL_DIR" "${MODEL_ARGS[@]}"
 tail -n 2 "$WORK/model.log"
 
-BACKEND=pallas
-if has_phase latency; then
-    run_phase latency 150 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
-        --temperature 0 --compare-hf "${LAT_ARGS[@]}" --output-json "$OUT/latency.json"
-    grep -v '^{' "$WORK/latency.log" | tail -n 30
-    if [ "${RC[latency]}" != 0 ]; then
-        BACKEND=xla
-        echo "batch-1 latency failed with attention_backend=pallas; throughput uses xla"
-    fi
-fi
+HF=(); [ "${COMPARE_HF:-1}" = 1 ] && HF=(--compare-hf)
+BACKEND="${ATTENTION_BACKEND:-pallas}"
 
 if has_phase throughput; then
     run_phase throughput 330 "$PY" benchmarks/throughput.py "${COMMON[@]}" --dataset nano-vllm \
-        --compare-hf --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
+        "${HF[@]}" --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
         --output-json "$OUT/throughput.json"
     grep -v '^{' "$WORK/throughput.log" | tail -n 40
+fi
+
+if has_phase profile; then
+    run_phase profile 120 "$PY" benchmarks/step_profile.py "${COMMON[@]}" \
+        --attention-backend "$BACKEND" "${PROF_ARGS[@]}" --output-json "$OUT/step_profile.json"
+    grep -v '^{' "$WORK/profile.log" | tail -n 70
+fi
+
+if has_phase latency; then
+    run_phase latency 150 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
+        --temperature 0 "${HF[@]}" --attention-backend "$BACKEND" "${LAT_ARGS[@]}" \
+        --output-json "$OUT/latency.json"
+    grep -v '^{' "$WORK/latency.log" | tail -n 30
 fi
 
 if has_phase tests; then
@@ -120,7 +129,7 @@ fi
 (cd "$WORK" && tar czf "$OUT/logs.tgz" --exclude=model ./*) 2>/dev/null
 
 phases=""
-for name in model latency throughput tests kernels sweep; do
+for name in model throughput profile latency tests kernels sweep; do
     [ -n "${RC[$name]+x}" ] && phases+="\"$name\": {\"rc\": \"${RC[$name]}\", \"seconds\": ${SECS[$name]}}, "
 done
 "$PY" - "$OUT" "$WORK" "$MODE" "$BACKEND" "{${phases%, }}" <<'EOF' | tee "$OUT/gpu_check.json"
@@ -128,7 +137,7 @@ import json, os, sys
 import xml.etree.ElementTree as ET
 
 out, work, mode, backend, phases = sys.argv[1:]
-summary = {"check": "gpu_check", "mode": mode, "throughput_attention_backend": backend,
+summary = {"check": "gpu_check", "mode": mode, "attention_backend": backend,
            "env": json.load(open(os.path.join(work, "env.json"))), "phases": json.loads(phases)}
 xml_path = os.path.join(work, "pytest.xml")
 if os.path.exists(xml_path):
@@ -155,6 +164,10 @@ if (t := load("throughput")) is not None:
 if (l := load("latency")) is not None:
     summary["latency"] = {k: v for k, v in l.items() if not isinstance(v, (list, dict))
                           or k in ("hf", "ratios")}
+if (p := load("step_profile")) is not None:
+    summary["step_profile"] = {b: {k: v for k, v in r.items() if k != "top_by_hlo_op"}
+                               | {"top": r.get("top", [])[:12]}
+                               for b, r in p.get("per_batch", {}).items()}
 if (k := load("kernels")) is not None:
     summary["kernels"] = {s: {x: v.get(x) for x in ("best_kernel", "speedup_vs", "target_met")}
                           | {"best": v["results"].get(v.get("best_kernel"), {})}

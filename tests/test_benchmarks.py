@@ -346,3 +346,68 @@ def test_serve_against_jaxvllm_server(zoo, capsys, tmp_path):
     assert res["mean_ttft_ms"] > 0 and res["mean_tpot_ms"] > 0
     assert res["mean_e2el_ms"] > res["mean_ttft_ms"]
     assert _last_json(capsys)["benchmark"] == "serve"
+
+
+def test_step_profile(zoo, capsys):
+    from benchmarks import step_profile
+
+    res = step_profile.main(["--model", str(zoo.case("llama_gqa").path), "--batch-sizes", "1,2",
+                             "--context", "8", "--steps", "2", "--warmup-steps", "1", "--top", "5",
+                             *ENGINE[:-1]])
+    printed = _last_json(capsys)
+    assert printed["benchmark"] == "step_profile" and set(printed["per_batch"]) == {"1", "2"}
+    for b in ("1", "2"):
+        r = printed["per_batch"][b]
+        assert "error" not in r and "profile_error" not in r, r
+        assert r["wall_ms_per_step"] > 0 and r["runner_device_ms_per_step"] > 0
+        assert r["runner_host_ms_per_step"] >= 0
+        # the CPU backend's trace: XLA thunk events with an hlo_op stat on the host plane
+        assert r["device_busy_ms_per_step"] > 0 and 1 <= len(r["top"]) <= 5
+        assert all(t["ms_per_step"] >= 0 and t["calls_per_step"] > 0 for t in r["top"])
+        assert sum(t["share"] for t in r["top"]) <= 1.0001
+    assert res["per_batch"]["2"]["wall_ms_per_step"] == \
+        printed["per_batch"]["2"]["wall_ms_per_step"]
+
+
+def test_step_profile_summarize_nested_and_overlapping():
+    from benchmarks import step_profile
+
+    def ev(name, start, end, hlo_op=None):  # times in ms
+        return {"name": name, "hlo_op": hlo_op, "module": "m", "start": start * 1e6,
+                "end": end * 1e6}
+
+    # one line: a while loop (0-10) around two body ops; a second line overlaps 8-14
+    lines = [[ev("while", 0, 10), ev("a", 1, 4), ev("b", 5, 9)], [ev("c", 8, 14, "dot.1")]]
+    out = step_profile.summarize_events([lines], steps=2, top=10)
+    by = {t["name"]: t for t in out["top"]}
+    assert by["while"]["ms_per_step"] == 1.5  # 10 - 3 - 4 of its own, over 2 steps
+    assert by["a"]["ms_per_step"] == 1.5 and by["c"]["ms_per_step"] == 3
+    assert out["device_busy_ms_per_step"] == 7  # the union, 0-14, over 2 steps
+    assert out["op_ms_per_step"] == 8
+    assert by["c"]["hlo_op"] == "dot.1" and out["top_by_hlo_op"][0]["name"] in {"while", "dot.1"}
+    assert abs(sum(t["share"] for t in out["top"]) - 1) < 1e-3
+
+
+def test_step_profile_gpu_planes():
+    """A GPU trace's layout: kernels on the "Stream #" lines of "/device:GPU:N" planes, the
+    derived and CUPTI-overhead lines and the host plane's events left out."""
+    from types import SimpleNamespace as NS
+
+    from benchmarks import step_profile
+
+    def ev(name, start, dur, **stats):
+        return NS(name=name, start_ns=start, duration_ns=dur, stats=list(stats.items()))
+
+    gpu = NS(name="/device:GPU:0", lines=[
+        NS(name="Stream #13(Kernel,MemcpyH2D)",
+           events=[ev("gemm_kernel", 0, 4e6, hlo_op="dot.3", hlo_module="jit__step_fn"),
+                   ev("MemcpyH2D", 5e6, 1e6)]),
+        NS(name="XLA Ops", events=[ev("dot.3", 0, 4e6)]),
+        NS(name="CUPTI overhead", events=[ev("overhead", 0, 9e6)])])
+    host = NS(name="/host:CPU", lines=[NS(name="t", events=[ev("x", 0, 9e6, hlo_op="x")])])
+    devices, where = step_profile.select_events(NS(planes=[host, gpu]), "gpu")
+    assert "/device:GPU:0" in where and [len(evs) for evs in devices[0]] == [2]
+    out = step_profile.summarize_events(devices, steps=1, top=5)
+    assert out["device_busy_ms_per_step"] == 5 and out["top"][0]["hlo_op"] == "dot.3"
+    with pytest.raises(RuntimeError, match="no /device"):
+        step_profile.select_events(NS(planes=[host]), "gpu")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from typing import Callable
 
@@ -81,6 +82,44 @@ def _step_fn(graphdef, num_logprobs, num_prompt_logprobs, state, kv, input_ids, 
         prompt = gather_logprobs(jax.nn.log_softmax(prompt_logits, axis=-1), prompt_targets,
                                  num_prompt_logprobs)
     return sampled, prompt, kv
+
+
+def step_arrays(scheduled, T: int, R: int, MB: int, block_size: int):
+    """The step's token and attention arrays for `scheduled` ((request, num_new_tokens) in
+    batch order), padded to T tokens, R rows and MB table columns: token ids, positions, KV
+    slots, query start offsets, sequence lengths, block tables and the logits row of each
+    request. Padding tokens write into the null block 0. Built with one pass of Python over
+    the requests and numpy over the tokens (a decode batch of 256 is the common case)."""
+    num_reqs = len(scheduled)
+    starts = [req.num_computed_tokens for req, _ in scheduled]
+    counts = [n for _, n in scheduled]
+    total = sum(counts)
+    tables = np.zeros((R, MB), np.int32)
+    block_lists = [req.block_ids[:MB] for req, _ in scheduled]
+    num_blocks = np.fromiter(map(len, block_lists), np.int64, num_reqs)
+    row_of_block = np.repeat(np.arange(num_reqs), num_blocks)
+    tables[row_of_block, np.arange(len(row_of_block)) - np.repeat(
+        np.cumsum(num_blocks) - num_blocks, num_blocks)] = np.fromiter(
+        itertools.chain.from_iterable(block_lists), np.int32, len(row_of_block))
+
+    counts_np = np.asarray(counts, np.int64)
+    qsl = np.full(R + 1, total, np.int32)
+    qsl[0] = 0
+    qsl[1:num_reqs + 1] = np.cumsum(counts_np)
+    row_of_token = np.repeat(np.arange(num_reqs), counts_np)
+    ids = np.zeros(T, np.int32)
+    pos = np.zeros(T, np.int32)
+    slots = np.zeros(T, np.int32)
+    ids[:total] = np.fromiter(itertools.chain.from_iterable(
+        req.all_token_ids[s:s + n] for (req, n), s in zip(scheduled, starts)), np.int32, total)
+    p = np.arange(total) - qsl[row_of_token] + np.asarray(starts, np.int64)[row_of_token]
+    pos[:total] = p
+    slots[:total] = tables[row_of_token, p // block_size] * block_size + p % block_size
+    seq_lens = np.zeros(R, np.int32)
+    seq_lens[:num_reqs] = np.asarray(starts, np.int64) + counts_np
+    logits_idx = np.zeros(R, np.int32)
+    logits_idx[:num_reqs] = qsl[1:num_reqs + 1] - 1
+    return ids, pos, slots, qsl, seq_lens, tables, logits_idx
 
 
 @dataclasses.dataclass
@@ -189,7 +228,6 @@ class ModelRunner:
         started = time.perf_counter()
         bs = self.block_size
         total = sum(n for _, n in scheduled)
-        num_reqs = len(scheduled)
         widest = max(-(-(r.num_computed_tokens + n) // bs) for r, n in scheduled)
         T = bucket(total, 16, self.max_tokens_bucket)
         # Every request has a token, so R <= T: one row count per token bucket keeps the
@@ -199,43 +237,25 @@ class ModelRunner:
         MB = widest if self.planner else bucket(widest, self.min_table_width,
                                                  self.max_table_width)
 
-        ids = np.zeros(T, np.int32)
-        pos = np.zeros(T, np.int32)
-        slots = np.zeros(T, np.int32)  # padding writes into the null block 0
-        qsl = np.full(R + 1, total, np.int32)
-        seq_lens = np.zeros(R, np.int32)
-        tables = np.zeros((R, MB), np.int32)
-        logits_idx = np.zeros(R, np.int32)
-        t = 0
-        for i, (req, n) in enumerate(scheduled):
-            start = req.num_computed_tokens
-            p = np.arange(start, start + n)
-            blocks = np.asarray(req.block_ids, np.int32)
-            qsl[i] = t
-            ids[t:t + n] = req.all_token_ids[start:start + n]
-            pos[t:t + n] = p
-            slots[t:t + n] = blocks[p // bs] * bs + p % bs
-            seq_lens[i] = start + n
-            tables[i, :len(blocks)] = blocks[:MB]
-            t += n
-            logits_idx[i] = t - 1
-
+        ids, pos, slots, qsl, seq_lens, tables, logits_idx = step_arrays(scheduled, T, R, MB, bs)
         rows = [req for req, _ in scheduled]
-        sampling, num_logprobs = build_sampling_metadata(rows, vocab_size, pad_rows_to=R)
+        sampling, num_logprobs = build_sampling_metadata(rows, vocab_size, pad_rows_to=R,
+                                                         device_put=False)
         prompt_idx, prompt_targets, prompt_spans, num_prompt_logprobs = self._prompt_logprob_inputs(
             scheduled, qsl)
-        put = jnp.asarray if self.mesh is None else np.asarray
         key = (sampling.shape_key, T, R, None if self.planner else MB, None, len(prompt_idx),
                num_logprobs, num_prompt_logprobs)
         if self.planner:
             sizes = self._compiled_plan_sizes(key, self.planner.sizes(qsl, seq_lens, bs))
             key = key[:4] + (sizes,) + key[5:]
-            plan = jax.tree.map(put, self.planner.build(qsl, seq_lens, tables, T, bs, sizes))
-            meta = AttentionMetadata(put(qsl), put(seq_lens), None, put(slots), plan)
+            plan = self.planner.build(qsl, seq_lens, tables, T, bs, sizes)
+            meta = AttentionMetadata(qsl, seq_lens, None, slots, plan)
         else:
-            meta = AttentionMetadata(put(qsl), put(seq_lens), put(tables), put(slots))
-        args = (self.state, self.kv, put(ids), put(pos), meta, put(logits_idx), sampling,
-                put(prompt_idx), put(prompt_targets))
+            meta = AttentionMetadata(qsl, seq_lens, tables, slots)
+        # numpy inputs go to the compiled program as they are: its C++ call path copies them
+        # to the device far faster than one Python-level device_put per array
+        args = (self.state, self.kv, ids, pos, meta, logits_idx, sampling, prompt_idx,
+                prompt_targets)
         if self.mesh is not None:
             args = self._shard_inputs(args, key)
         program = self._program(key, args)

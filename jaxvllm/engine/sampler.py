@@ -304,9 +304,12 @@ class RowSpec:
         elif seed is None:
             seed = int(_host_rng.integers(0, 2**32))
         num_out = len(output_token_ids)
-        stop = set(params.stop_token_ids or ())
-        stop.update(getattr(params, "all_stop_token_ids", ()) or ())
-        stop.update(t for t in eos_token_ids if t is not None)
+        suppress_stop = num_out < params.min_tokens
+        stop = set()
+        if suppress_stop:  # the stop ids only matter while they are banned
+            stop.update(params.stop_token_ids or ())
+            stop.update(getattr(params, "all_stop_token_ids", ()) or ())
+            stop.update(t for t in eos_token_ids if t is not None)
         bad_seqs = getattr(params, "bad_words_token_ids", None)
         if token_ids is None:
             token_ids = list(prompt_token_ids) + list(output_token_ids)
@@ -317,17 +320,17 @@ class RowSpec:
             repetition_penalty=params.repetition_penalty, seed=seed, step_position=num_out,
             token_ids=token_ids, num_prompt=len(prompt_token_ids),
             logit_bias=params.logit_bias, allowed_token_ids=params.allowed_token_ids,
-            stop_ids=sorted(stop), suppress_stop=num_out < params.min_tokens,
+            stop_ids=sorted(stop), suppress_stop=suppress_stop,
             bad_word_ids=banned_bad_word_tokens(bad_seqs, output_token_ids) if bad_seqs else (),
             num_logprobs=params.logprobs)
 
     @classmethod
-    def from_request(cls, request: Any) -> RowSpec:
+    def from_request(cls, request: Any, seed: int | None = None) -> RowSpec:
         """The row of an engine `Request` (`sampling_params`, `prompt_token_ids`,
         `output_token_ids`, optional `eos_token_id` / `all_token_ids`)."""
         eos = getattr(request, "eos_token_id", None)
         return cls.from_params(request.sampling_params, request.prompt_token_ids,
-                               request.output_token_ids, eos_token_ids=(eos,),
+                               request.output_token_ids, seed=seed, eos_token_ids=(eos,),
                                token_ids=getattr(request, "all_token_ids", None))
 
 
@@ -389,7 +392,10 @@ def build_sampling_metadata(rows: Sequence[Any], vocab_size: int,
     when no row asked for logprobs (see `bucket_num_logprobs`). `device_put=False` keeps
     numpy arrays.
     """
-    specs = [r if isinstance(r, RowSpec) else RowSpec.from_request(r) for r in rows]
+    # one draw for the rows whose params carry no seed (a draw per row costs more than the row)
+    fresh = _host_rng.integers(0, 2**32, size=len(rows)).tolist()
+    specs = [r if isinstance(r, RowSpec) else RowSpec.from_request(r, seed)
+             for r, seed in zip(rows, fresh)]
     n = len(specs)
     num_rows = n if pad_rows_to is None else pad_rows_to
     if num_rows < n:
