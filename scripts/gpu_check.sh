@@ -11,7 +11,7 @@
 #   PHASES=model,throughput scripts/gpu_check.sh     only some phases (keep model first)
 #   COMPARE_HF=0 ATTENTION_BACKEND=pallas:triton_splitk scripts/gpu_check.sh
 #
-# Phases, in order of priority: model, throughput, profile, latency, tests, kernels, sweep
+# Phases, in order of priority: model, profile, throughput, latency, tests, kernels, sweep
 # (sweep only when named). The whole run ends by DEADLINE seconds (default 450): each phase
 # gets its own limit, cut to what is left, and a failing phase does not stop the next.
 # COMPARE_HF=0 leaves out the HF baselines (the nano-vllm one alone takes ~110 s on an H200).
@@ -25,7 +25,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,throughput,profile,latency,tests,kernels}"
+PHASES="${PHASES:-model,profile,throughput,latency,tests,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -82,18 +82,45 @@ tail -n 2 "$WORK/model.log"
 
 HF=(); [ "${COMPARE_HF:-1}" = 1 ] && HF=(--compare-hf)
 BACKEND="${ATTENTION_BACKEND:-pallas}"
+# XLA's command buffers (CUDA graphs) also around the layer loop and conditionals: at small
+# batches a step is a few hundred short kernels, and launching them one by one may cost more
+# than running them. The profile phase times decode steps with and without, and the later
+# phases use the faster setting.
+GRAPH_FLAGS="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+BASE_XLA_FLAGS="${XLA_FLAGS:-}"
+CHOSEN_XLA_FLAGS="$BASE_XLA_FLAGS"
+
+if has_phase profile; then
+    run_phase profile 120 "$PY" benchmarks/step_profile.py "${COMMON[@]}" \
+        --attention-backend "$BACKEND" "${PROF_ARGS[@]}" --output-json "$OUT/step_profile.json"
+    grep -v '^{' "$WORK/profile.log" | tail -n 70
+    run_phase profile_graphs 90 env XLA_FLAGS="$BASE_XLA_FLAGS $GRAPH_FLAGS" "$PY" \
+        benchmarks/step_profile.py "${COMMON[@]}" --attention-backend "$BACKEND" \
+        "${PROF_ARGS[@]}" --no-profile --output-json "$WORK/step_profile_graphs.json"
+    grep -i "wall\|runner\|batch" "$WORK/profile_graphs.log" | grep -v '^{' | head -n 20
+    CHOSEN_XLA_FLAGS=$("$PY" - "$OUT/step_profile.json" "$WORK/step_profile_graphs.json" \
+                       "$BASE_XLA_FLAGS" "$GRAPH_FLAGS" <<'EOF'
+import json, sys
+plain, graphs, base, extra = sys.argv[1:]
+def wall(path):  # ms per step summed over the batch sizes; None if the run failed
+    try:
+        runs = json.load(open(path))["per_batch"].values()
+        return sum(r["wall_ms_per_step"] for r in runs)
+    except Exception:
+        return None
+a, b = wall(plain), wall(graphs)
+print(f"{base} {extra}".strip() if a and b and b < 0.95 * a else base)
+EOF
+)
+    echo "XLA_FLAGS for the phases below: '$CHOSEN_XLA_FLAGS'"
+fi
+export XLA_FLAGS="$CHOSEN_XLA_FLAGS"
 
 if has_phase throughput; then
     run_phase throughput 330 "$PY" benchmarks/throughput.py "${COMMON[@]}" --dataset nano-vllm \
         "${HF[@]}" --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
         --output-json "$OUT/throughput.json"
     grep -v '^{' "$WORK/throughput.log" | tail -n 40
-fi
-
-if has_phase profile; then
-    run_phase profile 120 "$PY" benchmarks/step_profile.py "${COMMON[@]}" \
-        --attention-backend "$BACKEND" "${PROF_ARGS[@]}" --output-json "$OUT/step_profile.json"
-    grep -v '^{' "$WORK/profile.log" | tail -n 70
 fi
 
 if has_phase latency; then
@@ -129,15 +156,15 @@ fi
 (cd "$WORK" && tar czf "$OUT/logs.tgz" --exclude=model ./*) 2>/dev/null
 
 phases=""
-for name in model throughput profile latency tests kernels sweep; do
+for name in model profile profile_graphs throughput latency tests kernels sweep; do
     [ -n "${RC[$name]+x}" ] && phases+="\"$name\": {\"rc\": \"${RC[$name]}\", \"seconds\": ${SECS[$name]}}, "
 done
-"$PY" - "$OUT" "$WORK" "$MODE" "$BACKEND" "{${phases%, }}" <<'EOF' | tee "$OUT/gpu_check.json"
+"$PY" - "$OUT" "$WORK" "$MODE" "$BACKEND" "{${phases%, }}" "$CHOSEN_XLA_FLAGS" <<'EOF' | tee "$OUT/gpu_check.json"
 import json, os, sys
 import xml.etree.ElementTree as ET
 
-out, work, mode, backend, phases = sys.argv[1:]
-summary = {"check": "gpu_check", "mode": mode, "attention_backend": backend,
+out, work, mode, backend, phases, xla_flags = sys.argv[1:]
+summary = {"check": "gpu_check", "mode": mode, "attention_backend": backend, "xla_flags": xla_flags,
            "env": json.load(open(os.path.join(work, "env.json"))), "phases": json.loads(phases)}
 xml_path = os.path.join(work, "pytest.xml")
 if os.path.exists(xml_path):
@@ -168,6 +195,11 @@ if (p := load("step_profile")) is not None:
     summary["step_profile"] = {b: {k: v for k, v in r.items() if k != "top_by_hlo_op"}
                                | {"top": r.get("top", [])[:12]}
                                for b, r in p.get("per_batch", {}).items()}
+if os.path.exists(path := os.path.join(work, "step_profile_graphs.json")):
+    summary["step_profile_graphs"] = {
+        b: {k: r.get(k) for k in ("wall_ms_per_step", "runner_host_ms_per_step",
+                                  "runner_device_ms_per_step", "error")}
+        for b, r in json.load(open(path)).get("per_batch", {}).items()}
 if (k := load("kernels")) is not None:
     summary["kernels"] = {s: {x: v.get(x) for x in ("best_kernel", "speedup_vs", "target_met")}
                           | {"best": v["results"].get(v.get("best_kernel"), {})}
