@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.ragged_paged_attention import HIGHEST
 from pallas_kernels.ragged_tiles import MASK_VALUE, max_query_tiles
 from pallas_kernels.variants import StepPlanner, register_variant
 
@@ -144,11 +145,11 @@ def _last_row_values(p, v):
 
 def _tile_scores(q, k):
     """Tiles of rows, q [P, Q, KVH, G, D] x k [P, B, KVH, D] -> [P, Q, KVH, G, B]."""
-    return jnp.einsum("pqkgd,pbkd->pqkgb", q, k)
+    return jnp.einsum("pqkgd,pbkd->pqkgb", q, k, precision=HIGHEST)
 
 
 def _tile_values(p, v):
-    return jnp.einsum("pqkgb,pbkd->pqkgd", p, v)
+    return jnp.einsum("pqkgb,pbkd->pqkgd", p, v, precision=HIGHEST)
 
 
 # (scores, values, key axis of the scores, the mask [P, Q, B] in the scores' layout)

@@ -28,12 +28,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# float32 products as float32 on a GPU too (its default would use TF32 for them)
+HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def token_positions(query_start_loc: jax.Array, seq_lens: jax.Array, num_tokens: int):
     """(request index [T], position in its sequence [T], valid [T]) for every token slot."""
     num_reqs = seq_lens.shape[0]
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    req = jnp.searchsorted(query_start_loc[1:], t, side="right").astype(jnp.int32)
+    # compare_all: one fused comparison; the default binary search is a while loop of a
+    # dozen tiny kernels (and host round trips on a GPU) in every layer
+    req = jnp.searchsorted(query_start_loc[1:], t, side="right",
+                           method="compare_all").astype(jnp.int32)
     req = jnp.minimum(req, num_reqs - 1)
     q_len = query_start_loc[1:] - query_start_loc[:-1]
     pos = seq_lens[req] - q_len[req] + (t - query_start_loc[req])
@@ -71,7 +77,7 @@ def ragged_paged_attention_reference(
     v = v_cache[layer][blocks].reshape(num_tokens, span, num_kv_heads, head_dim)
 
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("tkgd,tskd->tkgs", qg, k.astype(jnp.float32)) * scale
+    scores = jnp.einsum("tkgd,tskd->tkgs", qg, k.astype(jnp.float32), precision=HIGHEST) * scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
 
@@ -86,7 +92,7 @@ def ragged_paged_attention_reference(
     probs = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
     denom = jnp.sum(probs, axis=-1, keepdims=True)
     probs = probs / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("tkgs,tskd->tkgd", probs, v.astype(jnp.float32))
+    out = jnp.einsum("tkgs,tskd->tkgd", probs, v.astype(jnp.float32), precision=HIGHEST)
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 

@@ -70,7 +70,8 @@ def plan_query_tiles(query_start_loc: jax.Array, seq_lens: jax.Array, num_tokens
     first = end - per_req
 
     i = jnp.arange(num_tiles, dtype=jnp.int32)
-    req = jnp.searchsorted(end, i, side="right").astype(jnp.int32)
+    # compare_all, not a binary-search while loop per layer (see token_positions)
+    req = jnp.searchsorted(end, i, side="right", method="compare_all").astype(jnp.int32)
     req = jnp.minimum(req, num_reqs - 1)
     k = i - first[req]  # tile index within its request
     valid = i < end[num_reqs - 1]
