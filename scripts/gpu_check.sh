@@ -8,12 +8,14 @@
 #                                  kernel tests compiled on the GPU, the kernel benchmark
 #   scripts/gpu_check.sh --smoke   the same phases at CPU scale (2 layers, float32, tiny
 #                                  workloads, kernels interpreted; gpu-marked tests skip)
-#   PHASES=model,throughput scripts/gpu_check.sh     only some phases (keep model first)
+#   PHASES=model,profile,throughput scripts/gpu_check.sh   these phases, in this order
 #   COMPARE_HF=0 ATTENTION_BACKEND=pallas:triton_splitk scripts/gpu_check.sh
 #
-# Phases, in order of priority: model, profile, throughput, latency, tests, kernels, sweep
-# (sweep only when named). The whole run ends by DEADLINE seconds (default 450): each phase
-# gets its own limit, cut to what is left, and a failing phase does not stop the next.
+# Phases (PHASES, run in the order given; model first): model, throughput, profile (where a
+# decode step's device time goes), graphs (the same steps with XLA command buffers around
+# loops; the later phases keep the faster setting), latency, tests, kernels, sweep. The whole
+# run ends by DEADLINE seconds (default 450): each phase gets its own limit, cut to what is
+# left, and a failing phase does not stop the next.
 # COMPARE_HF=0 leaves out the HF baselines (the nano-vllm one alone takes ~110 s on an H200).
 #
 # Writes into $OUT (default ./gpu_check_out): gpu_check.json (one summary object, also printed
@@ -25,7 +27,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,profile,throughput,latency,tests,kernels}"
+PHASES="${PHASES:-model,throughput,profile,graphs,latency,tests,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -77,28 +79,33 @@ else
 fi
 COMMON=(--model "$MODEL_DIR" --dtype "$DTYPE" --max-model-len 2048)
 
-run_phase model 120 "$PY" benchmarks/random_model.py qwen2.5-0.5b "$MODEL_DIR" "${MODEL_ARGS[@]}"
-tail -n 2 "$WORK/model.log"
-
 HF=(); [ "${COMPARE_HF:-1}" = 1 ] && HF=(--compare-hf)
 BACKEND="${ATTENTION_BACKEND:-pallas}"
-# XLA's command buffers (CUDA graphs) also around the layer loop and conditionals: at small
-# batches a step is a few hundred short kernels, and launching them one by one may cost more
-# than running them. The profile phase times decode steps with and without, and the later
-# phases use the faster setting.
+# XLA's command buffers (CUDA graphs) also around the layer loop and conditionals: a step is
+# hundreds of short kernels, and launching them one by one from a slow host may cost more than
+# running them. The graphs phase times decode steps with them (the profile phase, without),
+# and the phases after it use the faster setting.
 GRAPH_FLAGS="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 BASE_XLA_FLAGS="${XLA_FLAGS:-}"
-CHOSEN_XLA_FLAGS="$BASE_XLA_FLAGS"
 
-if has_phase profile; then
+phase_model() {
+    run_phase model 120 "$PY" benchmarks/random_model.py qwen2.5-0.5b "$MODEL_DIR" \
+        "${MODEL_ARGS[@]}"
+    tail -n 1 "$WORK/model.log"
+}
+
+phase_profile() {
     run_phase profile 120 "$PY" benchmarks/step_profile.py "${COMMON[@]}" \
         --attention-backend "$BACKEND" "${PROF_ARGS[@]}" --output-json "$OUT/step_profile.json"
     grep -v '^{' "$WORK/profile.log" | tail -n 70
-    run_phase profile_graphs 90 env XLA_FLAGS="$BASE_XLA_FLAGS $GRAPH_FLAGS" "$PY" \
+}
+
+phase_graphs() {
+    run_phase graphs 90 env XLA_FLAGS="$BASE_XLA_FLAGS $GRAPH_FLAGS" "$PY" \
         benchmarks/step_profile.py "${COMMON[@]}" --attention-backend "$BACKEND" \
         "${PROF_ARGS[@]}" --no-profile --output-json "$WORK/step_profile_graphs.json"
-    grep -i "wall\|runner\|batch" "$WORK/profile_graphs.log" | grep -v '^{' | head -n 20
-    CHOSEN_XLA_FLAGS=$("$PY" - "$OUT/step_profile.json" "$WORK/step_profile_graphs.json" \
+    grep -i "wall\|runner\|batch" "$WORK/graphs.log" | grep -v '^{' | head -n 20
+    export XLA_FLAGS=$("$PY" - "$OUT/step_profile.json" "$WORK/step_profile_graphs.json" \
                        "$BASE_XLA_FLAGS" "$GRAPH_FLAGS" <<'EOF'
 import json, sys
 plain, graphs, base, extra = sys.argv[1:]
@@ -112,54 +119,57 @@ a, b = wall(plain), wall(graphs)
 print(f"{base} {extra}".strip() if a and b and b < 0.95 * a else base)
 EOF
 )
-    echo "XLA_FLAGS for the phases below: '$CHOSEN_XLA_FLAGS'"
-fi
-export XLA_FLAGS="$CHOSEN_XLA_FLAGS"
+    echo "XLA_FLAGS for the phases below: '$XLA_FLAGS'"
+}
 
-if has_phase throughput; then
+phase_throughput() {
     run_phase throughput 330 "$PY" benchmarks/throughput.py "${COMMON[@]}" --dataset nano-vllm \
         "${HF[@]}" --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
         --output-json "$OUT/throughput.json"
     grep -v '^{' "$WORK/throughput.log" | tail -n 40
-fi
+}
 
-if has_phase latency; then
+phase_latency() {
     run_phase latency 150 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
         --temperature 0 "${HF[@]}" --attention-backend "$BACKEND" "${LAT_ARGS[@]}" \
         --output-json "$OUT/latency.json"
     grep -v '^{' "$WORK/latency.log" | tail -n 30
-fi
+}
 
-if has_phase tests; then
-    if [ "$MODE" = smoke ]; then
-        sel=(tests/test_kernels.py -m gpu)  # on CPU they skip: the selection itself is checked
-    else
-        sel=(tests/test_kernels.py)  # on a GPU every kernel test runs compiled, not interpreted
-    fi
+phase_tests() {
+    local sel=(tests/test_kernels.py)  # on a GPU every kernel test runs compiled
+    [ "$MODE" = smoke ] && sel+=(-m gpu)  # on CPU they skip: the selection itself is checked
     run_phase tests 150 "$PY" -m pytest "${sel[@]}" -q -rs -p no:cacheprovider \
         --junitxml="$WORK/pytest.xml"
     tail -n 8 "$WORK/tests.log"
-fi
+}
 
-if has_phase kernels; then
-    args=(--json-out "$OUT/kernels.json")
+phase_kernels() {
+    local args=(--json-out "$OUT/kernels.json")
     [ "$MODE" = smoke ] && args+=(--smoke)
     run_phase kernels 120 "$PY" benchmarks/kernels.py "${args[@]}"
     grep -v '^{' "$WORK/kernels.log" | tail -n 40
-fi
+}
 
-if has_phase sweep && [ "$MODE" = full ]; then
+phase_sweep() {
     run_phase sweep 120 "$PY" benchmarks/kernels.py --sweep --variants triton \
         --no-baselines --skip kv_write,scan --iters 10 --json-out "$WORK/sweep.json"
-fi
+}
+
+for phase in ${PHASES//,/ }; do
+    if ! declare -F "phase_$phase" >/dev/null; then
+        echo "unknown phase '$phase'"; continue
+    fi
+    "phase_$phase"
+done
 
 (cd "$WORK" && tar czf "$OUT/logs.tgz" --exclude=model ./*) 2>/dev/null
 
 phases=""
-for name in model profile profile_graphs throughput latency tests kernels sweep; do
+for name in ${PHASES//,/ }; do
     [ -n "${RC[$name]+x}" ] && phases+="\"$name\": {\"rc\": \"${RC[$name]}\", \"seconds\": ${SECS[$name]}}, "
 done
-"$PY" - "$OUT" "$WORK" "$MODE" "$BACKEND" "{${phases%, }}" "$CHOSEN_XLA_FLAGS" <<'EOF' | tee "$OUT/gpu_check.json"
+"$PY" - "$OUT" "$WORK" "$MODE" "$BACKEND" "{${phases%, }}" "${XLA_FLAGS:-}" <<'EOF' | tee "$OUT/gpu_check.json"
 import json, os, sys
 import xml.etree.ElementTree as ET
 
