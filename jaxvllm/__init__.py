@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from jaxvllm.xla_flags import apply_defaults as _apply_xla_defaults  # noqa: E402
+
+_apply_xla_defaults()  # before any device is used (see jaxvllm/xla_flags.py)
+
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
 from jaxvllm.sampling_params import SamplingParams  # noqa: E402
 

@@ -12,8 +12,8 @@
 #   COMPARE_HF=0 ATTENTION_BACKEND=pallas:triton_splitk scripts/gpu_check.sh
 #
 # Phases (PHASES, run in the order given; model first): model, throughput, profile (where a
-# decode step's device time goes), graphs (the same steps with XLA command buffers around
-# loops; the later phases keep the faster setting), latency, tests, kernels, sweep. The whole
+# decode step's device time goes), graphs (the same steps with XLA's own command-buffer
+# default, not jaxvllm's), latency, tests, kernels, sweep. The whole
 # run ends by DEADLINE seconds (default 450): each phase gets its own limit, cut to what is
 # left, and a failing phase does not stop the next.
 # COMPARE_HF=0 leaves out the HF baselines (the nano-vllm one alone takes ~110 s on an H200).
@@ -81,12 +81,10 @@ COMMON=(--model "$MODEL_DIR" --dtype "$DTYPE" --max-model-len 2048)
 
 HF=(); [ "${COMPARE_HF:-1}" = 1 ] && HF=(--compare-hf)
 BACKEND="${ATTENTION_BACKEND:-pallas}"
-# XLA's command buffers (CUDA graphs) also around the layer loop and conditionals: a step is
-# hundreds of short kernels, and launching them one by one from a slow host may cost more than
-# running them. The graphs phase times decode steps with them (the profile phase, without),
-# and the phases after it use the faster setting.
-GRAPH_FLAGS="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
-BASE_XLA_FLAGS="${XLA_FLAGS:-}"
+# jaxvllm records the layer loop and the sampler's conditionals into CUDA graphs too
+# (jaxvllm/xla_flags.py); the graphs phase times the same decode steps as the profile phase
+# with XLA's own command-buffer default instead, to keep that choice measured.
+XLA_OWN_DEFAULT="--xla_gpu_enable_command_buffer=-WHILE,-CONDITIONAL"
 
 phase_model() {
     run_phase model 120 "$PY" benchmarks/random_model.py qwen2.5-0.5b "$MODEL_DIR" \
@@ -101,25 +99,10 @@ phase_profile() {
 }
 
 phase_graphs() {
-    run_phase graphs 90 env XLA_FLAGS="$BASE_XLA_FLAGS $GRAPH_FLAGS" "$PY" \
+    run_phase graphs 90 env XLA_FLAGS="${XLA_FLAGS:-} $XLA_OWN_DEFAULT" "$PY" \
         benchmarks/step_profile.py "${COMMON[@]}" --attention-backend "$BACKEND" \
         "${PROF_ARGS[@]}" --no-profile --output-json "$WORK/step_profile_graphs.json"
     grep -i "wall\|runner\|batch" "$WORK/graphs.log" | grep -v '^{' | head -n 20
-    export XLA_FLAGS=$("$PY" - "$OUT/step_profile.json" "$WORK/step_profile_graphs.json" \
-                       "$BASE_XLA_FLAGS" "$GRAPH_FLAGS" <<'EOF'
-import json, sys
-plain, graphs, base, extra = sys.argv[1:]
-def wall(path):  # ms per step summed over the batch sizes; None if the run failed
-    try:
-        runs = json.load(open(path))["per_batch"].values()
-        return sum(r["wall_ms_per_step"] for r in runs)
-    except Exception:
-        return None
-a, b = wall(plain), wall(graphs)
-print(f"{base} {extra}".strip() if a and b and b < 0.95 * a else base)
-EOF
-)
-    echo "XLA_FLAGS for the phases below: '$XLA_FLAGS'"
 }
 
 phase_throughput() {
@@ -169,12 +152,12 @@ phases=""
 for name in ${PHASES//,/ }; do
     [ -n "${RC[$name]+x}" ] && phases+="\"$name\": {\"rc\": \"${RC[$name]}\", \"seconds\": ${SECS[$name]}}, "
 done
-"$PY" - "$OUT" "$WORK" "$MODE" "$BACKEND" "{${phases%, }}" "${XLA_FLAGS:-}" <<'EOF' | tee "$OUT/gpu_check.json"
+"$PY" - "$OUT" "$WORK" "$MODE" "$BACKEND" "{${phases%, }}" <<'EOF' | tee "$OUT/gpu_check.json"
 import json, os, sys
 import xml.etree.ElementTree as ET
 
-out, work, mode, backend, phases, xla_flags = sys.argv[1:]
-summary = {"check": "gpu_check", "mode": mode, "attention_backend": backend, "xla_flags": xla_flags,
+out, work, mode, backend, phases = sys.argv[1:]
+summary = {"check": "gpu_check", "mode": mode, "attention_backend": backend,
            "env": json.load(open(os.path.join(work, "env.json"))), "phases": json.loads(phases)}
 xml_path = os.path.join(work, "pytest.xml")
 if os.path.exists(xml_path):
@@ -206,7 +189,7 @@ if (p := load("step_profile")) is not None:
                                | {"top": r.get("top", [])[:12]}
                                for b, r in p.get("per_batch", {}).items()}
 if os.path.exists(path := os.path.join(work, "step_profile_graphs.json")):
-    summary["step_profile_graphs"] = {
+    summary["step_profile_xla_default_command_buffers"] = {
         b: {k: r.get(k) for k in ("wall_ms_per_step", "runner_host_ms_per_step",
                                   "runner_device_ms_per_step", "error")}
         for b, r in json.load(open(path)).get("per_batch", {}).items()}

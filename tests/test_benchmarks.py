@@ -411,3 +411,34 @@ def test_step_profile_gpu_planes():
     assert out["device_busy_ms_per_step"] == 5 and out["top"][0]["hlo_op"] == "dot.3"
     with pytest.raises(RuntimeError, match="no /device"):
         step_profile.select_events(NS(planes=[host]), "gpu")
+
+
+def test_random_model_loads_in_jaxvllm_and_transformers(tmp_path):
+    """A cut-down random copy of a published shape: config fields as published, weights
+    that jaxvllm and transformers read alike (same greedy tokens)."""
+    import json
+
+    from benchmarks import random_model
+    from jaxvllm import LLM, SamplingParams
+
+    path = random_model.build("qwen2.5-0.5b", tmp_path / "m", dtype="float32", num_layers=1)
+    config = json.loads((path / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["hidden_size"] == 896
+    assert config["vocab_size"] == 151936 and config["num_key_value_heads"] == 2
+    with pytest.raises(ValueError, match="unknown shape"):
+        random_model.build("gpt-9", tmp_path / "x")
+
+    prompt = [5, 77, 1024, 3, 150000, 42]
+    llm = LLM(str(path), max_model_len=64, max_num_seqs=2, max_num_batched_tokens=32)
+    out = llm.generate([{"prompt_token_ids": prompt}],
+                       SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    ours = list(out[0].outputs[0].token_ids)
+
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    with torch.no_grad():
+        gen = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                          min_new_tokens=6, pad_token_id=0)
+    assert ours == gen[0, len(prompt):].tolist()

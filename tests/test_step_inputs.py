@@ -1,0 +1,88 @@
+"""The runner's host side: step arrays built with numpy equal a plain per-request loop, and
+the default XLA flags leave what the user set alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from jaxvllm.engine.runner import step_arrays
+from jaxvllm.xla_flags import with_defaults
+
+
+@dataclass
+class FakeRequest:
+    all_token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int] = field(default_factory=list)
+
+
+def loop_reference(scheduled, T, R, MB, bs):
+    """The arrays as the one-request-at-a-time loop builds them."""
+    ids, pos, slots = np.zeros(T, np.int32), np.zeros(T, np.int32), np.zeros(T, np.int32)
+    total = sum(n for _, n in scheduled)
+    qsl = np.full(R + 1, total, np.int32)
+    seq_lens, logits_idx = np.zeros(R, np.int32), np.zeros(R, np.int32)
+    tables = np.zeros((R, MB), np.int32)
+    t = 0
+    for i, (req, n) in enumerate(scheduled):
+        start = req.num_computed_tokens
+        blocks = req.block_ids[:MB]
+        qsl[i] = t
+        for j in range(n):
+            p = start + j
+            ids[t + j] = req.all_token_ids[p]
+            pos[t + j] = p
+            slots[t + j] = blocks[p // bs] * bs + p % bs
+        seq_lens[i] = start + n
+        tables[i, :len(blocks)] = blocks
+        t += n
+        logits_idx[i] = t - 1
+    return ids, pos, slots, qsl, seq_lens, tables, logits_idx
+
+
+def make_batch(rng, specs, bs, spare_blocks=0):
+    """specs: (num_computed, num_new) per request; blocks are distinct random ids."""
+    free = list(rng.permutation(np.arange(1, 10_000)))
+    scheduled = []
+    for computed, new in specs:
+        length = computed + new
+        blocks = [int(free.pop()) for _ in range(-(-length // bs) + spare_blocks)]
+        tokens = rng.integers(0, 50_000, length + 3).tolist()
+        scheduled.append((FakeRequest(tokens, computed, blocks), new))
+    return scheduled
+
+
+@pytest.mark.parametrize("specs, T, R, MB, spare", [
+    ([(37, 1)], 16, 16, 8, 0),  # one decode, padded rows and tokens
+    ([(100, 1)] * 5 + [(0, 40), (16, 16), (3, 1)], 128, 16, 16, 0),  # decodes, prefills, chunks
+    ([(0, 1), (15, 1), (16, 1), (17, 1)], 16, 4, 2, 0),  # block boundaries
+    ([(30, 2), (0, 64)], 128, 16, 4, 3),  # requests holding more blocks than the table is wide
+])
+def test_step_arrays_equal_a_loop_over_requests(specs, T, R, MB, spare):
+    rng = np.random.default_rng(len(specs) + T)
+    bs = 16
+    scheduled = make_batch(rng, specs, bs, spare)
+    got = step_arrays(scheduled, T, R, MB, bs)
+    want = loop_reference(scheduled, T, R, MB, bs)
+    names = ("ids", "pos", "slots", "qsl", "seq_lens", "tables", "logits_idx")
+    for name, g, w in zip(names, got, want):
+        assert g.dtype == np.int32 and g.shape == w.shape, name
+        np.testing.assert_array_equal(g, w, err_msg=name)
+    # padding tokens write into the null block 0
+    total = sum(n for _, n in specs)
+    assert not got[2][total:].any()
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("", "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"),
+    ("--xla_force_host_platform_device_count=4",
+     "--xla_force_host_platform_device_count=4 "
+     "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"),
+    ("--xla_gpu_enable_command_buffer=", "--xla_gpu_enable_command_buffer="),  # user's choice
+    (" --xla_gpu_enable_command_buffer=FUSION ", "--xla_gpu_enable_command_buffer=FUSION"),
+])
+def test_default_xla_flags_keep_the_users(given, expected):
+    assert with_defaults(given) == expected
