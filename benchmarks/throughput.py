@@ -150,6 +150,7 @@ def report(res: dict) -> None:
                                                 f"({e['compiled_in_run']})"),
             ("Compile seconds (in this run)", f"{e['compile_seconds']:.2f} "
                                               f"({e['compile_seconds_in_run']:.2f})"),
+            ("Background compile seconds (precompile)", e.get("background_compile_seconds")),
             ("KV blocks / preemptions", f"{e['num_blocks']:,} / {e['num_preemptions']}"),
             ("Steps / mean step (ms)", f"{s.get('num_steps', 0)} / {s.get('step_ms_mean')}"),
             ("KV utilization (stored / allocated slots)", s.get("kv_utilization")),

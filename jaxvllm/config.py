@@ -35,6 +35,9 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     attention_backend: Optional[str] = None
     served_model_name: Optional[str] = None
+    # compile the decode-step programs in background threads at start-up (None: on a GPU,
+    # for attention kernels that need no host plan, on one device)
+    precompile: Optional[bool] = None
 
     def __post_init__(self):
         def check(ok: bool, field: str, rule: str):

@@ -86,3 +86,58 @@ def test_step_arrays_equal_a_loop_over_requests(specs, T, R, MB, spare):
 ])
 def test_default_xla_flags_keep_the_users(given, expected):
     assert with_defaults(given) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Background precompilation of the decode buckets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_precompiled_programs_serve_the_steps(llama_folder):
+    """precompile=True compiles the decode buckets in background threads; the steps that
+    reach them use those programs (no second compilation) and generate what an engine
+    compiling on demand generates."""
+    from jaxvllm import LLM, SamplingParams
+
+    kwargs = dict(attention_backend="reference", max_model_len=64, max_num_seqs=4,
+                  max_num_batched_tokens=32)
+    digits = [3, 14, 15, 92, 65, 35, 89, 79, 32]
+    prompts = [{"prompt_token_ids": digits[: 7 + i // 2 + i // 3]} for i in range(4)]  # 31 tokens: one 32-token step
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+
+    eager = LLM(str(llama_folder), **kwargs, precompile=False)
+    assert not eager.llm_engine.runner._compiling
+    want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+
+    llm = LLM(str(llama_folder), **kwargs, precompile=True)
+    runner = llm.llm_engine.runner
+    pending = set(runner._compiling)
+    assert {key[1] for key in pending} == {32, 16}  # the full budget, then decode buckets
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert pending <= set(runner._programs)  # each bucket compiled once, in the background
+    assert not runner._compiling
+    assert runner.background_compile_seconds > 0
+
+
+def test_precompile_needs_an_unplanned_backend(llama_folder):
+    from jaxvllm import LLM
+
+    with pytest.raises(ValueError, match="precompile=True needs"):
+        LLM(str(llama_folder), attention_backend="xla", max_model_len=64, precompile=True)
+
+
+def test_table_walking_kernels_use_one_table_width(llama_folder, monkeypatch):
+    """The Pallas kernels read a request's table only as far as its blocks: one width (the
+    widest) for every context, where XLA's reference gathers a bucketed width."""
+    from jaxvllm import LLM
+    from jaxvllm.engine import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "MIN_CONTEXT_SLOTS", 64)  # the model holds 256 tokens
+
+    pallas = LLM(str(llama_folder), attention_backend="pallas", max_model_len=256,
+                 max_num_seqs=2).llm_engine.runner
+    assert pallas.min_table_width == pallas.max_table_width == 16
+    reference = LLM(str(llama_folder), attention_backend="reference", max_model_len=256,
+                    max_num_seqs=2).llm_engine.runner
+    assert reference.min_table_width == 4 and reference.max_table_width == 16

@@ -27,8 +27,8 @@ from jaxvllm.config import EngineConfig
 from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.engine.kv_cache import KVCacheManager
 from jaxvllm.engine.request import Request, RequestStatus
-from jaxvllm.engine.runner import ModelRunner, StepResult
-from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from jaxvllm.engine.runner import ModelRunner, StepResult, bucket
+from jaxvllm.engine.scheduler import MIN_TOKEN_BUCKET, Scheduler, SchedulerConfig, SchedulerOutput
 from jaxvllm.models.attention import kv_cache_bytes_per_block
 from jaxvllm.models.config import resolve_dtype
 from jaxvllm.models.loader import load_model
@@ -137,6 +137,15 @@ class LLMEngine:
         if profile:
             self.num_blocks = distributed.from_process_zero(self._profile_num_blocks())
             self.runner.resize_kv_cache(self.num_blocks)
+        if self._precompile():
+            # the full-budget step first (prompts come first), then decode batches largest first
+            runner = self.runner
+            buckets = [runner.max_tokens_bucket]
+            T = bucket(runner.max_reqs_bucket, MIN_TOKEN_BUCKET, runner.max_tokens_bucket)
+            while T >= MIN_TOKEN_BUCKET:
+                buckets.append(T)
+                T //= 2
+            runner.precompile(self.vocab_size, buckets)
         self.kv_manager = KVCacheManager(self.num_blocks, config.block_size,
                                          enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -179,6 +188,15 @@ class LLMEngine:
             raise ValueError(f"max_model_len={self.config.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({limit})")
         return self.config.max_model_len
+
+    def _precompile(self) -> bool:
+        wanted = self.config.precompile
+        possible = self.runner.planner is None and self.mesh is None
+        if wanted and not possible:
+            raise ValueError("precompile=True needs an attention backend without a host plan "
+                             f"(not {self.config.resolved_attention_backend()!r}) and "
+                             "tensor_parallel_size=1")
+        return possible and (wanted if wanted is not None else not self.config.on_cpu)
 
     def _num_blocks(self, max_num_seqs: int) -> int:
         """KV cache blocks: the override; on CPU, max_num_seqs full-length requests within
@@ -467,6 +485,7 @@ class LLMEngine:
     def stats(self) -> dict[str, Any]:
         return {"num_compiled_programs": self.runner.num_compiled,
                 "compile_seconds": self.runner.compile_seconds,
+                "background_compile_seconds": self.runner.background_compile_seconds,
                 "kv_cache_usage": self.kv_manager.usage,
                 "num_blocks": self.num_blocks,
                 "num_preemptions": self.scheduler.num_preemptions,

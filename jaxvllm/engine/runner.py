@@ -8,6 +8,7 @@ of time the first time its bucket appears (counted in `num_compiled` / `compile_
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -15,7 +16,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -27,6 +27,8 @@ from pallas_kernels.variants import get_variant
 
 
 MIN_CONTEXT_SLOTS = 256
+# lowerings whose kernels read a request's block-table entries only as far as its context
+TABLE_WALKING_LOWERINGS = ("triton", "mosaic_gpu")
 
 
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
@@ -148,12 +150,21 @@ class ModelRunner:
         self.min_table_width = min(self.max_table_width, max(1, MIN_CONTEXT_SLOTS // block_size))
         self.max_num_seqs = max_num_seqs
         self.kv_dtype = kv_dtype if kv_dtype is not None else model.dtype
+        variant = get_variant(resolve_attention_backend(model.attention_backend)[0])
         # the StepPlanner of an attention variant that works from a host-built plan
-        self.planner = get_variant(resolve_attention_backend(model.attention_backend)[0]).plan
+        self.planner = variant.plan
+        # A GPU kernel walks the table only as far as each request's blocks go, so one table
+        # width serves every context length (one program per token bucket, not several).
+        if variant.lowering in TABLE_WALKING_LOWERINGS:
+            self.min_table_width = self.max_table_width
         self.kv = self._allocate_kv(num_blocks, self.kv_dtype)
         self._programs: dict[tuple, object] = {}
+        self._compiling: dict[tuple, concurrent.futures.Future] = {}
+        self._compile_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.counters = StepCounters()
+        # compiling on the step's path: inline, or waiting for a background compilation
         self.compile_seconds = 0.0
+        self.background_compile_seconds = 0.0  # spent in precompile's threads
 
     @property
     def num_compiled(self) -> int:
@@ -163,20 +174,61 @@ class ModelRunner:
         program = self._programs.get(key)
         if program is None:
             start = time.perf_counter()
-            step = functools.partial(_step_fn, self.graphdef, *key[-2:])
-            if self.mesh is None:
-                fn = jax.jit(step, donate_argnums=(1,))
-            else:  # outputs replicated, the cache stays sharded by KV head
-                rep = parallel.replicated(self.mesh)
-                fn = jax.jit(step, donate_argnums=(1,), out_shardings=(
-                    rep, rep, parallel.kv_cache_sharding(self.mesh)))
-            with parallel.tracing_under(self.mesh):
-                program = fn.lower(*args).compile()
+            future = self._compiling.pop(key, None)
+            program = self._compile(key, args) if future is None else future.result()
             self.compile_seconds += time.perf_counter() - start
             self._programs[key] = program
         return program
 
+    def _compile(self, key, args):
+        step = functools.partial(_step_fn, self.graphdef, *key[-2:])
+        if self.mesh is None:
+            fn = jax.jit(step, donate_argnums=(1,))
+        else:  # outputs replicated, the cache stays sharded by KV head
+            rep = parallel.replicated(self.mesh)
+            fn = jax.jit(step, donate_argnums=(1,), out_shardings=(
+                rep, rep, parallel.kv_cache_sharding(self.mesh)))
+        with parallel.tracing_under(self.mesh):
+            return fn.lower(*args).compile()
+
+    def precompile(self, vocab_size: int, token_buckets, workers: int = 4) -> None:
+        """Compile the plain programs of these token buckets (R = min(rows, T) rows, the
+        widest block table, default sampling, no logprobs: what decode steps use) in
+        background threads, so that they are ready, or nearly, when the batch first reaches
+        them. A step that needs one still being compiled waits for it. Not for planned
+        variants (their plan sizes are in the key) or tensor parallel runners."""
+        if self.planner is not None or self.mesh is not None:
+            raise ValueError("precompile needs an unplanned attention variant on one device")
+        if self._compile_pool is None:
+            self._compile_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix="jaxvllm-compile")
+        for T in token_buckets:
+            key, args = self._dummy_step(vocab_size, T, min(self.max_reqs_bucket, T),
+                                         self.max_table_width)
+            if key not in self._programs and key not in self._compiling:
+                self._compiling[key] = self._compile_pool.submit(self._timed_compile, key, args)
+
+    def _timed_compile(self, key, args):
+        start = time.perf_counter()
+        program = self._compile(key, args)
+        self.background_compile_seconds += time.perf_counter() - start
+        return program
+
+    def _dummy_step(self, vocab_size: int, T: int, R: int, MB: int):
+        """(key, args) of a step of T tokens and R rows whose inputs touch only the null
+        block 0; the key is the one `execute_async` gives such a batch."""
+        zeros = lambda *shape: np.zeros(shape, np.int32)
+        qsl = np.minimum(np.arange(R + 1), T).astype(np.int32)
+        meta = AttentionMetadata(qsl, np.ones(R, np.int32), zeros(R, MB), zeros(T))
+        sampling, _ = build_sampling_metadata([], vocab_size, pad_rows_to=R, device_put=False)
+        key = (sampling.shape_key, T, R, MB, None, 1, None, None)
+        return key, (self.state, self.kv, zeros(T), zeros(T), meta, zeros(R), sampling,
+                     zeros(1), zeros(1))
+
     def resize_kv_cache(self, num_blocks: int) -> None:
+        for future in self._compiling.values():
+            future.cancel()
+        self._compiling.clear()
         self.kv = None  # let the old cache go before the new one is allocated
         self._programs.clear()  # they were compiled for the old cache shape
         self.kv = self._allocate_kv(num_blocks, self.kv_dtype)
@@ -204,14 +256,8 @@ class ModelRunner:
     def profile_run(self, vocab_size: int) -> None:
         """Run the largest step (every token and row, the widest block table) on dummy
         inputs that touch only the null block, so that peak device memory can be read."""
-        T, R, MB = self.max_tokens_bucket, self.max_reqs_bucket, self.max_table_width
-        zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
-        qsl = np.minimum(np.arange(R + 1), T).astype(np.int32)
-        meta = AttentionMetadata(jnp.asarray(qsl), jnp.ones(R, jnp.int32), zeros(R, MB), zeros(T))
-        sampling, _ = build_sampling_metadata([], vocab_size, pad_rows_to=R)
-        args = (self.state, self.kv, zeros(T), zeros(T), meta, zeros(R), sampling, zeros(1),
-                zeros(1))
-        key = (sampling.shape_key, T, R, MB, None, 1, None, None)
+        key, args = self._dummy_step(vocab_size, self.max_tokens_bucket, self.max_reqs_bucket,
+                                     self.max_table_width)
         if self.mesh is not None:
             args = self._shard_inputs(args)
         _, _, self.kv = self._program(key, args)(*args)
