@@ -11,8 +11,8 @@
 #   PHASES=model,profile,throughput scripts/gpu_check.sh   these phases, in this order
 #   COMPARE_HF=0 ATTENTION_BACKEND=pallas:triton_splitk scripts/gpu_check.sh
 #
-# Phases (PHASES, run in the order given; model first): model, throughput, profile (where a
-# decode step's device time goes), graphs (the same steps with XLA's own command-buffer
+# Phases (PHASES, run in the order given; model first): model, throughput, eager (the same
+# without the background precompile), profile (where a decode step's device time goes), graphs (the same steps with XLA's own command-buffer
 # default, not jaxvllm's), latency, tests, kernels, sweep. The whole
 # run ends by DEADLINE seconds (default 450): each phase gets its own limit, cut to what is
 # left, and a failing phase does not stop the next.
@@ -27,7 +27,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,throughput,profile,graphs,latency,tests,kernels}"
+PHASES="${PHASES:-model,throughput,eager,profile,graphs,latency,tests,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -112,6 +112,13 @@ phase_throughput() {
     grep -v '^{' "$WORK/throughput.log" | tail -n 40
 }
 
+phase_eager() {  # throughput again without the background precompile, no HF baseline
+    run_phase eager 150 "$PY" benchmarks/throughput.py "${COMMON[@]}" --dataset nano-vllm \
+        --no-precompile --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
+        --output-json "$WORK/throughput_eager.json"
+    grep -E "Elapsed|Output tokens|Compile|first token" "$WORK/eager.log"
+}
+
 phase_latency() {
     run_phase latency 150 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
         --temperature 0 "${HF[@]}" --attention-backend "$BACKEND" "${LAT_ARGS[@]}" \
@@ -188,6 +195,11 @@ if (p := load("step_profile")) is not None:
     summary["step_profile"] = {b: {k: v for k, v in r.items() if k != "top_by_hlo_op"}
                                | {"top": r.get("top", [])[:12]}
                                for b, r in p.get("per_batch", {}).items()}
+if os.path.exists(path := os.path.join(work, "throughput_eager.json")):
+    t = json.load(open(path))
+    summary["throughput_no_precompile"] = {k: t.get(k) for k in (
+        "output_tokens_per_second", "output_tokens_per_second_excl_compile", "elapsed_time",
+        "first_token_s")}
 if os.path.exists(path := os.path.join(work, "step_profile_graphs.json")):
     summary["step_profile_xla_default_command_buffers"] = {
         b: {k: r.get(k) for k in ("wall_ms_per_step", "runner_host_ms_per_step",
