@@ -130,7 +130,7 @@ def test_engine_reuses_programs_across_plan_sizes(zoo):
     params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=0) for m in (4, 8, 12, 16)]
     llm.generate(prompts, params, use_tqdm=False)
     runner = llm.llm_engine.runner
-    sizes = [key[4] for key in runner._programs]
+    sizes = [key.plan_sizes for key in runner._programs]
     decode = sorted(s for s in sizes if s[1] == 0)
     # last-row pairs go 4 x 11..14 blocks, then 3, 2, 1 requests: one or two programs, not four
     assert 1 <= len(decode) <= 2, decode

@@ -112,7 +112,7 @@ def test_precompiled_programs_serve_the_steps(llama_folder):
     llm = LLM(str(llama_folder), **kwargs, precompile=True)
     runner = llm.llm_engine.runner
     pending = set(runner._compiling)
-    assert {key[1] for key in pending} == {32, 16}  # the full budget, then decode buckets
+    assert {key.num_tokens for key in pending} == {32, 16}  # the full budget, then decode buckets
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == want
     assert pending <= set(runner._programs)  # each bucket compiled once, in the background

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import itertools
 import time
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -84,6 +84,22 @@ def _step_fn(graphdef, num_logprobs, num_prompt_logprobs, state, kv, input_ids, 
         prompt = gather_logprobs(jax.nn.log_softmax(prompt_logits, axis=-1), prompt_targets,
                                  num_prompt_logprobs)
     return sampled, prompt, kv
+
+
+class ProgramKey(NamedTuple):
+    """What selects a compiled step program: every static shape and option of its inputs."""
+
+    sampling_shape: tuple[int, ...]  # SamplingMetadata.shape_key
+    num_tokens: int  # T
+    num_rows: int  # R
+    table_width: Optional[int]  # MB; None for a planned variant (no device block table)
+    plan_sizes: Optional[tuple[int, ...]]  # the planner's sizes, None without a planner
+    num_prompt_rows: int  # prompt-logprob rows (padded; 1 when none)
+    num_logprobs: Optional[int]  # static arguments of _step_fn, in its order
+    num_prompt_logprobs: Optional[int]
+
+    def same_but_plan(self, other: "ProgramKey") -> bool:
+        return self._replace(plan_sizes=None) == other._replace(plan_sizes=None)
 
 
 def step_arrays(scheduled, T: int, R: int, MB: int, block_size: int):
@@ -158,8 +174,8 @@ class ModelRunner:
         if variant.lowering in TABLE_WALKING_LOWERINGS:
             self.min_table_width = self.max_table_width
         self.kv = self._allocate_kv(num_blocks, self.kv_dtype)
-        self._programs: dict[tuple, object] = {}
-        self._compiling: dict[tuple, concurrent.futures.Future] = {}
+        self._programs: dict[ProgramKey, object] = {}
+        self._compiling: dict[ProgramKey, concurrent.futures.Future] = {}
         self._compile_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.counters = StepCounters()
         # compiling on the step's path: inline, or waiting for a background compilation
@@ -181,7 +197,8 @@ class ModelRunner:
         return program
 
     def _compile(self, key, args):
-        step = functools.partial(_step_fn, self.graphdef, *key[-2:])
+        step = functools.partial(_step_fn, self.graphdef, key.num_logprobs,
+                                 key.num_prompt_logprobs)
         if self.mesh is None:
             fn = jax.jit(step, donate_argnums=(1,))
         else:  # outputs replicated, the cache stays sharded by KV head
@@ -221,7 +238,7 @@ class ModelRunner:
         qsl = np.minimum(np.arange(R + 1), T).astype(np.int32)
         meta = AttentionMetadata(qsl, np.ones(R, np.int32), zeros(R, MB), zeros(T))
         sampling, _ = build_sampling_metadata([], vocab_size, pad_rows_to=R, device_put=False)
-        key = (sampling.shape_key, T, R, MB, None, 1, None, None)
+        key = ProgramKey(sampling.shape_key, T, R, MB, None, 1, None, None)
         return key, (self.state, self.kv, zeros(T), zeros(T), meta, zeros(R), sampling,
                      zeros(1), zeros(1))
 
@@ -289,11 +306,11 @@ class ModelRunner:
                                                          device_put=False)
         prompt_idx, prompt_targets, prompt_spans, num_prompt_logprobs = self._prompt_logprob_inputs(
             scheduled, qsl)
-        key = (sampling.shape_key, T, R, None if self.planner else MB, None, len(prompt_idx),
-               num_logprobs, num_prompt_logprobs)
+        key = ProgramKey(sampling.shape_key, T, R, None if self.planner else MB, None,
+                         len(prompt_idx), num_logprobs, num_prompt_logprobs)
         if self.planner:
             sizes = self._compiled_plan_sizes(key, self.planner.sizes(qsl, seq_lens, bs))
-            key = key[:4] + (sizes,) + key[5:]
+            key = key._replace(plan_sizes=sizes)
             plan = self.planner.build(qsl, seq_lens, tables, T, bs, sizes)
             meta = AttentionMetadata(qsl, seq_lens, None, slots, plan)
         else:
@@ -330,8 +347,8 @@ class ModelRunner:
         would rather pad `sizes` to (the smallest such), else the sizes to compile."""
         best = None
         for other in self._programs:
-            have = other[4]
-            if (other[:4] + other[5:] == key[:4] + key[5:] and have is not None
+            have = other.plan_sizes
+            if (other.same_but_plan(key) and have is not None
                     and self.planner.fits(sizes, have)
                     and (best is None or sum(have) < sum(best))):
                 best = have
