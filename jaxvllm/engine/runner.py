@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import itertools
+import threading
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -84,6 +85,10 @@ def _step_fn(graphdef, num_logprobs, num_prompt_logprobs, state, kv, input_ids, 
         prompt = gather_logprobs(jax.nn.log_softmax(prompt_logits, axis=-1), prompt_targets,
                                  num_prompt_logprobs)
     return sampled, prompt, kv
+
+
+def _shape_of(x: jax.Array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
 class ProgramKey(NamedTuple):
@@ -177,6 +182,7 @@ class ModelRunner:
         self._programs: dict[ProgramKey, object] = {}
         self._compiling: dict[ProgramKey, concurrent.futures.Future] = {}
         self._compile_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._compile_lock = threading.Lock()
         self.counters = StepCounters()
         # compiling on the step's path: inline, or waiting for a background compilation
         self.compile_seconds = 0.0
@@ -222,13 +228,16 @@ class ModelRunner:
         for T in token_buckets:
             key, args = self._dummy_step(vocab_size, T, min(self.max_reqs_bucket, T),
                                          self.max_table_width)
+            # the state and the cache by shape only: the steps donate the cache meanwhile
+            args = (*jax.tree.map(_shape_of, args[:2]), *args[2:])
             if key not in self._programs and key not in self._compiling:
                 self._compiling[key] = self._compile_pool.submit(self._timed_compile, key, args)
 
     def _timed_compile(self, key, args):
         start = time.perf_counter()
         program = self._compile(key, args)
-        self.background_compile_seconds += time.perf_counter() - start
+        with self._compile_lock:
+            self.background_compile_seconds += time.perf_counter() - start
         return program
 
     def _dummy_step(self, vocab_size: int, T: int, R: int, MB: int):
