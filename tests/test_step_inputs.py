@@ -128,12 +128,15 @@ def test_precompile_needs_an_unplanned_backend(llama_folder):
 
 
 def test_table_walking_kernels_use_one_table_width(llama_folder, monkeypatch):
-    """The Pallas kernels read a request's table only as far as its blocks: one width (the
-    widest) for every context, where XLA's reference gathers a bucketed width."""
+    """The Pallas kernels read a request's table only as far as its blocks: one width for
+    contexts up to TABLE_WALKING_MIN_CONTEXT_SLOTS, where XLA's reference gathers a width
+    bucketed from MIN_CONTEXT_SLOTS."""
     from jaxvllm import LLM
     from jaxvllm.engine import runner as runner_module
 
-    monkeypatch.setattr(runner_module, "MIN_CONTEXT_SLOTS", 64)  # the model holds 256 tokens
+    # the model holds 256 tokens: 64-token steps for XLA's gather, all of it for the kernels
+    monkeypatch.setattr(runner_module, "MIN_CONTEXT_SLOTS", 64)
+    monkeypatch.setattr(runner_module, "TABLE_WALKING_MIN_CONTEXT_SLOTS", 256)
 
     pallas = LLM(str(llama_folder), attention_backend="pallas", max_model_len=256,
                  max_num_seqs=2).llm_engine.runner

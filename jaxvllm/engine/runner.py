@@ -28,8 +28,11 @@ from pallas_kernels.variants import get_variant
 
 
 MIN_CONTEXT_SLOTS = 256
-# lowerings whose kernels read a request's block-table entries only as far as its context
+# Lowerings whose kernels read a request's block-table entries only as far as its context:
+# a wider table costs them only its copy to the device, so they share one width up to
+# this many tokens (a 256 x 256 table is 256 KiB a step).
 TABLE_WALKING_LOWERINGS = ("triton", "mosaic_gpu")
+TABLE_WALKING_MIN_CONTEXT_SLOTS = 4096
 
 
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
@@ -165,19 +168,18 @@ class ModelRunner:
         self.max_blocks_per_req = -(-max_model_len // block_size)
         self.max_tokens_bucket = bucket(max_num_batched_tokens, 16)
         self.max_reqs_bucket = bucket(max_num_seqs, 4)
-        # Block-table widths below MIN_CONTEXT_SLOTS tokens share one program: short contexts
-        # cost little to over-read and each width is a separate compilation.
-        self.max_table_width = bucket(self.max_blocks_per_req, 1)
-        self.min_table_width = min(self.max_table_width, max(1, MIN_CONTEXT_SLOTS // block_size))
-        self.max_num_seqs = max_num_seqs
-        self.kv_dtype = kv_dtype if kv_dtype is not None else model.dtype
         variant = get_variant(resolve_attention_backend(model.attention_backend)[0])
         # the StepPlanner of an attention variant that works from a host-built plan
         self.planner = variant.plan
-        # A GPU kernel walks the table only as far as each request's blocks go, so one table
-        # width serves every context length (one program per token bucket, not several).
-        if variant.lowering in TABLE_WALKING_LOWERINGS:
-            self.min_table_width = self.max_table_width
+        # Block-table widths below this many tokens share one program: short contexts cost
+        # little to over-read (nothing, for a kernel that walks the table) and each width
+        # is a separate compilation.
+        min_slots = (TABLE_WALKING_MIN_CONTEXT_SLOTS if variant.lowering in TABLE_WALKING_LOWERINGS
+                     else MIN_CONTEXT_SLOTS)
+        self.max_table_width = bucket(self.max_blocks_per_req, 1)
+        self.min_table_width = min(self.max_table_width, max(1, min_slots // block_size))
+        self.max_num_seqs = max_num_seqs
+        self.kv_dtype = kv_dtype if kv_dtype is not None else model.dtype
         self.kv = self._allocate_kv(num_blocks, self.kv_dtype)
         self._programs: dict[ProgramKey, object] = {}
         self._compiling: dict[ProgramKey, concurrent.futures.Future] = {}
@@ -216,7 +218,7 @@ class ModelRunner:
 
     def precompile(self, vocab_size: int, token_buckets, workers: int = 4) -> None:
         """Compile the plain programs of these token buckets (R = min(rows, T) rows, the
-        widest block table, default sampling, no logprobs: what decode steps use) in
+        narrowest table width, default sampling, no logprobs: what decode steps use) in
         background threads, so that they are ready, or nearly, when the batch first reaches
         them. A step that needs one still being compiled waits for it. Not for planned
         variants (their plan sizes are in the key) or tensor parallel runners."""
@@ -227,7 +229,7 @@ class ModelRunner:
                 max_workers=workers, thread_name_prefix="jaxvllm-compile")
         for T in token_buckets:
             key, args = self._dummy_step(vocab_size, T, min(self.max_reqs_bucket, T),
-                                         self.max_table_width)
+                                         self.min_table_width)
             # the state and the cache by shape only: the steps donate the cache meanwhile
             args = (*jax.tree.map(_shape_of, args[:2]), *args[2:])
             if key not in self._programs and key not in self._compiling:
