@@ -36,7 +36,6 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
 
-has_phase() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
 # run_phase NAME LIMIT CMD...: runs CMD under min(LIMIT, time left - 15 s), log in $WORK/NAME.log
 declare -A RC SECS
