@@ -414,3 +414,47 @@ def test_new_values_do_not_recompile():
     compiled = fn._cache_size()  # (jax shares this cache among jits of the same function)
     fn(logits, b).token_ids.block_until_ready()
     assert fn._cache_size() == compiled
+
+
+def test_plain_requests_take_the_column_path_with_the_same_metadata(monkeypatch):
+    """Requests whose params use no id lists (the usual batch) are packed column by column
+    without a RowSpec per row; the arrays equal those of the RowSpec path, padding included,
+    and one non-plain row sends the whole batch down the RowSpec path."""
+    from jaxvllm import SamplingParams
+    from jaxvllm.engine import sampler as sampler_module
+    from jaxvllm.engine.request import Request
+
+    rng = np.random.default_rng(5)
+    shared = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=8)
+    params = [shared, shared, SamplingParams(temperature=0.0, max_tokens=8),
+              SamplingParams(top_k=5, min_p=0.1, seed=123, max_tokens=8),
+              SamplingParams(top_k=10_000, seed=2**33 + 7, max_tokens=8)]
+    requests = []
+    for i, p in enumerate(params):
+        r = Request(str(i), rng.integers(0, 60, 5 + i).tolist(), p, eos_token_id=2)
+        for t in rng.integers(0, 60, i).tolist():
+            r.append_output_token(int(t))
+        requests.append(r)
+
+    def build(rows, **kw):
+        monkeypatch.setattr(sampler_module, "_host_rng", np.random.default_rng(0))
+        return build_sampling_metadata(rows, 64, pad_rows_to=8, device_put=False, **kw)
+
+    fast, k = build(requests)
+    assert k is None
+    monkeypatch.setattr(sampler_module, "_host_rng", np.random.default_rng(0))
+    fresh = sampler_module._host_rng.integers(0, 2**32, size=len(requests)).tolist()
+    specs = [RowSpec.from_request(r, seed) for r, seed in zip(requests, fresh)]
+    slow, _ = build(specs)
+    for name in SamplingMetadata.__dataclass_fields__:
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert fast.seeds[3] == 123 and fast.seeds[4] == 7  # a seed of the params wins, 32 bits
+    assert list(fast.step_positions[:5]) == [0, 1, 2, 3, 4]
+
+    assert sampler_module._plain_requests_metadata(requests, 64, 8, fresh) is not None
+    requests[1].sampling_params = SamplingParams(repetition_penalty=1.2, max_tokens=8)
+    assert sampler_module._plain_requests_metadata(requests, 64, 8, fresh) is None
+    with_penalty, _ = build(requests)
+    assert with_penalty.repetition_penalty[1] == np.float32(1.2)

@@ -380,6 +380,59 @@ def _check_ids(name: str, ids: np.ndarray, vocab_size: int) -> None:
         raise ValueError(f"{name} holds token ids {bad[:8]} outside [0, {vocab_size})")
 
 
+def _is_plain(params: Any) -> bool:
+    """Params whose rows need no per-row id lists: no penalties, logit bias, allowed or bad
+    words, min_tokens or logprobs (sampling knobs alone: temperature, top-p/k, min-p, seed)."""
+    return (params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0 and not params.logit_bias
+            and params.allowed_token_ids is None and not params.min_tokens
+            and params.logprobs is None
+            and not getattr(params, "bad_words_token_ids", None))
+
+
+def _plain_requests_metadata(rows: Sequence[Any], vocab_size: int, num_rows: int,
+                             fresh_seeds: list[int]) -> SamplingMetadata | None:
+    """`build_sampling_metadata` of engine requests whose params are all plain (the usual
+    batch), column by column without a RowSpec per row; None if a row is not plain."""
+    if not rows or isinstance(rows[0], RowSpec):
+        return None
+    plain: dict[int, bool] = {}  # by params object: a batch often shares one
+    params = []
+    for r in rows:
+        p = r.sampling_params
+        ok = plain.get(id(p))
+        if ok is None:
+            ok = plain[id(p)] = _is_plain(p)
+        if not ok:
+            return None
+        params.append(p)
+    n = len(rows)
+
+    def col(values, dtype, fill):
+        out = np.full(num_rows, fill, dtype)
+        out[:n] = values
+        return out
+
+    def no_ids(dtype=np.int32, fill=_PAD):
+        return np.full((num_rows, 1), fill, dtype)
+
+    return SamplingMetadata(
+        temperature=col([p.temperature for p in params], np.float32, 0.0),
+        top_p=col([p.top_p for p in params], np.float32, 1.0),
+        top_k=col([0 if (p.top_k <= 0 or p.top_k >= vocab_size) else p.top_k for p in params],
+                  np.int32, 0),
+        min_p=col([p.min_p for p in params], np.float32, 0.0),
+        presence_penalty=col(0.0, np.float32, 0.0),
+        frequency_penalty=col(0.0, np.float32, 0.0),
+        repetition_penalty=col(1.0, np.float32, 1.0),
+        seeds=col([(f if p.seed is None else int(p.seed)) & 0xFFFFFFFF
+                   for p, f in zip(params, fresh_seeds)], np.uint32, 0),
+        step_positions=col([len(r.output_token_ids) for r in rows], np.int32, 0),
+        token_ids=no_ids(), num_prompt=col(0, np.int32, 0), bias_ids=no_ids(),
+        bias_values=no_ids(np.float32, 0.0), allowed_ids=no_ids(), stop_ids=no_ids(),
+        suppress_stop=col(False, np.bool_, False), bad_word_ids=no_ids())
+
+
 def build_sampling_metadata(rows: Sequence[Any], vocab_size: int,
                             pad_rows_to: int | None = None, *,
                             device_put: bool = True) -> tuple[SamplingMetadata, int | None]:
@@ -392,14 +445,17 @@ def build_sampling_metadata(rows: Sequence[Any], vocab_size: int,
     when no row asked for logprobs (see `bucket_num_logprobs`). `device_put=False` keeps
     numpy arrays.
     """
-    # one draw for the rows whose params carry no seed (a draw per row costs more than the row)
-    fresh = _host_rng.integers(0, 2**32, size=len(rows)).tolist()
-    specs = [r if isinstance(r, RowSpec) else RowSpec.from_request(r, seed)
-             for r, seed in zip(rows, fresh)]
-    n = len(specs)
+    n = len(rows)
     num_rows = n if pad_rows_to is None else pad_rows_to
     if num_rows < n:
         raise ValueError(f"pad_rows_to={pad_rows_to} is smaller than the {n} rows")
+    # one draw for the rows whose params carry no seed (a draw per row costs more than the row)
+    fresh = _host_rng.integers(0, 2**32, size=n).tolist()
+    meta = _plain_requests_metadata(rows, vocab_size, num_rows, fresh)
+    if meta is not None:
+        return (jax.device_put(meta) if device_put else meta), None
+    specs = [r if isinstance(r, RowSpec) else RowSpec.from_request(r, seed)
+             for r, seed in zip(rows, fresh)]
 
     def col(name, dtype, fill):
         out = np.full(num_rows, fill, dtype)
