@@ -1,9 +1,12 @@
 """ModelRunner: turns a SchedulerOutput into one padded ragged step on the device.
 
 It owns the model's split state, the stacked KV cache (donated to every call) and one
-compiled program per bucket: tokens `T`, requests `R` and block-table width `MB` are padded
-up to powers of two, so a server compiles a handful of programs, and each is compiled ahead
-of time the first time its bucket appears (counted in `num_compiled` / `compile_seconds`).
+compiled program per bucket (`ProgramKey`): tokens `T`, requests `R` and block-table width
+`MB` are padded up to powers of two, so a server compiles a handful of programs, and each is
+compiled ahead of time the first time its bucket appears, or earlier in background threads
+(`precompile`; counted in `num_compiled`, `compile_seconds` for the time steps waited and
+`background_compile_seconds`). Step inputs are built with numpy (`step_arrays`) and handed to
+the compiled program as numpy arrays.
 """
 
 from __future__ import annotations
