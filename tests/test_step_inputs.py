@@ -3,6 +3,7 @@ the default XLA flags leave what the user set alone."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,3 +145,27 @@ def test_table_walking_kernels_use_one_table_width(llama_folder, monkeypatch):
     reference = LLM(str(llama_folder), attention_backend="reference", max_model_len=256,
                     max_num_seqs=2).llm_engine.runner
     assert reference.min_table_width == 4 and reference.max_table_width == 16
+
+
+def test_a_failed_background_compilation_is_done_again_by_the_step(llama_folder, monkeypatch):
+    from jaxvllm import LLM, SamplingParams
+    from jaxvllm.engine.runner import ModelRunner
+
+    original = ModelRunner._compile
+    failed = []
+
+    def flaky(self, key, args):
+        in_background = threading.current_thread().name.startswith("jaxvllm-compile")
+        if in_background and key.num_tokens == 16:  # the program the decode steps need
+            failed.append(key)
+            raise RuntimeError("compiler crashed")
+        return original(self, key, args)
+
+    monkeypatch.setattr(ModelRunner, "_compile", flaky)
+    llm = LLM(str(llama_folder), attention_backend="reference", max_model_len=64,
+              max_num_seqs=4, max_num_batched_tokens=32, precompile=True)
+    out = llm.generate([{"prompt_token_ids": [3, 14, 15]}],
+                       SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(failed) == 1 and len(out[0].outputs[0].token_ids) == 3
+    assert failed[0] in llm.llm_engine.runner._programs  # compiled again on the step's path

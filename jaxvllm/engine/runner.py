@@ -202,7 +202,14 @@ class ModelRunner:
         if program is None:
             start = time.perf_counter()
             future = self._compiling.pop(key, None)
-            program = self._compile(key, args) if future is None else future.result()
+            program = None
+            if future is not None:
+                try:
+                    program = future.result()
+                except Exception:  # noqa: BLE001 - compiled again here, where errors surface
+                    program = None
+            if program is None:
+                program = self._compile(key, args)
             self.compile_seconds += time.perf_counter() - start
             self._programs[key] = program
         return program
