@@ -27,8 +27,8 @@ from jaxvllm.config import EngineConfig
 from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.engine.kv_cache import KVCacheManager
 from jaxvllm.engine.request import Request, RequestStatus
-from jaxvllm.engine.runner import ModelRunner, StepResult, bucket
-from jaxvllm.engine.scheduler import MIN_TOKEN_BUCKET, Scheduler, SchedulerConfig, SchedulerOutput
+from jaxvllm.engine.runner import ModelRunner, StepResult
+from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxvllm.models.attention import kv_cache_bytes_per_block
 from jaxvllm.models.config import resolve_dtype
 from jaxvllm.models.loader import load_model
@@ -138,14 +138,7 @@ class LLMEngine:
             self.num_blocks = distributed.from_process_zero(self._profile_num_blocks())
             self.runner.resize_kv_cache(self.num_blocks)
         if self._precompile():
-            # the full-budget step first (prompts come first), then decode batches largest first
-            runner = self.runner
-            buckets = [runner.max_tokens_bucket]
-            T = bucket(runner.max_reqs_bucket, MIN_TOKEN_BUCKET, runner.max_tokens_bucket)
-            while T >= MIN_TOKEN_BUCKET:
-                buckets.append(T)
-                T //= 2
-            runner.precompile(self.vocab_size, buckets)
+            self.runner.precompile(self.vocab_size)
         self.kv_manager = KVCacheManager(self.num_blocks, config.block_size,
                                          enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(

@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxvllm import parallel
 from jaxvllm.engine.sampler import build_sampling_metadata, gather_logprobs, pow2_at_least, sample
+from jaxvllm.engine.scheduler import MIN_TOKEN_BUCKET
 from jaxvllm.models.attention import (AttentionMetadata, allocate_kv_cache,
                                       resolve_attention_backend)
 from pallas_kernels.variants import get_variant
@@ -169,7 +170,7 @@ class ModelRunner:
         self.graphdef, self.state = nnx.split(model)
         self.block_size = block_size
         self.max_blocks_per_req = -(-max_model_len // block_size)
-        self.max_tokens_bucket = bucket(max_num_batched_tokens, 16)
+        self.max_tokens_bucket = bucket(max_num_batched_tokens, MIN_TOKEN_BUCKET)
         self.max_reqs_bucket = bucket(max_num_seqs, 4)
         variant = get_variant(resolve_attention_backend(model.attention_backend)[0])
         # the StepPlanner of an attention variant that works from a host-built plan
@@ -226,18 +227,22 @@ class ModelRunner:
         with parallel.tracing_under(self.mesh):
             return fn.lower(*args).compile()
 
-    def precompile(self, vocab_size: int, token_buckets, workers: int = 4) -> None:
-        """Compile the plain programs of these token buckets (R = min(rows, T) rows, the
-        narrowest table width, default sampling, no logprobs: what decode steps use) in
-        background threads, so that they are ready, or nearly, when the batch first reaches
-        them. A step that needs one still being compiled waits for it. Not for planned
-        variants (their plan sizes are in the key) or tensor parallel runners."""
+    def precompile(self, vocab_size: int, workers: int = 4) -> None:
+        """Compile in background threads the plain programs (R = min(rows, T) rows, the
+        narrowest table width, default sampling, no logprobs) of the full-budget step, which
+        prompts fill first, and of every decode batch, largest first, so that they are ready,
+        or nearly, when the batch first reaches them. A step that needs one still being
+        compiled waits for it. Not for planned variants (their plan sizes are in the key) or
+        tensor parallel runners."""
         if self.planner is not None or self.mesh is not None:
             raise ValueError("precompile needs an unplanned attention variant on one device")
         if self._compile_pool is None:
             self._compile_pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=workers, thread_name_prefix="jaxvllm-compile")
-        for T in token_buckets:
+        largest_decode = bucket(self.max_reqs_bucket, MIN_TOKEN_BUCKET, self.max_tokens_bucket)
+        decode = [largest_decode >> i for i in range(largest_decode.bit_length())
+                  if largest_decode >> i >= MIN_TOKEN_BUCKET]
+        for T in [self.max_tokens_bucket, *decode]:
             key, args = self._dummy_step(vocab_size, T, min(self.max_reqs_bucket, T),
                                          self.min_table_width)
             # the state and the cache by shape only: the steps donate the cache meanwhile
@@ -313,7 +318,7 @@ class ModelRunner:
         bs = self.block_size
         total = sum(n for _, n in scheduled)
         widest = max(-(-(r.num_computed_tokens + n) // bs) for r, n in scheduled)
-        T = bucket(total, 16, self.max_tokens_bucket)
+        T = bucket(total, MIN_TOKEN_BUCKET, self.max_tokens_bucket)
         # Every request has a token, so R <= T: one row count per token bucket keeps the
         # number of programs down, and a padded row costs only its logits.
         R = min(self.max_reqs_bucket, T)
