@@ -380,6 +380,21 @@ def _check_ids(name: str, ids: np.ndarray, vocab_size: int) -> None:
         raise ValueError(f"{name} holds token ids {bad[:8]} outside [0, {vocab_size})")
 
 
+def _column(values, num_rows: int, dtype, fill) -> np.ndarray:
+    """[num_rows] of `fill`, the first len(values) rows set to `values`."""
+    out = np.full(num_rows, fill, dtype)
+    out[:len(values)] = values
+    return out
+
+
+def _seed32(seed: int) -> int:
+    return int(seed) & 0xFFFFFFFF
+
+
+def _top_k_or_off(top_k: int, vocab_size: int) -> int:
+    return 0 if (top_k <= 0 or top_k >= vocab_size) else top_k
+
+
 def _is_plain(params: Any) -> bool:
     """Params whose rows need no per-row id lists: no penalties, logit bias, allowed or bad
     words, min_tokens or logprobs (sampling knobs alone: temperature, top-p/k, min-p, seed)."""
@@ -406,31 +421,27 @@ def _plain_requests_metadata(rows: Sequence[Any], vocab_size: int, num_rows: int
         if not ok:
             return None
         params.append(p)
-    n = len(rows)
-
     def col(values, dtype, fill):
-        out = np.full(num_rows, fill, dtype)
-        out[:n] = values
-        return out
+        return _column(values, num_rows, dtype, fill)
 
     def no_ids(dtype=np.int32, fill=_PAD):
         return np.full((num_rows, 1), fill, dtype)
 
+    # a plain row's penalties, lists and flags are the padding rows' neutral values
     return SamplingMetadata(
         temperature=col([p.temperature for p in params], np.float32, 0.0),
         top_p=col([p.top_p for p in params], np.float32, 1.0),
-        top_k=col([0 if (p.top_k <= 0 or p.top_k >= vocab_size) else p.top_k for p in params],
-                  np.int32, 0),
+        top_k=col([_top_k_or_off(p.top_k, vocab_size) for p in params], np.int32, 0),
         min_p=col([p.min_p for p in params], np.float32, 0.0),
-        presence_penalty=col(0.0, np.float32, 0.0),
-        frequency_penalty=col(0.0, np.float32, 0.0),
-        repetition_penalty=col(1.0, np.float32, 1.0),
-        seeds=col([(f if p.seed is None else int(p.seed)) & 0xFFFFFFFF
-                   for p, f in zip(params, fresh_seeds)], np.uint32, 0),
+        presence_penalty=col([], np.float32, 0.0),
+        frequency_penalty=col([], np.float32, 0.0),
+        repetition_penalty=col([], np.float32, 1.0),
+        seeds=col([_seed32(f if p.seed is None else p.seed) for p, f in zip(params, fresh_seeds)],
+                  np.uint32, 0),
         step_positions=col([len(r.output_token_ids) for r in rows], np.int32, 0),
-        token_ids=no_ids(), num_prompt=col(0, np.int32, 0), bias_ids=no_ids(),
+        token_ids=no_ids(), num_prompt=col([], np.int32, 0), bias_ids=no_ids(),
         bias_values=no_ids(np.float32, 0.0), allowed_ids=no_ids(), stop_ids=no_ids(),
-        suppress_stop=col(False, np.bool_, False), bad_word_ids=no_ids())
+        suppress_stop=col([], np.bool_, False), bad_word_ids=no_ids())
 
 
 def build_sampling_metadata(rows: Sequence[Any], vocab_size: int,
@@ -458,20 +469,16 @@ def build_sampling_metadata(rows: Sequence[Any], vocab_size: int,
              for r, seed in zip(rows, fresh)]
 
     def col(name, dtype, fill):
-        out = np.full(num_rows, fill, dtype)
-        out[:n] = [getattr(s, name) for s in specs]
-        return out
+        return _column([getattr(s, name) for s in specs], num_rows, dtype, fill)
 
     temperature = col("temperature", np.float32, 0.0)
-    top_k = np.zeros(num_rows, np.int32)
-    top_k[:n] = [0 if (s.top_k <= 0 or s.top_k >= vocab_size) else s.top_k for s in specs]
-    seeds = np.zeros(num_rows, np.uint32)
-    seeds[:n] = [int(s.seed) & 0xFFFFFFFF for s in specs]
+    top_k = _column([_top_k_or_off(s.top_k, vocab_size) for s in specs], num_rows, np.int32, 0)
+    seeds = _column([_seed32(s.seed) for s in specs], num_rows, np.uint32, 0)
 
     penalty_rows = [s.uses_penalties for s in specs]
     token_lists = [np.asarray(s.token_ids, np.int32) if p else () for s, p in zip(specs, penalty_rows)]
-    num_prompt = np.zeros(num_rows, np.int32)
-    num_prompt[:n] = [s.num_prompt if p else 0 for s, p in zip(specs, penalty_rows)]
+    num_prompt = _column([s.num_prompt if p else 0 for s, p in zip(specs, penalty_rows)],
+                         num_rows, np.int32, 0)
 
     bias_lists = [list((s.logit_bias or {}).items()) for s in specs]
     bias_ids = _ragged([[t for t, _ in b] for b in bias_lists], num_rows)
