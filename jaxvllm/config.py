@@ -38,6 +38,9 @@ class EngineConfig:
     # compile the decode-step programs in background threads at start-up (None: on a GPU,
     # for attention kernels that need no host plan, on one device)
     precompile: Optional[bool] = None
+    # run the decoder layers unrolled on per-layer, fused weights instead of a scan over the
+    # stacked ones (None: on a GPU, on one device; see jaxvllm/models/transformer.py)
+    unroll_layers: Optional[bool] = None
 
     def __post_init__(self):
         def check(ok: bool, field: str, rule: str):

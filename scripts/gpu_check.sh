@@ -12,8 +12,9 @@
 #   COMPARE_HF=0 ATTENTION_BACKEND=pallas:triton_splitk scripts/gpu_check.sh
 #
 # Phases (PHASES, run in the order given; model first): model, throughput, eager (the same
-# without the background precompile), profile (where a decode step's device time goes), graphs (the same steps with XLA's own command-buffer
-# default, not jaxvllm's), latency, tests, kernels, sweep. The whole
+# without the background precompile), profile (where a decode step's device time goes), scan
+# (the same steps with the layers as a scan instead of unrolled), graphs (the same steps with
+# XLA's own command-buffer default, not jaxvllm's), latency, tests, kernels, sweep. The whole
 # run ends by DEADLINE seconds (default 450): each phase gets its own limit, cut to what is
 # left, and a failing phase does not stop the next.
 # COMPARE_HF=0 leaves out the HF baselines (the nano-vllm one alone takes ~110 s on an H200).
@@ -27,7 +28,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,throughput,eager,profile,graphs,latency,tests,kernels}"
+PHASES="${PHASES:-model,throughput,profile,scan,latency,eager,tests,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -103,6 +104,13 @@ phase_graphs() {
         benchmarks/step_profile.py "${COMMON[@]}" --attention-backend "$BACKEND" \
         "${PROF_ARGS[@]}" --no-profile --output-json "$WORK/step_profile_graphs.json"
     grep -i "wall\|runner\|batch" "$WORK/graphs.log" | grep -v '^{' | head -n 20
+}
+
+phase_scan() {  # the profile phase's steps timed with the layers as a scan (the CPU's way)
+    run_phase scan 90 "$PY" benchmarks/step_profile.py "${COMMON[@]}" --attention-backend \
+        "$BACKEND" "${PROF_ARGS[@]}" --no-unroll-layers --no-profile \
+        --output-json "$WORK/step_profile_scan.json"
+    grep -v '^{' "$WORK/scan.log" | tail -n 8
 }
 
 phase_throughput() {
@@ -204,11 +212,13 @@ if os.path.exists(path := os.path.join(work, "throughput_eager.json")):
     summary["throughput_no_precompile"] = {k: t.get(k) for k in (
         "output_tokens_per_second", "output_tokens_per_second_excl_compile", "elapsed_time",
         "first_token_s")}
-if os.path.exists(path := os.path.join(work, "step_profile_graphs.json")):
-    summary["step_profile_xla_default_command_buffers"] = {
-        b: {k: r.get(k) for k in ("wall_ms_per_step", "runner_host_ms_per_step",
-                                  "runner_device_ms_per_step", "error")}
-        for b, r in json.load(open(path)).get("per_batch", {}).items()}
+for label, name in (("step_profile_xla_default_command_buffers", "step_profile_graphs"),
+                    ("step_profile_scan", "step_profile_scan")):
+    if os.path.exists(path := os.path.join(work, f"{name}.json")):
+        summary[label] = {
+            b: {k: r.get(k) for k in ("wall_ms_per_step", "runner_host_ms_per_step",
+                                      "runner_device_ms_per_step", "error")}
+            for b, r in json.load(open(path)).get("per_batch", {}).items()}
 if (k := load("kernels")) is not None:
     summary["kernels"] = {s: {x: v.get(x) for x in ("best_kernel", "speedup_vs", "target_met")}
                           | {"best": v["results"].get(v.get("best_kernel"), {})}

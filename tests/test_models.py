@@ -343,3 +343,32 @@ def test_bad_dtype_raises_value_error(bad):
 def test_load_model_with_bad_dtype_raises_value_error(llama_folder):
     with pytest.raises(ValueError, match=r"'int4'.*float32"):
         load_model(str(llama_folder), dtype="int4")
+
+
+# ---------------------------------------------------------------------------------------------
+# Unrolled layers (per-layer, fused weights)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unrolled_layers_match_transformers(zoo, name):
+    """The unrolled model (separate per-layer arrays, q/k/v and gate/up fused) gives the
+    prompt logits and greedy tokens of transformers, as the scan does."""
+    case = zoo.case(name)
+    lm = load_model(str(case.path), dtype="float32")  # unrolling changes the module in place
+    lm.model.unroll_layers()
+    state = nnx.to_pure_dict(nnx.state(lm.model))
+    layers = state["layers"]["per_layer"]
+    assert len(layers) == lm.config.num_layers
+    assert not any(k.endswith("_proj") for k in state["layers"]), "stacked weights left behind"
+    first = layers[0]
+    cfg = lm.config
+    if cfg.mlp == "gated":
+        assert first["gate_up_proj"].shape == (cfg.hidden_size, 2 * cfg.intermediate_size)
+        assert "gate_proj" not in first and "up_proj" not in first
+    assert first["qkv_proj"].shape == (cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size)
+    assert ("qkv_bias" in first) == cfg.qkv_bias
+
+    gen = SimpleGenerator(lm.model, block_size=case.spec.block_size)
+    assert_logits_close(gen.prompt_logits(LONG_PROMPT), hf_logits(case.hf_model, LONG_PROMPT))
+    got = gen.generate(PROMPTS, NEW_TOKENS, prefill_chunk=6)
+    assert got == hf_greedy(name, case.hf_model)

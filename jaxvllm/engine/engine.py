@@ -116,6 +116,8 @@ class LLMEngine:
                                  attention_backend=config.resolved_attention_backend(),
                                  mesh=self.mesh)
         self.model_config = self.loaded.config
+        if self._unroll_layers():
+            self.loaded.model.unroll_layers()
         distributed.check_same_everywhere(
             (dataclasses.replace(config, model=None, tokenizer=None), self.model_config))
         self.tokenizer = self._load_tokenizer()
@@ -190,6 +192,12 @@ class LLMEngine:
                              f"(not {self.config.resolved_attention_backend()!r}) and "
                              "tensor_parallel_size=1")
         return possible and (wanted if wanted is not None else not self.config.on_cpu)
+
+    def _unroll_layers(self) -> bool:
+        wanted = self.config.unroll_layers
+        if wanted and self.mesh is not None:
+            raise ValueError("unroll_layers=True needs tensor_parallel_size=1 on one process")
+        return self.mesh is None and (wanted if wanted is not None else not self.config.on_cpu)
 
     def _num_blocks(self, max_num_seqs: int) -> int:
         """KV cache blocks: the override; on CPU, max_num_seqs full-length requests within

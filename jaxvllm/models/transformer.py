@@ -1,4 +1,5 @@
-"""CausalLM: one Flax NNX decoder for every supported family, layers run as a `lax.scan`.
+"""CausalLM: one Flax NNX decoder for every supported family, layers run as a `lax.scan` or,
+once unrolled (`CausalLM.unroll_layers`), as a Python loop over per-layer weights.
 
 Llama, Mistral, Qwen2, Qwen3 and OPT differ only in switches of `ModelConfig` (norm kind,
 biases, q/k norm, rotary vs learned positions, gated vs plain MLP, pre- vs post-norm), so one
@@ -8,6 +9,12 @@ Per-layer parameters are stacked on a leading `[L]` axis and the KV cache is sta
 same way and threaded through the scan's carry: each layer scatters its new k/v at
 `[l, block, offset]` and gathers at `[l, block_table]`, so a step never copies the cache.
 Weights are stored `[in, out]` (HF Linear transposed) so that `x @ w` needs no transpose.
+
+Unrolled, each layer's weights are separate arrays, with q/k/v and gate/up concatenated into
+one matrix each: a GPU then runs one GEMM where the scan ran three (and two), reads each
+weight where it lies instead of copying it out of the stack every step, and the step has no
+loop, so XLA can put all of it in one command buffer. The price is compile time (the layer
+is compiled num_layers times), which is why the CPU keeps the scan.
 """
 
 from __future__ import annotations
@@ -71,16 +78,62 @@ def _init(name: str, shape, key, dtype):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
+# Weights an unrolled layer keeps as one matrix (or bias): (name, parts, concatenated on the
+# last axis in this order).
+FUSED_WEIGHTS = (("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                 ("qkv_bias", ("q_bias", "k_bias", "v_bias")),
+                 ("gate_up_proj", ("gate_proj", "up_proj")),
+                 ("gate_up_bias", ("gate_bias", "up_bias")))
+
+
+class LayerWeights(nnx.Module):
+    """One layer's parameters, by name, as separate arrays (an unrolled model)."""
+
+    def __init__(self, arrays: dict[str, jax.Array]):
+        for name, array in arrays.items():
+            setattr(self, name, nnx.Param(array))
+        self.names = tuple(arrays)
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
 class LayerStack(nnx.Module):
-    """All decoder layers' parameters, each stacked on a leading [num_layers] axis."""
+    """All decoder layers' parameters, each stacked on a leading [num_layers] axis, or, once
+    `unstack`ed, one `LayerWeights` per layer."""
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         for name, shape in layer_param_shapes(cfg).items():
             setattr(self, name, nnx.Param(_init(name, (cfg.num_layers, *shape), rngs.params(), dtype)))
         self.names = tuple(layer_param_shapes(cfg))
+        self.num_layers = cfg.num_layers
+        self.unstacked = False
 
     def arrays(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in self.names}
+
+    def unstack(self) -> None:
+        """Split every stacked parameter into per-layer arrays, fusing FUSED_WEIGHTS. One
+        group of stacked arrays at a time is copied and dropped, so the device holds at most
+        one group twice."""
+        if self.unstacked:
+            return
+        per_layer: list[dict[str, jax.Array]] = [{} for _ in range(self.num_layers)]
+        groups = [(fused, parts) for fused, parts in FUSED_WEIGHTS
+                  if all(p in self.names for p in parts)]
+        fused_parts = {p for _, parts in groups for p in parts}
+        groups += [(name, (name,)) for name in self.names if name not in fused_parts]
+        for name, parts in groups:
+            stacked = [getattr(self, p)[...] for p in parts]
+            for layer, weights in enumerate(per_layer):
+                pieces = [a[layer] for a in stacked]
+                weights[name] = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, -1)
+            del stacked
+            for p in parts:
+                delattr(self, p)
+        self.names = ()
+        self.per_layer = nnx.List([LayerWeights(w) for w in per_layer])
+        self.unstacked = True
 
 
 class CausalLM(nnx.Module):
@@ -110,8 +163,12 @@ class CausalLM(nnx.Module):
             x, kv = self._layer(p, layer, x, positions, inv_freq, meta, kv)
             return (x, kv), None
 
-        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, kv), _ = jax.lax.scan(one_layer, (x, kv), (self.layers.arrays(), layer_ids))
+        if self.layers.unstacked:
+            for layer, weights in enumerate(self.layers.per_layer):
+                x, kv = self._layer(weights.arrays(), layer, x, positions, inv_freq, meta, kv)
+        else:
+            layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            (x, kv), _ = jax.lax.scan(one_layer, (x, kv), (self.layers.arrays(), layer_ids))
 
         if cfg.final_norm:
             x = self._norm(x, self.final_norm_scale[...],
@@ -119,6 +176,11 @@ class CausalLM(nnx.Module):
         if cfg.has_projections:
             x = x @ self.project_out[...]
         return x, kv
+
+    def unroll_layers(self) -> None:
+        """Run the layers unrolled from now on, on per-layer (fused) weights: see the module
+        docstring. In place; the stacked parameters are gone afterwards."""
+        self.layers.unstack()
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """[N, E] hidden states -> [N, vocab] float32 logits."""
@@ -133,6 +195,18 @@ class CausalLM(nnx.Module):
             return L.layer_norm(x, scale, bias, self.cfg.norm_eps)
         return L.rms_norm(x, scale, self.cfg.norm_eps)
 
+    @staticmethod
+    def _projections(h, p, names, fused, splits):
+        """h @ each of the `names` projections (+ bias): one matmul split at `splits` when the
+        layer holds them fused (see FUSED_WEIGHTS), else one matmul each."""
+        if f"{fused}_proj" in p:
+            out = h @ p[f"{fused}_proj"]
+            if f"{fused}_bias" in p:
+                out = out + p[f"{fused}_bias"]
+            return jnp.split(out, splits, axis=-1)
+        return [h @ p[f"{n}_proj"] + p[f"{n}_bias"] if f"{n}_bias" in p else h @ p[f"{n}_proj"]
+                for n in names]
+
     def _layer(self, p, layer, x, positions, inv_freq, meta, kv):
         cfg = self.cfg
         t = x.shape[0]
@@ -140,9 +214,8 @@ class CausalLM(nnx.Module):
         mlp_norm = lambda h: self._norm(h, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
 
         h = attn_norm(x) if cfg.pre_norm else x
-        q, k, v = h @ p["q_proj"], h @ p["k_proj"], h @ p["v_proj"]
-        if cfg.qkv_bias:
-            q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+        q, k, v = self._projections(h, p, ("q", "k", "v"), "qkv",
+                                    (cfg.q_size, cfg.q_size + cfg.kv_size))
         q = q.reshape(t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -165,12 +238,12 @@ class CausalLM(nnx.Module):
 
         h = mlp_norm(x) if cfg.pre_norm else x
         act = L.activation(cfg.activation)
-        up = h @ p["up_proj"] + (p["up_bias"] if cfg.mlp_bias else 0)
         if cfg.mlp == "gated":
-            gate = h @ p["gate_proj"] + (p["gate_bias"] if cfg.mlp_bias else 0)
+            gate, up = self._projections(h, p, ("gate", "up"), "gate_up",
+                                         (cfg.intermediate_size,))
             up = act(gate) * up
         else:
-            up = act(up)
+            up = act(h @ p["up_proj"] + (p["up_bias"] if cfg.mlp_bias else 0))
         m = up @ p["down_proj"] + (p["down_bias"] if cfg.mlp_bias else 0)
         x = x + m
         if not cfg.pre_norm:
