@@ -74,13 +74,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "(default: on a GPU)")
     g.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=None,
                    help="run the layers unrolled on per-layer fused weights (default: on a GPU)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule each step before the one in flight is collected (default: on)")
     g.add_argument("--seed", type=int, default=0)
 
 
 _ENGINE_FLAGS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                  "block_size", "gpu_memory_utilization", "num_gpu_blocks_override",
                  "enable_prefix_caching", "attention_backend", "seed", "tensor_parallel_size",
-                 "kv_cache_dtype", "precompile", "unroll_layers")
+                 "kv_cache_dtype", "precompile", "unroll_layers",
+                 "async_scheduling")
 
 
 def engine_kwargs(args) -> dict:

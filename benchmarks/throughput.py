@@ -153,6 +153,7 @@ def report(res: dict) -> None:
             ("Background compile seconds (precompile)", e.get("background_compile_seconds")),
             ("KV blocks / preemptions", f"{e['num_blocks']:,} / {e['num_preemptions']}"),
             ("Steps / mean step (ms)", f"{s.get('num_steps', 0)} / {s.get('step_ms_mean')}"),
+            ("Steps scheduled ahead of the one in flight", e.get("steps_scheduled_ahead")),
             ("KV utilization (stored / allocated slots)", s.get("kv_utilization")),
             ("KV blocks in use, peak", s.get("kv_cache_usage_peak")),
             ("Padding waste (padded / real tokens)", s.get("padding_waste")),

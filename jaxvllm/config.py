@@ -41,6 +41,9 @@ class EngineConfig:
     # run the decoder layers unrolled on per-layer, fused weights instead of a scan over the
     # stacked ones (None: on a GPU, on one device; see jaxvllm/models/transformer.py)
     unroll_layers: Optional[bool] = None
+    # schedule and dispatch the next step before the one in flight is collected (vLLM's
+    # async scheduling; None: on, except tensor parallel)
+    async_scheduling: Optional[bool] = None
 
     def __post_init__(self):
         def check(ok: bool, field: str, rule: str):

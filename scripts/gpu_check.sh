@@ -13,7 +13,8 @@
 #
 # Phases (PHASES, run in the order given; model first): model, throughput, eager (the same
 # without the background precompile), profile (where a decode step's device time goes), scan
-# (the same steps with the layers as a scan instead of unrolled), graphs (the same steps with
+# (the same steps with the layers as a scan instead of unrolled), inorder (the same steps
+# scheduled only once the step before is collected), graphs (the same steps with
 # XLA's own command-buffer default, not jaxvllm's), latency, tests, kernels, sweep. The whole
 # run ends by DEADLINE seconds (default 450): each phase gets its own limit, cut to what is
 # left, and a failing phase does not stop the next.
@@ -28,7 +29,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,throughput,profile,scan,latency,eager,tests,kernels}"
+PHASES="${PHASES:-model,throughput,profile,inorder,scan,latency,eager,tests,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -111,6 +112,13 @@ phase_scan() {  # the profile phase's steps timed with the layers as a scan (the
         "$BACKEND" "${PROF_ARGS[@]}" --no-unroll-layers --no-profile \
         --output-json "$WORK/step_profile_scan.json"
     grep -v '^{' "$WORK/scan.log" | tail -n 8
+}
+
+phase_inorder() {  # the profile phase's steps timed with each step scheduled after the last
+    run_phase inorder 90 "$PY" benchmarks/step_profile.py "${COMMON[@]}" --attention-backend \
+        "$BACKEND" "${PROF_ARGS[@]}" --no-async-scheduling --no-profile \
+        --output-json "$WORK/step_profile_inorder.json"
+    grep -v '^{' "$WORK/inorder.log" | tail -n 8
 }
 
 phase_throughput() {
@@ -213,7 +221,8 @@ if os.path.exists(path := os.path.join(work, "throughput_eager.json")):
         "output_tokens_per_second", "output_tokens_per_second_excl_compile", "elapsed_time",
         "first_token_s")}
 for label, name in (("step_profile_xla_default_command_buffers", "step_profile_graphs"),
-                    ("step_profile_scan", "step_profile_scan")):
+                    ("step_profile_scan", "step_profile_scan"),
+                    ("step_profile_in_order", "step_profile_inorder")):
     if os.path.exists(path := os.path.join(work, f"{name}.json")):
         summary[label] = {
             b: {k: r.get(k) for k in ("wall_ms_per_step", "runner_host_ms_per_step",

@@ -210,3 +210,14 @@ def test_chat_loop(tiny_chat_model, capsys, monkeypatch):
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n"))  # ends with end of input
     assert main(["chat", *common, "--system", "Be brief."]) == 0
+
+
+def test_serve_engine_flags_reach_the_engine_config():
+    from jaxvllm.entrypoints.cli import build_parser
+    from jaxvllm.entrypoints.serve_cmd import engine_kwargs
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "m", "--no-async-scheduling", "--unroll-layers"])
+    kwargs = engine_kwargs(args)
+    assert kwargs["async_scheduling"] is False and kwargs["unroll_layers"] is True
+    assert "precompile" not in kwargs  # left to the engine's default

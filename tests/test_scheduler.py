@@ -100,6 +100,59 @@ def run(sched: Scheduler, model: FakeModel, on_step=None, max_steps=5000) -> lis
     raise AssertionError("did not finish")
 
 
+class AheadModel(FakeModel):
+    """The fake model for steps scheduled ahead of the one in flight: a new token past the
+    request's known ids is the one the previous step sampled for it, as the runner reads it
+    on the device."""
+
+    def __init__(self, block_size: int):
+        super().__init__(block_size)
+        self.last: dict[str, int] = {}  # the previous step's sampled tokens
+        self.num_fed = 0  # tokens taken from the previous step
+
+    def step(self, out: SchedulerOutput) -> dict[str, int]:
+        bs = self.block_size
+        sampled = {}
+        for s in out.scheduled:
+            req, end = s.request, s.num_computed_tokens + s.num_new_tokens
+            assert len(s.block_ids) * bs >= end
+            known = s.token_ids
+            missing = s.num_new_tokens - len(known)
+            assert missing in (0, 1), "at most one token of a request is being sampled"
+            tokens = known + ([self.last[s.request_id]] if missing else [])
+            self.num_fed += missing
+            for i, tok in enumerate(tokens):
+                p = s.num_computed_tokens + i
+                self.kv[s.block_ids[p // bs], p % bs] = tok
+            if s.do_sample:
+                seen = [self.kv[s.block_ids[p // bs], p % bs] for p in range(end)]
+                assert seen[:req.num_tokens] == req.all_token_ids[:end]
+                sampled[s.request_id] = next_token(seen)
+        self.last = sampled
+        return sampled
+
+
+def run_ahead(sched: Scheduler, model: AheadModel, on_step=None,
+              max_steps=5000) -> list[Request]:
+    """`run` with each step scheduled (and run) before the previous one is folded in."""
+    finished, in_flight = [], None
+    for step in range(max_steps):
+        if not sched.has_unfinished_requests() and in_flight is None:
+            return finished
+        out = sched.schedule()
+        check_step(sched, out)
+        if on_step is not None:
+            on_step(step, out)
+        result = model.step(out)
+        if in_flight is not None:
+            finished += sched.update_from_output(*in_flight)
+        in_flight = (out, result) if out.scheduled else None
+    raise AssertionError("did not finish")
+
+
+RUNNERS = {"in_order": (run, FakeModel), "ahead": (run_ahead, AheadModel)}
+
+
 def assert_no_leaks(sched: Scheduler) -> None:
     kv = sched.kv_manager
     assert not sched.running and not sched.num_waiting and not sched.requests
@@ -172,9 +225,10 @@ def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget():
                         enable_chunked_prefill=False)
 
 
+@pytest.mark.parametrize("mode", list(RUNNERS))
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])
 @pytest.mark.parametrize("prefix_caching", [True, False])
-def test_preemption_recomputes_and_gives_the_same_tokens(policy, prefix_caching):
+def test_preemption_recomputes_and_gives_the_same_tokens(policy, prefix_caching, mode):
     # 16 usable blocks of 4 = 64 tokens; six requests of 10 + 30 tokens want 60 blocks.
     sched = make_scheduler(num_blocks=17, max_model_len=64, policy=policy,
                            enable_prefix_caching=prefix_caching)
@@ -183,8 +237,11 @@ def test_preemption_recomputes_and_gives_the_same_tokens(policy, prefix_caching)
     for r in reqs:
         sched.add_request(r)
     preempted = []
-    run(sched, FakeModel(4), lambda i, out: preempted.extend(out.preempted_req_ids))
+    drive, model_type = RUNNERS[mode]
+    model = model_type(4)
+    drive(sched, model, lambda i, out: preempted.extend(out.preempted_req_ids))
     assert sched.num_preemptions == len(preempted) > 0
+    assert mode == "in_order" or model.num_fed > 100
     for p, r in zip(prompts, reqs):
         assert r.output_token_ids == reference_output(p, 30)
         assert r.status == RequestStatus.FINISHED_LENGTH_CAPPED
@@ -256,7 +313,9 @@ def test_fcfs_does_not_skip_a_request_that_does_not_fit():
     out = sched.schedule()
     assert [s.request_id for s in out.scheduled] == [a.request_id]
     assert sched.get_request_counts() == (1, 2)
-    finished = run(sched, FakeModel(4))
+    model = FakeModel(4)
+    sched.update_from_output(out, model.step(out))
+    finished = run(sched, model)
     assert [r.request_id for r in finished][-2:] == [b.request_id, c.request_id]
     assert_no_leaks(sched)
 
@@ -285,42 +344,51 @@ def test_abort_frees_blocks_and_is_reported_to_the_runner():
     assert_no_leaks(sched)
 
 
-def scripted(sched: Scheduler, req: Request, tokens: list[int]) -> list[int]:
-    """Feed `tokens` as the sampled tokens until the request finishes."""
+def scripted(sched: Scheduler, req: Request, tokens: list[int], ahead: bool = False) -> list[int]:
+    """Feed `tokens` as the sampled tokens until the request finishes; `ahead`: each step
+    scheduled before the previous one is folded in (then the request is in one step more
+    than it keeps tokens unless it finishes on its length)."""
     sched.add_request(req)
     it = iter(tokens)
-    while sched.has_unfinished_requests():
+    in_flight = None
+    while sched.has_unfinished_requests() or in_flight is not None:
         out = sched.schedule()
         sampled = {s.request_id: next(it) for s in out.scheduled if s.do_sample}
-        sched.update_from_output(out, sampled)
+        if not ahead:
+            sched.update_from_output(out, sampled)
+            continue
+        if in_flight is not None:
+            sched.update_from_output(*in_flight)
+        in_flight = (out, sampled) if out.scheduled else None
     assert_no_leaks(sched)
     return req.output_token_ids
 
 
-def test_stop_conditions():
+@pytest.mark.parametrize("ahead", [False, True])
+def test_stop_conditions(ahead):
     eos = 2
     r = make_request(range(5), max_tokens=10, eos=eos)
-    assert scripted(make_scheduler(), r, [7, 8, eos, 9]) == [7, 8, eos]
+    assert scripted(make_scheduler(), r, ahead=ahead, tokens=[7, 8, eos, 9]) == [7, 8, eos]
     assert r.status == RequestStatus.FINISHED_STOPPED and r.stop_reason is None
 
     r = make_request(range(5), max_tokens=10, eos=eos, min_tokens=3)
-    assert scripted(make_scheduler(), r, [eos, 8, eos, 9]) == [eos, 8, eos]
+    assert scripted(make_scheduler(), r, ahead=ahead, tokens=[eos, 8, eos, 9]) == [eos, 8, eos]
 
     r = make_request(range(5), max_tokens=4, eos=eos, ignore_eos=True)
-    assert scripted(make_scheduler(), r, [eos] * 6) == [eos] * 4
+    assert scripted(make_scheduler(), r, ahead=ahead, tokens=[eos] * 6) == [eos] * 4
     assert r.status == RequestStatus.FINISHED_LENGTH_CAPPED
 
     r = make_request(range(5), max_tokens=10, eos=eos, stop_token_ids=[11, 12])
-    assert scripted(make_scheduler(), r, [7, 12, 9]) == [7, 12]
+    assert scripted(make_scheduler(), r, ahead=ahead, tokens=[7, 12, 9]) == [7, 12]
     assert r.status == RequestStatus.FINISHED_STOPPED and r.stop_reason == 12
 
     # Length is checked first, as vLLM V1: eos as the max_tokens-th token reports "length".
     r = make_request(range(5), max_tokens=2, eos=eos)
-    assert scripted(make_scheduler(), r, [7, eos]) == [7, eos]
+    assert scripted(make_scheduler(), r, ahead=ahead, tokens=[7, eos]) == [7, eos]
     assert r.status == RequestStatus.FINISHED_LENGTH_CAPPED
 
     r = make_request(range(60), max_tokens=None)
-    assert len(scripted(make_scheduler(max_model_len=64), r, [1] * 10)) == 4
+    assert len(scripted(make_scheduler(max_model_len=64), r, ahead=ahead, tokens=[1] * 10)) == 4
     assert r.num_tokens == 64 and r.status == RequestStatus.FINISHED_LENGTH_CAPPED
 
 
@@ -372,15 +440,17 @@ def test_a_block_is_cached_only_once_its_kv_is_computed():
     assert_no_leaks(sched)
 
 
+@pytest.mark.parametrize("mode", list(RUNNERS))
 @pytest.mark.parametrize("seed", range(6))
-def test_random_workload_matches_running_alone(seed):
+def test_random_workload_matches_running_alone(seed, mode):
     rng = random.Random(seed)
     policy = ["fcfs", "priority"][seed % 2]
     sched = make_scheduler(num_blocks=rng.randint(17, 30), block_size=4, max_model_len=64,
                            max_num_seqs=rng.randint(1, 6),
                            max_num_batched_tokens=rng.choice([8, 16, 64]),
                            policy=policy, enable_prefix_caching=seed % 3 != 0)
-    model = FakeModel(4)
+    drive, model_type = RUNNERS[mode]
+    model = model_type(4)
     prefixes = [[rng.randrange(50) for _ in range(rng.randint(0, 20))] for _ in range(3)]
     pending = []
     for _ in range(25):
@@ -401,10 +471,10 @@ def test_random_workload_matches_running_alone(seed):
             sched.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
 
     sched.add_request(pending.pop(0))
-    finished = run(sched, model, on_step)
+    finished = drive(sched, model, on_step)
     while pending:  # whatever the loop left unsubmitted
         sched.add_request(pending.pop(0))
-        finished += run(sched, model)
+        finished += drive(sched, model)
     assert len(finished) + len(aborted) == 25
     for r in finished:
         assert r.output_token_ids == expected[r.request_id]

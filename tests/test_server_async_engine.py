@@ -109,7 +109,8 @@ def test_generate_streams_cumulative_outputs_to_the_end():
     assert sum(it.num_generation_tokens for it in iterations) == 5
     assert sum(it.num_prompt_tokens for it in iterations) == 3
     assert sum(len(it.time_to_first_tokens) for it in iterations) == 1
-    assert sum(len(it.inter_token_latencies) for it in iterations) == len(lengths) - 1
+    # one latency per token after the first (a slow reader may see two steps as one output)
+    assert sum(len(it.inter_token_latencies) for it in iterations) == 5 - 1
     (finished,) = [f for it in iterations for f in it.finished]
     assert (finished.request_id, finished.finish_reason, finished.num_generation_tokens) == (
         "r1", "length", 5)

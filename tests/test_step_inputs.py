@@ -10,14 +10,27 @@ import numpy as np
 import pytest
 
 from jaxvllm.engine.runner import step_arrays
-from jaxvllm.xla_flags import with_defaults
+from jaxvllm.engine.scheduler import ScheduledRequest
+from jaxvllm.xla_flags import step_compiler_options, with_defaults
 
 
-@dataclass
+@dataclass(eq=False)
 class FakeRequest:
     all_token_ids: list[int]
     num_computed_tokens: int
     block_ids: list[int] = field(default_factory=list)
+    request_id: str = "r"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+
+def rows(scheduled):
+    """(request, num_new_tokens) pairs as the scheduler's rows."""
+    return [ScheduledRequest(req, n, req.num_computed_tokens, req.block_ids,
+                             req.num_computed_tokens + n == req.num_tokens)
+            for req, n in scheduled]
 
 
 def loop_reference(scheduled, T, R, MB, bs):
@@ -66,15 +79,39 @@ def test_step_arrays_equal_a_loop_over_requests(specs, T, R, MB, spare):
     rng = np.random.default_rng(len(specs) + T)
     bs = 16
     scheduled = make_batch(rng, specs, bs, spare)
-    got = step_arrays(scheduled, T, R, MB, bs)
+    ids, feed, *got = step_arrays(rows(scheduled), T, R, MB, bs)
+    got = [ids, *got]
     want = loop_reference(scheduled, T, R, MB, bs)
     names = ("ids", "pos", "slots", "qsl", "seq_lens", "tables", "logits_idx")
     for name, g, w in zip(names, got, want):
         assert g.dtype == np.int32 and g.shape == w.shape, name
         np.testing.assert_array_equal(g, w, err_msg=name)
+    assert (feed == -1).all()  # every token id is known on the host
     # padding tokens write into the null block 0
     total = sum(n for _, n in specs)
     assert not got[2][total:].any()
+
+
+def test_tokens_the_step_in_flight_samples_are_fed_from_its_rows():
+    """Asynchronous scheduling: a decode row whose token the previous step samples gets
+    feed = that step's row of the request (its id slot is 0); the other tokens come from the
+    host; a pending token no step in flight samples is an error."""
+    bs = 4
+    known = FakeRequest([5, 6, 7], 1, [3], "known")  # a prompt chunk: tokens 6, 7
+    pending_a = FakeRequest([9, 8, 7, 6, 5], 5, [4, 5], "a")  # computes position 5: pending
+    pending_b = FakeRequest([1, 2], 2, [6], "b")
+    scheduled = [ScheduledRequest(known, 2, 1, known.block_ids, True),
+                 ScheduledRequest(pending_a, 1, 5, pending_a.block_ids, True),
+                 ScheduledRequest(pending_b, 1, 2, pending_b.block_ids, True)]
+    ids, feed, pos, slots, *_ = step_arrays(scheduled, 16, 4, 2, bs,
+                                            {pending_a: 7, pending_b: 0, known: 3})
+    np.testing.assert_array_equal(ids[:4], [6, 7, 0, 0])
+    np.testing.assert_array_equal(feed[:4], [-1, -1, 7, 0])
+    assert (feed[4:] == -1).all()
+    np.testing.assert_array_equal(pos[:4], [1, 2, 5, 2])
+    np.testing.assert_array_equal(slots[:4], [3 * bs + 1, 3 * bs + 2, 5 * bs + 1, 6 * bs + 2])
+    with pytest.raises(RuntimeError, match=r"\['b'\]"):
+        step_arrays(scheduled, 16, 4, 2, bs, {pending_a: 7})
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -87,6 +124,28 @@ def test_step_arrays_equal_a_loop_over_requests(specs, T, R, MB, spare):
 ])
 def test_default_xla_flags_keep_the_users(given, expected):
     assert with_defaults(given) == expected
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("", "rematerialization"),
+    ("--xla_disable_hlo_passes=foo,bar --xla_cpu_x=1", "foo,bar,rematerialization"),
+    ("--xla_disable_hlo_passes=rematerialization", "rematerialization"),
+])
+def test_step_programs_disable_rematerialization_keeping_the_users_passes(given, expected):
+    assert step_compiler_options(given) == {"xla_disable_hlo_passes": expected}
+
+
+def test_step_programs_compile_with_those_options(llama_folder, monkeypatch):
+    """The runner hands step_compiler_options() to XLA: an option XLA does not know fails
+    the compilation."""
+    from jaxvllm import LLM, SamplingParams, xla_flags
+
+    llm = LLM(str(llama_folder), attention_backend="reference", max_model_len=64,
+              max_num_seqs=2, max_num_batched_tokens=16, precompile=False)
+    monkeypatch.setattr(xla_flags, "step_compiler_options", lambda: {"xla_no_such_option": "1"})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        llm.generate([{"prompt_token_ids": [3, 14, 15]}], SamplingParams(max_tokens=2),
+                     use_tqdm=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,10 @@ from jaxvllm.simple_generate import SimpleGenerator
 CASE = "llama_gqa"
 VOCAB = 256
 MAX_MODEL_LEN = 96
+# One step in flight at a time, collected before the next is scheduled (the doubles below
+# check that contract); scheduling ahead of the step in flight: tests/test_async_scheduling.py
 CONFIG = dict(max_num_seqs=4, max_num_batched_tokens=32, block_size=4,
-              max_model_len=MAX_MODEL_LEN, seed=0)
+              max_model_len=MAX_MODEL_LEN, seed=0, async_scheduling=False)
 
 
 class LetterTokenizer:
@@ -67,7 +69,8 @@ class DeferredRunner:
 
     def execute_async(self, scheduled, vocab_size):
         assert self.in_flight is None, "a step dispatched before the previous one was collected"
-        rows = [(req, req.num_computed_tokens, req.num_tokens) for req, _ in scheduled]
+        rows = [(s.request, s.request.num_computed_tokens, s.request.num_tokens)
+                for s in scheduled]
         self.in_flight = _Handle(self, self._runner.execute(scheduled, vocab_size), rows)
         self.num_dispatched += 1
         return self.in_flight

@@ -28,6 +28,7 @@ from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.engine.kv_cache import KVCacheManager
 from jaxvllm.engine.request import Request, RequestStatus
 from jaxvllm.engine.runner import ModelRunner, StepResult
+from jaxvllm.engine.sampler import plain_params
 from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxvllm.models.attention import kv_cache_bytes_per_block
 from jaxvllm.models.config import resolve_dtype
@@ -155,6 +156,8 @@ class LLMEngine:
         self._eos_ids = [i for i in dict.fromkeys(eos + list(self.model_config.eos_token_ids))
                          if i is not None]
         self._in_flight: Optional[_InFlight] = None
+        self._async_scheduling = self._resolve_async_scheduling()
+        self._steps_scheduled_ahead = 0  # dispatched before the step in flight was collected
         self._output_steps = 0
         self._output_seconds = 0.0  # detokenizing, stop strings and outputs of collected steps
         self._overlapped_seconds = 0.0  # the part of it spent while the next step ran
@@ -192,6 +195,12 @@ class LLMEngine:
                              f"(not {self.config.resolved_attention_backend()!r}) and "
                              "tensor_parallel_size=1")
         return possible and (wanted if wanted is not None else not self.config.on_cpu)
+
+    def _resolve_async_scheduling(self) -> bool:
+        wanted = self.config.async_scheduling
+        if wanted and self.mesh is not None:
+            raise ValueError("async_scheduling=True needs tensor_parallel_size=1 on one process")
+        return self.mesh is None and (wanted if wanted is not None else True)
 
     def _unroll_layers(self) -> bool:
         wanted = self.config.unroll_layers
@@ -344,31 +353,51 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Collect the step in flight, dispatch the next one, then return the outputs of the
-        collected step (the first call after an idle period dispatches and returns [])."""
-        collected = self._collect()
-        out = self.scheduler.schedule()
-        if out.scheduled:
-            self._dispatch(out)
+        collected step (the first call after an idle period dispatches and returns []).
+
+        With asynchronous scheduling the next step is scheduled and dispatched before the one
+        in flight is collected, so the device never waits for the host's scheduling and input
+        building: its rows compute the tokens the step in flight samples by reading them on
+        the device (see `_schedules_ahead` for when)."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and self._schedules_ahead(previous):
+            out = self.scheduler.schedule()
+            if out.scheduled:
+                self._in_flight = self._dispatch(out)
+                self._steps_scheduled_ahead += 1
+            collected = self._collect(previous)
+        else:
+            collected = self._collect(previous)
+            out = self.scheduler.schedule()
+            if out.scheduled:
+                self._in_flight = self._dispatch(out)
         outputs = [] if collected is None else self._process(collected)
         self._drain_if_idle()
         return outputs
 
-    def _dispatch(self, out: SchedulerOutput) -> None:
-        scheduled = [(s.request, s.num_new_tokens) for s in out.scheduled]
+    def _schedules_ahead(self, previous: _InFlight) -> bool:
+        """Whether the next step may be scheduled before `previous` is collected: the runner
+        dispatches asynchronously, and every row that samples in `previous` has params that
+        need no token history on the host (no penalties, bad words, min_tokens or logprobs),
+        since the next step's sampling inputs are built without its token."""
+        if not (self._async_scheduling and previous.asynchronous):
+            return False
+        return all(plain_params(s.request.sampling_params)
+                   for s in previous.scheduler_output.scheduled if s.do_sample)
+
+    def _dispatch(self, out: SchedulerOutput) -> _InFlight:
         execute_async = getattr(self.runner, "execute_async", None)
         if execute_async is not None:
-            self._in_flight = _InFlight(out, execute_async(scheduled, self.vocab_size), True)
-        else:
-            self._in_flight = _InFlight(
-                out, _Completed(self.runner.execute(scheduled, self.vocab_size)), False)
+            return _InFlight(out, execute_async(out.scheduled, self.vocab_size), True)
+        return _InFlight(out, _Completed(self.runner.execute(out.scheduled, self.vocab_size)),
+                         False)
 
-    def _collect(self) -> Optional[_Collected]:
-        """Wait for the step in flight and fold its tokens into the scheduler (appending,
+    def _collect(self, in_flight: Optional[_InFlight]) -> Optional[_Collected]:
+        """Wait for a dispatched step and fold its tokens into the scheduler (appending,
         length / eos / stop-token checks, freeing the blocks of what finished)."""
-        if self._in_flight is None:
+        if in_flight is None:
             return None
-        out, handle, _ = self._in_flight
-        self._in_flight = None
+        out, handle, _ = in_flight
         result = handle.result()
         # rows finished since dispatch (a stop string, an abort) are skipped by the scheduler
         # and here: their token was computed past the end of the request
@@ -385,7 +414,8 @@ class LLMEngine:
         """With no request left, collect a step still in flight (its rows all finished after
         it was dispatched) so that an idle engine has nothing running on the device."""
         if self._in_flight is not None and not self.scheduler.has_unfinished_requests():
-            self._collect()
+            in_flight, self._in_flight = self._in_flight, None
+            self._collect(in_flight)
 
     def _tracked(self, req: Request) -> tuple[Optional[_Parent], Optional[_Sequence]]:
         """The parent and sequence of a request the engine still tracks (None, None once it
@@ -490,6 +520,7 @@ class LLMEngine:
                 "kv_cache_usage": self.kv_manager.usage,
                 "num_blocks": self.num_blocks,
                 "num_preemptions": self.scheduler.num_preemptions,
+                "steps_scheduled_ahead": self._steps_scheduled_ahead,
                 **self.runner.counters.summary(), **self._output_stats(),
                 **self._memory_stats()}
 

@@ -57,6 +57,10 @@ class Request:
     num_computed_tokens: int = 0
     # KV blocks in position order: token at position p lives in block_ids[p // block_size].
     block_ids: list[int] = field(default_factory=list)
+    # Scheduled in steps still in flight (see Scheduler: asynchronous scheduling): tokens
+    # being computed, and outputs being sampled whose ids the host does not know yet.
+    num_inflight_tokens: int = 0
+    num_pending_outputs: int = 0
     # Prefix-cache hit (tokens) found when first scheduled; -1 until then.
     num_cached_tokens: int = -1
     status: RequestStatus = RequestStatus.WAITING

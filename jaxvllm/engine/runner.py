@@ -6,7 +6,7 @@ compiled program per bucket (`ProgramKey`): tokens `T`, requests `R` and block-t
 compiled ahead of time the first time its bucket appears, or earlier in background threads
 (`precompile`; counted in `num_compiled`, `compile_seconds` for the time steps waited and
 `background_compile_seconds`). Step inputs are built with numpy (`step_arrays`) and handed to
-the compiled program as numpy arrays.
+the compiled program packed into one byte buffer (`StepProgram`, engine/packed_inputs.py).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import time
 from typing import Callable, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvllm import parallel
+from jaxvllm import parallel, xla_flags
+from jaxvllm.engine.packed_inputs import PackedLayout, pack, unpack
 from jaxvllm.engine.sampler import build_sampling_metadata, gather_logprobs, pow2_at_least, sample
 from jaxvllm.engine.scheduler import MIN_TOKEN_BUCKET
 from jaxvllm.models.attention import (AttentionMetadata, allocate_kv_cache,
@@ -79,8 +81,15 @@ class StepCounters:
                 "device_ms_per_step": 1000 * self.device_seconds / steps}
 
 
-def _step_fn(graphdef, num_logprobs, num_prompt_logprobs, state, kv, input_ids, positions, meta,
-             logits_indices, sampling, prompt_indices, prompt_targets):
+def _step_fn(graphdef, num_logprobs, num_prompt_logprobs, layout, state, kv, prev_tokens,
+             *inputs):
+    if layout is not None:  # one packed buffer (see StepProgram)
+        inputs = unpack(inputs[0], layout)
+    (input_ids, feed, positions, meta, logits_indices, sampling, prompt_indices,
+     prompt_targets) = inputs
+    # tokens the previous step sampled and the host does not know yet (asynchronous
+    # scheduling): taken from its output rows on the device
+    input_ids = jnp.where(feed >= 0, prev_tokens[jnp.maximum(feed, 0)], input_ids)
     model = nnx.merge(graphdef, state)
     hidden, kv = model(input_ids, positions, meta, kv)
     # tensor parallel: the vocabulary-sharded logits gathered once; sampling runs replicated
@@ -91,7 +100,9 @@ def _step_fn(graphdef, num_logprobs, num_prompt_logprobs, state, kv, input_ids, 
         prompt_logits = parallel.gather_logits(model.compute_logits(hidden[prompt_indices]))
         prompt = gather_logprobs(jax.nn.log_softmax(prompt_logits, axis=-1), prompt_targets,
                                  num_prompt_logprobs)
-    return sampled, prompt, kv
+    next_tokens = jnp.zeros_like(prev_tokens).at[:sampled.token_ids.shape[0]].set(
+        sampled.token_ids.astype(prev_tokens.dtype))
+    return sampled, prompt, kv, next_tokens
 
 
 def _shape_of(x: jax.Array) -> jax.ShapeDtypeStruct:
@@ -114,18 +125,45 @@ class ProgramKey(NamedTuple):
         return self._replace(plan_sizes=None) == other._replace(plan_sizes=None)
 
 
-def step_arrays(scheduled, T: int, R: int, MB: int, block_size: int):
-    """The step's token and attention arrays for `scheduled` ((request, num_new_tokens) in
-    batch order), padded to T tokens, R rows and MB table columns: token ids, positions, KV
-    slots, query start offsets, sequence lengths, block tables and the logits row of each
-    request. Padding tokens write into the null block 0. Built with one pass of Python over
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """A compiled step and how its host inputs reach it: packed into one buffer of `layout`
+    (one host-to-device copy a step), or, tensor parallel (layout None), as the arrays
+    `_shard_inputs` replicated over the mesh."""
+
+    compiled: object
+    layout: Optional[PackedLayout]
+
+    def __call__(self, state, kv, prev_tokens, host_inputs):
+        if self.layout is None:
+            return self.compiled(state, kv, prev_tokens, *host_inputs)
+        buffer, layout = pack(host_inputs)
+        if layout != self.layout:
+            raise RuntimeError("step inputs do not match the program's packed layout")
+        return self.compiled(state, kv, prev_tokens, buffer)
+
+    def as_text(self) -> str:
+        return self.compiled.as_text()
+
+
+def step_arrays(scheduled, T: int, R: int, MB: int, block_size: int,
+                prev_rows: Optional[dict] = None):
+    """The step's token and attention arrays for `scheduled` (rows with `request`,
+    `num_computed_tokens` (the first new position), `num_new_tokens`, in batch order), padded
+    to T tokens, R rows and MB table columns: token ids, feed, positions, KV slots, query
+    start offsets, sequence lengths, block tables and the logits row of each request.
+
+    A new token past the request's known ids (one the step in flight samples) is read on the
+    device from that step's output row `prev_rows[request]`: `feed` holds that row, -1
+    elsewhere. Padding tokens write into the null block 0. Built with one pass of Python over
     the requests and numpy over the tokens (a decode batch of 256 is the common case)."""
     num_reqs = len(scheduled)
-    starts = [req.num_computed_tokens for req, _ in scheduled]
-    counts = [n for _, n in scheduled]
+    reqs = [s.request for s in scheduled]
+    starts = [s.num_computed_tokens for s in scheduled]
+    counts = [s.num_new_tokens for s in scheduled]
     total = sum(counts)
     tables = np.zeros((R, MB), np.int32)
-    block_lists = [req.block_ids[:MB] for req, _ in scheduled]
+    block_lists = [req.block_ids[:MB] for req in reqs]
     num_blocks = np.fromiter(map(len, block_lists), np.int64, num_reqs)
     row_of_block = np.repeat(np.arange(num_reqs), num_blocks)
     tables[row_of_block, np.arange(len(row_of_block)) - np.repeat(
@@ -138,18 +176,35 @@ def step_arrays(scheduled, T: int, R: int, MB: int, block_size: int):
     qsl[1:num_reqs + 1] = np.cumsum(counts_np)
     row_of_token = np.repeat(np.arange(num_reqs), counts_np)
     ids = np.zeros(T, np.int32)
+    feed = np.full(T, -1, np.int32)
     pos = np.zeros(T, np.int32)
     slots = np.zeros(T, np.int32)
-    ids[:total] = np.fromiter(itertools.chain.from_iterable(
-        req.all_token_ids[s:s + n] for (req, n), s in zip(scheduled, starts)), np.int32, total)
-    p = np.arange(total) - qsl[row_of_token] + np.asarray(starts, np.int64)[row_of_token]
+    known = [min(n, max(req.num_tokens - s, 0)) for req, s, n in zip(reqs, starts, counts)]
+    num_known = sum(known)
+    known_ids = np.fromiter(itertools.chain.from_iterable(
+        req.all_token_ids[s:s + k] for req, s, k in zip(reqs, starts, known)), np.int32,
+        num_known)
+    offset = np.arange(total) - qsl[row_of_token]
+    if num_known == total:
+        ids[:total] = known_ids
+    else:
+        is_known = offset < np.asarray(known, np.int64)[row_of_token]
+        ids[:total][is_known] = known_ids
+        prev_rows = prev_rows or {}
+        missing = [req.request_id for req, k, n in zip(reqs, known, counts)
+                   if k < n and req not in prev_rows]
+        if missing:
+            raise RuntimeError(f"no step in flight samples the next token of {missing}")
+        row_of_req = np.asarray([prev_rows.get(req, -1) for req in reqs], np.int32)
+        feed[:total][~is_known] = row_of_req[row_of_token[~is_known]]
+    p = offset + np.asarray(starts, np.int64)[row_of_token]
     pos[:total] = p
     slots[:total] = tables[row_of_token, p // block_size] * block_size + p % block_size
     seq_lens = np.zeros(R, np.int32)
     seq_lens[:num_reqs] = np.asarray(starts, np.int64) + counts_np
     logits_idx = np.zeros(R, np.int32)
     logits_idx[:num_reqs] = qsl[1:num_reqs + 1] - 1
-    return ids, pos, slots, qsl, seq_lens, tables, logits_idx
+    return ids, feed, pos, slots, qsl, seq_lens, tables, logits_idx
 
 
 @dataclasses.dataclass
@@ -185,7 +240,12 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.kv_dtype = kv_dtype if kv_dtype is not None else model.dtype
         self.kv = self._allocate_kv(num_blocks, self.kv_dtype)
-        self._programs: dict[ProgramKey, object] = {}
+        # the sampled tokens of the last step dispatched, on the device, by its rows (padded to
+        # max_reqs_bucket), and the row of each request that sampled in it: the next step
+        # reads the tokens the host does not know yet from there (`step_arrays` feed)
+        self._last_tokens = self._zeros_on_device(self.max_reqs_bucket)
+        self._last_rows: dict = {}
+        self._programs: dict[ProgramKey, StepProgram] = {}
         self._compiling: dict[ProgramKey, concurrent.futures.Future] = {}
         self._compile_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._compile_lock = threading.Lock()
@@ -215,17 +275,23 @@ class ModelRunner:
             self._programs[key] = program
         return program
 
-    def _compile(self, key, args):
+    def _compile(self, key, args) -> StepProgram:
+        layout = None
+        if self.mesh is None:
+            buffer, layout = pack(args[3:])
+            args = (*args[:3], buffer)
         step = functools.partial(_step_fn, self.graphdef, key.num_logprobs,
-                                 key.num_prompt_logprobs)
+                                 key.num_prompt_logprobs, layout)
         if self.mesh is None:
             fn = jax.jit(step, donate_argnums=(1,))
         else:  # outputs replicated, the cache stays sharded by KV head
             rep = parallel.replicated(self.mesh)
             fn = jax.jit(step, donate_argnums=(1,), out_shardings=(
-                rep, rep, parallel.kv_cache_sharding(self.mesh)))
+                rep, rep, parallel.kv_cache_sharding(self.mesh), rep))
         with parallel.tracing_under(self.mesh):
-            return fn.lower(*args).compile()
+            compiled = fn.lower(*args).compile(
+                compiler_options=xla_flags.step_compiler_options())
+        return StepProgram(compiled, layout)
 
     def precompile(self, vocab_size: int, workers: int = 4) -> None:
         """Compile in background threads the plain programs (R = min(rows, T) rows, the
@@ -245,8 +311,9 @@ class ModelRunner:
         for T in [self.max_tokens_bucket, *decode]:
             key, args = self._dummy_step(vocab_size, T, min(self.max_reqs_bucket, T),
                                          self.min_table_width)
-            # the state and the cache by shape only: the steps donate the cache meanwhile
-            args = (*jax.tree.map(_shape_of, args[:2]), *args[2:])
+            # the state, the cache and the fed tokens by shape only: the steps donate the
+            # cache and replace the tokens meanwhile
+            args = (*jax.tree.map(_shape_of, args[:3]), *args[3:])
             if key not in self._programs and key not in self._compiling:
                 self._compiling[key] = self._compile_pool.submit(self._timed_compile, key, args)
 
@@ -265,8 +332,9 @@ class ModelRunner:
         meta = AttentionMetadata(qsl, np.ones(R, np.int32), zeros(R, MB), zeros(T))
         sampling, _ = build_sampling_metadata([], vocab_size, pad_rows_to=R, device_put=False)
         key = ProgramKey(sampling.shape_key, T, R, MB, None, 1, None, None)
-        return key, (self.state, self.kv, zeros(T), zeros(T), meta, zeros(R), sampling,
-                     zeros(1), zeros(1))
+        feed = np.full(T, -1, np.int32)
+        return key, (self.state, self.kv, self._last_tokens, zeros(T), feed, zeros(T), meta,
+                     zeros(R), sampling, zeros(1), zeros(1))
 
     def resize_kv_cache(self, num_blocks: int) -> None:
         for future in self._compiling.values():
@@ -281,6 +349,10 @@ class ModelRunner:
             return allocate_kv_cache(self.cfg, num_blocks, self.block_size, dtype)
         return parallel.allocate_kv_cache(self.cfg, num_blocks, self.block_size, dtype, self.mesh)
 
+    def _zeros_on_device(self, n: int):
+        zeros = np.zeros(n, np.int32)
+        return jax.device_put(zeros) if self.mesh is None else parallel.replicate(zeros, self.mesh)
+
     def _shard_inputs(self, args, key=None):
         """Tensor parallel: the step's host inputs replicated over the mesh. With several
         processes, process 0 (the one that schedules) first sends them, with the program
@@ -288,13 +360,13 @@ class ModelRunner:
         if key is not None and jax.process_count() > 1:
             from jaxvllm import distributed
 
-            distributed.send_step(key, args[2:])
-        return (args[0], args[1], *parallel.replicate(args[2:], self.mesh))
+            distributed.send_step(key, args[3:])
+        return (*args[:3], *parallel.replicate(args[3:], self.mesh))
 
     def run_step(self, key, host_inputs) -> None:
         """Run the step process 0 broadcast (the other processes' side of `execute`)."""
-        args = self._shard_inputs((self.state, self.kv, *host_inputs))
-        _, _, self.kv = self._program(key, args)(*args)
+        args = self._shard_inputs((self.state, self.kv, self._last_tokens, *host_inputs))
+        _, _, self.kv, self._last_tokens = self._program(key, args)(*args[:3], args[3:])
 
     def profile_run(self, vocab_size: int) -> None:
         """Run the largest step (every token and row, the widest block table) on dummy
@@ -303,21 +375,24 @@ class ModelRunner:
                                      self.max_table_width)
         if self.mesh is not None:
             args = self._shard_inputs(args)
-        _, _, self.kv = self._program(key, args)(*args)
+        _, _, self.kv, _ = self._program(key, args)(*args[:3], args[3:])
         jax.block_until_ready(self.kv)
 
     def execute(self, scheduled, vocab_size: int) -> StepResult:
-        """Run one step for `scheduled`: a list of (request, num_new_tokens) in batch order."""
+        """Run one step for `scheduled`: the scheduler's rows (`ScheduledRequest`) in batch
+        order."""
         return self.execute_async(scheduled, vocab_size).result()
 
     def execute_async(self, scheduled, vocab_size: int) -> "PendingStep":
         """Dispatch one step and return at once; its `result()` waits for the device. In
         between, the engine may finish or add requests, but the token counts and ids of the
-        rows in flight stay as they were, and `result()` reads nothing else."""
+        rows in flight stay as they were, and `result()` reads nothing else. A row may compute
+        a token the previous step dispatched samples (asynchronous scheduling): it is read on
+        the device."""
         started = time.perf_counter()
         bs = self.block_size
-        total = sum(n for _, n in scheduled)
-        widest = max(-(-(r.num_computed_tokens + n) // bs) for r, n in scheduled)
+        total = sum(s.num_new_tokens for s in scheduled)
+        widest = max(-(-(s.num_computed_tokens + s.num_new_tokens) // bs) for s in scheduled)
         T = bucket(total, MIN_TOKEN_BUCKET, self.max_tokens_bucket)
         # Every request has a token, so R <= T: one row count per token bucket keeps the
         # number of programs down, and a padded row costs only its logits.
@@ -326,8 +401,9 @@ class ModelRunner:
         MB = widest if self.planner else bucket(widest, self.min_table_width,
                                                  self.max_table_width)
 
-        ids, pos, slots, qsl, seq_lens, tables, logits_idx = step_arrays(scheduled, T, R, MB, bs)
-        rows = [req for req, _ in scheduled]
+        ids, feed, pos, slots, qsl, seq_lens, tables, logits_idx = step_arrays(
+            scheduled, T, R, MB, bs, self._last_rows)
+        rows = [s.request for s in scheduled]
         sampling, num_logprobs = build_sampling_metadata(rows, vocab_size, pad_rows_to=R,
                                                          device_put=False)
         prompt_idx, prompt_targets, prompt_spans, num_prompt_logprobs = self._prompt_logprob_inputs(
@@ -341,15 +417,14 @@ class ModelRunner:
             meta = AttentionMetadata(qsl, seq_lens, None, slots, plan)
         else:
             meta = AttentionMetadata(qsl, seq_lens, tables, slots)
-        # numpy inputs go to the compiled program as they are: its C++ call path copies them
-        # to the device far faster than one Python-level device_put per array
-        args = (self.state, self.kv, ids, pos, meta, logits_idx, sampling, prompt_idx,
-                prompt_targets)
+        args = (self.state, self.kv, self._last_tokens, ids, feed, pos, meta, logits_idx,
+                sampling, prompt_idx, prompt_targets)
         if self.mesh is not None:
             args = self._shard_inputs(args, key)
         program = self._program(key, args)
         launched = time.perf_counter()
-        out, prompt_out, self.kv = program(*args)
+        out, prompt_out, self.kv, self._last_tokens = program(*args[:3], args[3:])
+        self._last_rows = {s.request: i for i, s in enumerate(scheduled) if s.do_sample}
         return PendingStep(functools.partial(self._finish, scheduled, out, prompt_out,
                                              prompt_spans, num_logprobs, total, T,
                                              launched - started, launched))
@@ -385,9 +460,10 @@ class ModelRunner:
         """Rows of the batch whose logits score the next prompt token, for requests that asked
         for prompt logprobs: (token indices, target ids, spans, k or None)."""
         idx, targets, spans, ks = [], [], [], []
-        for i, (req, n) in enumerate(scheduled):
+        for i, row in enumerate(scheduled):
+            req, n = row.request, row.num_new_tokens
             k = getattr(req.sampling_params, "prompt_logprobs", None)
-            start = req.num_computed_tokens
+            start = row.num_computed_tokens
             last = min(start + n, req.num_prompt_tokens - 1)  # positions that predict a prompt token
             if k is None or last <= start:
                 continue
@@ -410,9 +486,10 @@ class ModelRunner:
         lp = np.asarray(out.logprobs) if want else None
         lp_ids = np.asarray(out.logprob_token_ids) if want else None
         ranks = np.asarray(out.sampled_ranks) if want else None
-        for i, (req, n) in enumerate(scheduled):
-            if req.num_computed_tokens + n < req.num_tokens:
+        for i, row in enumerate(scheduled):
+            if not row.do_sample:
                 continue  # a prompt chunk that does not reach the end samples nothing
+            req = row.request
             sampled[req.request_id] = int(tokens[i])
             if want:
                 logprobs[req.request_id] = (lp_ids[i].tolist(), lp[i].tolist(), int(ranks[i]))

@@ -395,7 +395,7 @@ def _top_k_or_off(top_k: int, vocab_size: int) -> int:
     return 0 if (top_k <= 0 or top_k >= vocab_size) else top_k
 
 
-def _is_plain(params: Any) -> bool:
+def plain_params(params: Any) -> bool:
     """Params whose rows need no per-row id lists: no penalties, logit bias, allowed or bad
     words, min_tokens or logprobs (sampling knobs alone: temperature, top-p/k, min-p, seed)."""
     return (params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
@@ -403,6 +403,12 @@ def _is_plain(params: Any) -> bool:
             and params.allowed_token_ids is None and not params.min_tokens
             and params.logprobs is None
             and not getattr(params, "bad_words_token_ids", None))
+
+
+def _outputs_before_step(request: Any) -> int:
+    """Outputs a request has before the one this step samples, counting those that steps in
+    flight sample (`num_pending_outputs` includes this step's own)."""
+    return len(request.output_token_ids) + max(getattr(request, "num_pending_outputs", 1) - 1, 0)
 
 
 def _plain_requests_metadata(rows: Sequence[Any], vocab_size: int, num_rows: int,
@@ -417,7 +423,7 @@ def _plain_requests_metadata(rows: Sequence[Any], vocab_size: int, num_rows: int
         p = r.sampling_params
         ok = plain.get(id(p))
         if ok is None:
-            ok = plain[id(p)] = _is_plain(p)
+            ok = plain[id(p)] = plain_params(p)
         if not ok:
             return None
         params.append(p)
@@ -438,7 +444,7 @@ def _plain_requests_metadata(rows: Sequence[Any], vocab_size: int, num_rows: int
         repetition_penalty=col([], np.float32, 1.0),
         seeds=col([_seed32(f if p.seed is None else p.seed) for p, f in zip(params, fresh_seeds)],
                   np.uint32, 0),
-        step_positions=col([len(r.output_token_ids) for r in rows], np.int32, 0),
+        step_positions=col([_outputs_before_step(r) for r in rows], np.int32, 0),
         token_ids=no_ids(), num_prompt=col([], np.int32, 0), bias_ids=no_ids(),
         bias_values=no_ids(np.float32, 0.0), allowed_ids=no_ids(), stop_ids=no_ids(),
         suppress_stop=col([], np.bool_, False), bad_word_ids=no_ids())

@@ -12,6 +12,12 @@ A prompt chunk cut short by the budget is cut a little shorter, so that the step
 count is a power of two (a token bucket): the runner pads every step up to its bucket, and the
 tokens past a bucket would make the step as costly as the next, twice larger, one.
 
+A step may be scheduled while the previous one is still on the device (asynchronous
+scheduling): a request's tokens in flight (`num_inflight_tokens`) count as computed, and the
+output each in-flight row samples (`num_pending_outputs`) as a token whose id the runner takes
+from the device; a request that its pending outputs bring to max_tokens or max_model_len is
+not scheduled again. `update_from_output` folds each step in, in order.
+
 Running requests go first, in admission order; then waiting ones (FCFS, or by priority).
 When the KV cache runs out of blocks, the scheduler preempts from the tail of the running
 list (the newest, or the lowest priority) by recompute: the victim drops its blocks and goes
@@ -241,15 +247,18 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            wanted = min(req.num_tokens - req.num_computed_tokens,
-                         cfg.max_model_len - req.num_computed_tokens)
+            if req.num_pending_outputs and self._finishes_on_length(req):
+                continue  # its last token is being sampled
+            computed = req.num_computed_tokens + req.num_inflight_tokens
+            wanted = min(req.num_tokens + req.num_pending_outputs - computed,
+                         cfg.max_model_len - computed)
             if wanted <= 0:
                 continue
             n, cost = self._grant(wanted, budget)
             while True:
-                if self.kv_manager.allocate_slots(req, n) is not None:
+                if self.kv_manager.allocate_slots(req, req.num_inflight_tokens + n) is not None:
                     num_new[req] = n
-                    start[req] = req.num_computed_tokens
+                    start[req] = computed
                     budget -= cost
                     break
                 victim = self._pick_victim()
@@ -287,9 +296,12 @@ class Scheduler:
                               finished_req_ids=self._finished_req_ids)
         self._finished_req_ids = set()
         for req, n in num_new.items():
-            out.scheduled.append(ScheduledRequest(
-                req, n, start[req], list(req.block_ids), start[req] + n == req.num_tokens))
+            do_sample = start[req] + n == req.num_tokens + req.num_pending_outputs
+            out.scheduled.append(ScheduledRequest(req, n, start[req], list(req.block_ids),
+                                                  do_sample))
             out.num_scheduled_tokens += n
+            req.num_inflight_tokens += n
+            req.num_pending_outputs += do_sample
         return out
 
     def update_from_output(self, output: SchedulerOutput,
@@ -303,10 +315,12 @@ class Scheduler:
         for s in output.scheduled:
             req = s.request
             if req.status != RequestStatus.RUNNING:
-                continue  # aborted between schedule() and now: its blocks are gone
+                continue  # aborted or preempted since schedule(): its blocks are gone
             req.num_computed_tokens += s.num_new_tokens
+            req.num_inflight_tokens -= s.num_new_tokens
             stopped = False
             if s.do_sample:
+                req.num_pending_outputs -= 1
                 req.append_output_token(sampled_token_ids[req.request_id])
                 stopped = self._check_stop(req)
             self.kv_manager.cache_blocks(req, req.num_computed_tokens)
@@ -327,6 +341,14 @@ class Scheduler:
         if wanted <= budget:
             return wanted, wanted
         return bucket_aligned_grant(budget, self.config.max_num_batched_tokens - budget), budget
+
+    def _finishes_on_length(self, req: Request) -> bool:
+        """Whether the outputs being sampled finish `req` by length (max_tokens or
+        max_model_len), whatever their ids."""
+        max_tokens = req.max_tokens
+        return (req.num_tokens + req.num_pending_outputs >= self.config.max_model_len
+                or (max_tokens is not None
+                    and req.num_output_tokens + req.num_pending_outputs >= max_tokens))
 
     def _check_stop(self, req: Request) -> bool:
         """Stop conditions after appending a sampled token, in vLLM V1's order (check_stop).
@@ -364,6 +386,8 @@ class Scheduler:
         self.running.remove(req)
         self.kv_manager.free(req)
         req.num_computed_tokens = 0
+        # what its steps in flight compute and sample is dropped (update_from_output skips it)
+        req.num_inflight_tokens = req.num_pending_outputs = 0
         req.status = RequestStatus.PREEMPTED
         self.waiting.add(req, front=True)
         self.num_preemptions += 1

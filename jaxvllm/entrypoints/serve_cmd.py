@@ -87,6 +87,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default=None,
                    help="attention implementation (default: the reference)")
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampled requests")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule each step before the one in flight is collected (default: "
+                        "on, except tensor parallel)")
+    g.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the layers unrolled on per-layer fused weights (default: on one "
+                        "GPU)")
+    g.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode steps in background threads at start-up "
+                        "(default: on a GPU)")
 
 
 def engine_kwargs(args) -> dict:
@@ -102,6 +111,9 @@ def engine_kwargs(args) -> dict:
                   attention_backend=args.attention_backend)
     if args.cpu_kv_cache_bytes is not None:
         kwargs["cpu_kv_cache_bytes"] = args.cpu_kv_cache_bytes
+    for name in ("async_scheduling", "unroll_layers", "precompile"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
     return kwargs
 
 
