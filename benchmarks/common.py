@@ -75,7 +75,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=None,
                    help="run the layers unrolled on per-layer fused weights (default: on a GPU)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule each step before the one in flight is collected (default: on)")
+                   help="schedule each step before the one in flight is collected (default: off)")
     g.add_argument("--seed", type=int, default=0)
 
 

@@ -184,6 +184,19 @@ def _union_ns(events: Iterable[dict]) -> float:
     return total
 
 
+def _span_and_gaps(events: list[dict]) -> tuple[float, list[float]]:
+    """(last end - first start, the idle gaps between the merged busy intervals), in ns."""
+    if not events:
+        return 0.0, []
+    events = sorted(events, key=lambda e: e["start"])
+    gaps, cur_end = [], events[0]["end"]
+    for e in events[1:]:
+        if e["start"] > cur_end:
+            gaps.append(e["start"] - cur_end)
+        cur_end = max(cur_end, e["end"])
+    return cur_end - events[0]["start"], gaps
+
+
 def summarize_events(devices: list[list[list[dict]]], steps: int, top: int) -> dict:
     """Per-step aggregates of the op events (over all devices: per device, averaged)."""
     n_dev = max(len(devices), 1)
@@ -222,8 +235,19 @@ def summarize_events(devices: list[list[list[dict]]], steps: int, top: int) -> d
     def by_name(e):
         return e["name"]
 
+    spans, gaps = [], []
+    for lines in devices:
+        span, idle = _span_and_gaps([e for evs in lines for e in evs])
+        spans.append(span)
+        gaps += idle
     result = {"device_busy_ms_per_step": common._r(np.mean(busy) / steps / 1e6, 4) if busy
               else None,
+              # first op start to last op end, and the idle stretches in between: time the
+              # device waited inside the traced steps (launches, updates, host syncs)
+              "span_ms_per_step": common._r(np.mean(spans) / steps / 1e6, 4) if spans else None,
+              "largest_gaps_ms": [common._r(g / 1e6, 4) for g in sorted(gaps)[::-1][:8]],
+              "gaps_over_50us_ms_per_step": common._r(
+                  sum(g for g in gaps if g > 5e4) / n_dev / steps / 1e6, 4),
               "op_ms_per_step": common._r(total_self / per / 1e6, 4),
               "num_devices": len(devices), "num_events": len(events),
               "top": table(by_name)}
@@ -246,6 +270,14 @@ def parse_trace(folder: str, platform: str, steps: int, top: int) -> dict:
         devices, where = select_events(profile, platform)
     out = {"trace_source": where, "trace_planes": [p.name for p in profile.planes]}
     out.update(summarize_events(devices, steps, top))
+    if platform != "cpu":  # what the host threads did meanwhile (launches, graph updates, waits)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            host = [[_line_events(ln, need_hlo_op=False) for ln in p.lines
+                     if ln.name not in DERIVED_LINES and ln.name != "python"]
+                    for p in profile.planes if p.name == "/host:CPU"]
+        if host and any(host[0]):
+            out["host_top"] = summarize_events(host[:1], steps, top)["top"]
     if not out["num_events"]:
         out["profile_error"] = "the trace holds no op events (see trace_source, trace_planes)"
     return out
@@ -456,8 +488,13 @@ def report_batch(result: dict, res: dict, top: int) -> None:
     if res.get("profile_error"):
         rows.append(("Profile error", res["profile_error"][:300]))
     common.print_table(f"Step profile, batch {b}", rows)
+    if res.get("largest_gaps_ms"):
+        print(f"-- device idle inside the traced steps (batch {b}): span "
+              f"{res.get('span_ms_per_step')} ms/step, gaps over 50 us "
+              f"{res.get('gaps_over_50us_ms_per_step')} ms/step, largest "
+              f"{res['largest_gaps_ms'][:5]} ms")
     for title, key in (("top ops by name", "top"), ("top HLO ops", "top_by_hlo_op"),
-                       ("XLA programs", "programs")):
+                       ("XLA programs", "programs"), ("host events", "host_top")):
         table = res.get(key)
         if not table:
             continue

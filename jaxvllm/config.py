@@ -42,8 +42,8 @@ class EngineConfig:
     # stacked ones (None: on a GPU, on one device; see jaxvllm/models/transformer.py)
     unroll_layers: Optional[bool] = None
     # schedule and dispatch the next step before the one in flight is collected (vLLM's
-    # async scheduling; None: on, except tensor parallel)
-    async_scheduling: Optional[bool] = None
+    # async scheduling, off by default as there; not with tensor parallelism)
+    async_scheduling: bool = False
 
     def __post_init__(self):
         def check(ok: bool, field: str, rule: str):

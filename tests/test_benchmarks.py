@@ -384,6 +384,7 @@ def test_step_profile_summarize_nested_and_overlapping():
     assert by["a"]["ms_per_step"] == 1.5 and by["c"]["ms_per_step"] == 3
     assert out["device_busy_ms_per_step"] == 7  # the union, 0-14, over 2 steps
     assert out["op_ms_per_step"] == 8
+    assert out["span_ms_per_step"] == 7 and out["largest_gaps_ms"] == []
     assert by["c"]["hlo_op"] == "dot.1" and out["top_by_hlo_op"][0]["name"] in {"while", "dot.1"}
     assert abs(sum(t["share"] for t in out["top"]) - 1) < 1e-3
 
@@ -409,6 +410,9 @@ def test_step_profile_gpu_planes():
     assert "/device:GPU:0" in where and [len(evs) for evs in devices[0]] == [2]
     out = step_profile.summarize_events(devices, steps=1, top=5)
     assert out["device_busy_ms_per_step"] == 5 and out["top"][0]["hlo_op"] == "dot.3"
+    # the kernel ends at 4 ms, the copy starts at 5: one idle millisecond in a 6 ms span
+    assert out["span_ms_per_step"] == 6 and out["largest_gaps_ms"] == [1.0]
+    assert out["gaps_over_50us_ms_per_step"] == 1.0
     with pytest.raises(RuntimeError, match="no /device"):
         step_profile.select_events(NS(planes=[host]), "gpu")
 

@@ -197,10 +197,9 @@ class LLMEngine:
         return possible and (wanted if wanted is not None else not self.config.on_cpu)
 
     def _resolve_async_scheduling(self) -> bool:
-        wanted = self.config.async_scheduling
-        if wanted and self.mesh is not None:
+        if self.config.async_scheduling and self.mesh is not None:
             raise ValueError("async_scheduling=True needs tensor_parallel_size=1 on one process")
-        return self.mesh is None and (wanted if wanted is not None else True)
+        return self.config.async_scheduling
 
     def _unroll_layers(self) -> bool:
         wanted = self.config.unroll_layers

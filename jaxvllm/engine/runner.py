@@ -7,6 +7,9 @@ compiled ahead of time the first time its bucket appears, or earlier in backgrou
 (`precompile`; counted in `num_compiled`, `compile_seconds` for the time steps waited and
 `background_compile_seconds`). Step inputs are built with numpy (`step_arrays`) and handed to
 the compiled program packed into one byte buffer (`StepProgram`, engine/packed_inputs.py).
+Each program also takes the last step's sampled tokens, still on the device, so that a step
+dispatched before the previous one is collected (asynchronous scheduling) reads the token
+ids the host does not know yet from there (`step_arrays`' feed).
 """
 
 from __future__ import annotations
@@ -425,6 +428,11 @@ class ModelRunner:
         launched = time.perf_counter()
         out, prompt_out, self.kv, self._last_tokens = program(*args[:3], args[3:])
         self._last_rows = {s.request: i for i, s in enumerate(scheduled) if s.do_sample}
+        if self.mesh is None:
+            # the copy of the sampled tokens to the host is queued now, ahead of any step
+            # dispatched before this one is collected
+            for a in jax.tree.leaves((out, prompt_out)):
+                a.copy_to_host_async()
         return PendingStep(functools.partial(self._finish, scheduled, out, prompt_out,
                                              prompt_spans, num_logprobs, total, T,
                                              launched - started, launched))

@@ -89,7 +89,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampled requests")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule each step before the one in flight is collected (default: "
-                        "on, except tensor parallel)")
+                        "off)")
     g.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=None,
                    help="run the layers unrolled on per-layer fused weights (default: on one "
                         "GPU)")
