@@ -27,11 +27,13 @@ def _gguf_tokenizer_cache(path: Path) -> Path:
 
 def tokenizer_from_gguf(path: Path):
     """The tokenizer embedded in a GGUF file, built once and then read from the cache."""
-    from transformers import AutoTokenizer
+    # the fast tokenizer class itself: AutoTokenizer would read a model config first, which
+    # imports torch when it is installed (1.5 s of a warm start)
+    from transformers import PreTrainedTokenizerFast
 
     cached = _gguf_tokenizer_cache(path)
     if (cached / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(cached)
+        return PreTrainedTokenizerFast.from_pretrained(cached)
     tok = _byte_level_bpe_from_gguf(path)
     try:
         tok.save_pretrained(cached)
@@ -85,8 +87,6 @@ def _byte_level_bpe_from_gguf(path: Path):
 
 def load_tokenizer(model: str | ModelSource | None = None, tokenizer: str | None = None):
     """The tokenizer for `model` (or from `tokenizer`, a folder or Hub id, when given)."""
-    from transformers import AutoTokenizer
-
     if tokenizer is not None:
         source = resolve_model(tokenizer)
     else:
@@ -96,4 +96,6 @@ def load_tokenizer(model: str | ModelSource | None = None, tokenizer: str | None
     if not has_tokenizer_files(source.path):
         raise FileNotFoundError(f"{source.path}: no tokenizer files (tokenizer.json, "
                                 "tokenizer_config.json, ...); pass tokenizer=PATH")
+    from transformers import AutoTokenizer  # imports torch when installed: not for GGUF
+
     return AutoTokenizer.from_pretrained(source.path)

@@ -303,3 +303,43 @@ def test_unreadable_gguf_names_the_file(tmp_path, damage):
     with pytest.raises(ValueError) as info:
         load_model(str(path))
     assert str(path) in str(info.value)
+
+
+def test_cached_gguf_tokenizer_equals_the_rebuilt_one_and_loads_without_torch(smollm):
+    """The second load reads the cache (a plain fast tokenizer: no model config, so no torch
+    import on the way) and tokenizes, decodes and templates exactly as the first build."""
+    import subprocess
+    import sys
+
+    from jaxvllm.tokenizer import _byte_level_bpe_from_gguf, tokenizer_from_gguf
+
+    path = smollm.source.path
+    cached = tokenizer_from_gguf(path)  # builds the cache entry if it is not there yet
+    built = _byte_level_bpe_from_gguf(path)
+    text = "Hello <|im_start|>wörld  \n\tdef f(x): return x**2 <|endoftext|>"
+    assert cached.encode(text) == built.encode(text)
+    assert cached.decode(built.encode(text)) == built.decode(built.encode(text))
+    assert (cached.bos_token, cached.eos_token) == (built.bos_token, built.eos_token)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert cached.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        built.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    code = ("import sys; from jaxvllm.tokenizer import load_tokenizer; "
+            "tok = load_tokenizer(None); print(tok.encode('Paris'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "False", out.stdout
+
+
+@pytest.mark.parametrize("type_name, block_bytes", [("Q8_0", 34), ("Q4_0", 18), ("Q4_1", 20)])
+def test_whole_tensor_dequantization_equals_the_gguf_package(type_name, block_bytes):
+    from jaxvllm.models.gguf_file import dequantize_whole
+
+    rng = np.random.default_rng(block_bytes)
+    raw = rng.integers(0, 256, (640, block_bytes), dtype=np.uint8)
+    raw[:, 1] &= 0x3B  # finite float16 scales (and minimums): exponent bits below all-ones
+    raw[:, 3] &= 0x3B
+    qtype = getattr(gguf.GGMLQuantizationType, type_name)
+    want = gguf.quants.dequantize(raw.reshape(20, -1), qtype).reshape(-1)
+    got = dequantize_whole(raw.reshape(-1), type_name)
+    assert got.dtype == np.float32 and got.size == 640 * 32
+    np.testing.assert_array_equal(got.reshape(-1), want)
+    assert dequantize_whole(raw.reshape(-1), "Q5_K") is None  # left to the gguf package

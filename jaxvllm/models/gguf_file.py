@@ -146,6 +146,9 @@ class GGUFModel:
         plain = {quant_type.F32: np.float32, quant_type.F16: np.float16, quant_type.F64: np.float64}
         if qtype in plain:
             return raw.view(plain[qtype]).astype(np.float32).reshape(shape)
+        fast = dequantize_whole(raw, qtype.name)
+        if fast is not None:
+            return fast.reshape(shape)
         try:
             array = self._gguf.quants.dequantize(raw.reshape(-1, row // block * type_size), qtype)
         except NotImplementedError:
@@ -153,6 +156,33 @@ class GGUFModel:
                              f"{qtype.name}, which cannot be dequantized; re-export the "
                              "model with a supported type (F32, F16, BF16, Q4_0..Q8_0, K-quants)") from None
         return np.asarray(array, np.float32).reshape(shape)
+
+
+# bytes per block of 32 weights: a float16 scale (Q4_1: and a float16 minimum), then the
+# quants (Q8_0: 32 int8; Q4_0 / Q4_1: 16 bytes, weight j in the low nibble of byte j and
+# weight j + 16 in its high nibble)
+_WHOLE_TENSOR_TYPES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+
+
+def dequantize_whole(raw: np.ndarray, type_name: str) -> np.ndarray | None:
+    """Q8_0, Q4_0 or Q4_1 bytes -> float32 weights, one numpy pass over the whole tensor (the
+    gguf package loops over row groups: seconds for a 135M model); None for other types."""
+    block_bytes = _WHOLE_TENSOR_TYPES.get(type_name)
+    if block_bytes is None:
+        return None
+    blocks = raw.reshape(-1, block_bytes)
+
+    def halves(lo: int) -> np.ndarray:  # [n, 1] float32 from the float16 at bytes lo, lo+1
+        return np.ascontiguousarray(blocks[:, lo:lo + 2]).view(np.float16).astype(np.float32)
+
+    scale = halves(0)
+    if type_name == "Q8_0":
+        return np.ascontiguousarray(blocks[:, 2:]).view(np.int8).astype(np.float32) * scale
+    packed = blocks[:, 4:] if type_name == "Q4_1" else blocks[:, 2:]
+    quants = np.concatenate([packed & 0x0F, packed >> 4], axis=1)
+    if type_name == "Q4_0":
+        return scale * (quants.astype(np.float32) - 8.0)
+    return scale * quants.astype(np.float32) + halves(2)
 
 
 def unpermute_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
