@@ -13,8 +13,8 @@
 #
 # Phases (PHASES, run in the order given; model first): model, throughput, eager (the same
 # without the background precompile), profile (where a decode step's device time goes), scan
-# (the same steps with the layers as a scan instead of unrolled), inorder (the same steps
-# scheduled only once the step before is collected), graphs (the same steps with
+# (the same steps with the layers as a scan instead of unrolled), async (the same steps with
+# asynchronous scheduling), graphs (the same steps with
 # XLA's own command-buffer default, not jaxvllm's), latency, tests, kernels, sweep. The whole
 # run ends by DEADLINE seconds (default 450): each phase gets its own limit, cut to what is
 # left, and a failing phase does not stop the next.
@@ -29,7 +29,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,throughput,profile,inorder,scan,latency,eager,tests,kernels}"
+PHASES="${PHASES:-model,profile,throughput,latency,tests,async,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -114,11 +114,11 @@ phase_scan() {  # the profile phase's steps timed with the layers as a scan (the
     grep -v '^{' "$WORK/scan.log" | tail -n 8
 }
 
-phase_inorder() {  # the profile phase's steps timed with each step scheduled after the last
-    run_phase inorder 90 "$PY" benchmarks/step_profile.py "${COMMON[@]}" --attention-backend \
-        "$BACKEND" "${PROF_ARGS[@]}" --no-async-scheduling --no-profile \
-        --output-json "$WORK/step_profile_inorder.json"
-    grep -v '^{' "$WORK/inorder.log" | tail -n 8
+phase_async() {  # the profile phase's steps timed with each step scheduled ahead of the last
+    run_phase async 90 "$PY" benchmarks/step_profile.py "${COMMON[@]}" --attention-backend \
+        "$BACKEND" "${PROF_ARGS[@]}" --async-scheduling --no-profile \
+        --output-json "$WORK/step_profile_async.json"
+    grep -v '^{' "$WORK/async.log" | tail -n 8
 }
 
 phase_throughput() {
@@ -222,7 +222,7 @@ if os.path.exists(path := os.path.join(work, "throughput_eager.json")):
         "first_token_s")}
 for label, name in (("step_profile_xla_default_command_buffers", "step_profile_graphs"),
                     ("step_profile_scan", "step_profile_scan"),
-                    ("step_profile_in_order", "step_profile_inorder")):
+                    ("step_profile_async_scheduling", "step_profile_async")):
     if os.path.exists(path := os.path.join(work, f"{name}.json")):
         summary[label] = {
             b: {k: r.get(k) for k in ("wall_ms_per_step", "runner_host_ms_per_step",
