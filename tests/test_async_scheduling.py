@@ -163,3 +163,30 @@ def test_abort_with_two_steps_in_flight(ahead):
     assert len(outputs["x"].outputs[0].token_ids) < 30
     assert_idle(ahead)
 
+
+
+def test_seeded_row_next_to_a_newly_admitted_row_needing_history(ahead, in_order):
+    """A step scheduled ahead whose batch also admits a request with penalties builds every
+    row's sampling inputs the long way: the seeded row's position must still count the
+    output being sampled in flight, or it would draw the same random numbers twice."""
+    rs = np.random.RandomState(6)
+    x_prompt, y_prompt = random_prompt(rs, 7), random_prompt(rs, 9)
+    x_params = SamplingParams(temperature=1.0, seed=21, max_tokens=16, ignore_eos=True)
+    y_params = greedy(6, repetition_penalty=1.3)
+    want = generate(in_order, [x_prompt], x_params)[0][0][0]
+
+    engine = ahead.llm_engine
+    before = scheduled_ahead(ahead)
+    engine.add_request("x", x_prompt, x_params)
+    outputs = {}
+    for _ in range(4):
+        for out in engine.step():
+            outputs[out.request_id] = out
+    engine.add_request("y", y_prompt, y_params)  # admitted into a step scheduled ahead
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    assert scheduled_ahead(ahead) - before >= 3
+    assert outputs["x"].outputs[0].token_ids == want
+    assert len(outputs["y"].outputs[0].token_ids) == 6
+    assert_idle(ahead)

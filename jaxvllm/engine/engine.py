@@ -376,10 +376,14 @@ class LLMEngine:
 
     def _schedules_ahead(self, previous: _InFlight) -> bool:
         """Whether the next step may be scheduled before `previous` is collected: the runner
-        dispatches asynchronously, and every row that samples in `previous` has params that
+        dispatches asynchronously, every row that samples in `previous` has params that
         need no token history on the host (no penalties, bad words, min_tokens or logprobs),
-        since the next step's sampling inputs are built without its token."""
+        since the next step's sampling inputs are built without its token, and a block is
+        free for each of its rows (the requests `previous` finishes still hold theirs: with
+        fewer, scheduling ahead could preempt what scheduling in order would not)."""
         if not (self._async_scheduling and previous.asynchronous):
+            return False
+        if self.kv_manager.num_free_blocks < len(previous.scheduler_output.scheduled):
             return False
         return all(plain_params(s.request.sampling_params)
                    for s in previous.scheduler_output.scheduled if s.do_sample)

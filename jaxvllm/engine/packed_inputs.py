@@ -20,7 +20,7 @@ ALIGN = 8  # each array starts at a multiple of this many bytes
 
 class PackedLeaf(NamedTuple):
     offset: int
-    dtype: str
+    dtype: np.dtype
     shape: tuple[int, ...]
 
 
@@ -31,18 +31,21 @@ class PackedLayout(NamedTuple):
 
 
 def pack(tree) -> tuple[np.ndarray, PackedLayout]:
-    """A pytree of numpy arrays -> (one uint8 buffer, its layout)."""
-    arrays, treedef = jax.tree.flatten(tree)
-    # 64-bit arrays become 32-bit ones, as jax makes them without x64
-    arrays = [np.ascontiguousarray(a, jax.dtypes.canonicalize_dtype(np.asarray(a).dtype))
-              for a in arrays]
+    """A pytree of numpy arrays (or scalars) -> (one uint8 buffer, its layout)."""
+    leaves_in, treedef = jax.tree.flatten(tree)
+    arrays = []
+    for a in leaves_in:
+        a = np.asarray(a)
+        # 64-bit arrays become 32-bit ones, as jax makes them without x64
+        arrays.append(a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False))
     leaves, offset = [], 0
     for a in arrays:
-        leaves.append(PackedLeaf(offset, a.dtype.str, a.shape))
+        leaves.append(PackedLeaf(offset, a.dtype, a.shape))
         offset += -(-a.nbytes // ALIGN) * ALIGN
     buffer = np.zeros(max(offset, ALIGN), np.uint8)
     for a, leaf in zip(arrays, leaves):
-        buffer[leaf.offset:leaf.offset + a.nbytes] = a.reshape(-1).view(np.uint8)
+        buffer[leaf.offset:leaf.offset + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(
+            np.uint8)
     return buffer, PackedLayout(treedef, tuple(leaves), buffer.size)
 
 
@@ -52,7 +55,7 @@ def unpack(buffer: jax.Array, layout: PackedLayout):
 
 
 def _leaf(buffer: jax.Array, leaf: PackedLeaf) -> jax.Array:
-    dtype = np.dtype(leaf.dtype)
+    dtype = leaf.dtype
     size = int(np.prod(leaf.shape, dtype=np.int64))
     if size == 0:
         return jnp.zeros(leaf.shape, dtype)

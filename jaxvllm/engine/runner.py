@@ -6,7 +6,8 @@ compiled program per bucket (`ProgramKey`): tokens `T`, requests `R` and block-t
 compiled ahead of time the first time its bucket appears, or earlier in background threads
 (`precompile`; counted in `num_compiled`, `compile_seconds` for the time steps waited and
 `background_compile_seconds`). Step inputs are built with numpy (`step_arrays`) and handed to
-the compiled program packed into one byte buffer (`StepProgram`, engine/packed_inputs.py).
+the compiled program packed into one byte buffer (`StepProgram`, engine/packed_inputs.py;
+under tensor parallelism, as arrays replicated over the mesh).
 Each program also takes the last step's sampled tokens, still on the device, so that a step
 dispatched before the previous one is collected (asynchronous scheduling) reads the token
 ids the host does not know yet from there (`step_arrays`' feed).
@@ -388,8 +389,8 @@ class ModelRunner:
 
     def execute_async(self, scheduled, vocab_size: int) -> "PendingStep":
         """Dispatch one step and return at once; its `result()` waits for the device. In
-        between, the engine may finish or add requests, but the token counts and ids of the
-        rows in flight stay as they were, and `result()` reads nothing else. A row may compute
+        between, the engine may finish, add or schedule requests (and fold in an earlier
+        step): `result()` reads only the rows' request ids and `do_sample`. A row may compute
         a token the previous step dispatched samples (asynchronous scheduling): it is read on
         the device."""
         started = time.perf_counter()

@@ -295,10 +295,12 @@ class RowSpec:
     def from_params(cls, params: Any, prompt_token_ids: Sequence[int],
                     output_token_ids: Sequence[int], *, seed: int | None = None,
                     eos_token_ids: Iterable[int | None] = (),
-                    token_ids: Sequence[int] | None = None) -> RowSpec:
+                    token_ids: Sequence[int] | None = None,
+                    step_position: int | None = None) -> RowSpec:
         """The row of a request with `SamplingParams` `params` whose prompt and outputs so
         far are given. `seed` is used when `params.seed` is None (a fresh random one when
-        both are). `token_ids` may pass prompt+output already concatenated."""
+        both are). `token_ids` may pass prompt+output already concatenated. `step_position`
+        (the index of the output this step samples) defaults to the number of outputs."""
         if params.seed is not None:
             seed = params.seed
         elif seed is None:
@@ -317,7 +319,8 @@ class RowSpec:
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             min_p=params.min_p, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
-            repetition_penalty=params.repetition_penalty, seed=seed, step_position=num_out,
+            repetition_penalty=params.repetition_penalty, seed=seed,
+            step_position=num_out if step_position is None else step_position,
             token_ids=token_ids, num_prompt=len(prompt_token_ids),
             logit_bias=params.logit_bias, allowed_token_ids=params.allowed_token_ids,
             stop_ids=sorted(stop), suppress_stop=suppress_stop,
@@ -331,7 +334,8 @@ class RowSpec:
         eos = getattr(request, "eos_token_id", None)
         return cls.from_params(request.sampling_params, request.prompt_token_ids,
                                request.output_token_ids, seed=seed, eos_token_ids=(eos,),
-                               token_ids=getattr(request, "all_token_ids", None))
+                               token_ids=getattr(request, "all_token_ids", None),
+                               step_position=_outputs_before_step(request))
 
 
 _host_rng = np.random.default_rng()

@@ -81,10 +81,11 @@ class SchedulerConfig:
 class ScheduledRequest:
     """One row of a step."""
 
-    # The request itself, for its token ids and sampling params. The scheduler does not
-    # touch it between schedule() and update_from_output(), so the runner may read it.
+    # The request itself, for its token ids and sampling params, which the runner reads when
+    # the step is dispatched (a step scheduled ahead may grow its blocks and outputs later).
     request: Request
-    # Tokens to compute this step: all_token_ids[num_computed_tokens:][:num_new_tokens].
+    # Tokens to compute this step: all_token_ids[num_computed_tokens:][:num_new_tokens], the
+    # last one possibly not on the host yet (sampled by the step in flight; see token_ids).
     num_new_tokens: int
     # Position of the first new token; the request's own field moves on in update_from_output.
     num_computed_tokens: int
@@ -100,6 +101,8 @@ class ScheduledRequest:
 
     @property
     def token_ids(self) -> list[int]:
+        """The new tokens the host knows: one short of num_new_tokens for a row whose last
+        token the step in flight samples."""
         start = self.num_computed_tokens
         return self.request.all_token_ids[start:start + self.num_new_tokens]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxvllm.models import layers as L
@@ -114,8 +115,9 @@ class LayerStack(nnx.Module):
 
     def unstack(self) -> None:
         """Split every stacked parameter into per-layer arrays, fusing FUSED_WEIGHTS. One
-        group of stacked arrays at a time is copied and dropped, so the device holds at most
-        one group twice."""
+        group at a time goes through host memory: its stacked arrays are dropped from the
+        device before its per-layer pieces are put there, so device memory never holds more
+        than the weights (the engine sizes the KV cache from the peak)."""
         if self.unstacked:
             return
         per_layer: list[dict[str, jax.Array]] = [{} for _ in range(self.num_layers)]
@@ -124,13 +126,14 @@ class LayerStack(nnx.Module):
         fused_parts = {p for _, parts in groups for p in parts}
         groups += [(name, (name,)) for name in self.names if name not in fused_parts]
         for name, parts in groups:
-            stacked = [getattr(self, p)[...] for p in parts]
-            for layer, weights in enumerate(per_layer):
-                pieces = [a[layer] for a in stacked]
-                weights[name] = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, -1)
-            del stacked
+            stacked = [np.asarray(jax.device_get(getattr(self, p)[...])) for p in parts]
             for p in parts:
                 delattr(self, p)
+            for layer, weights in enumerate(per_layer):
+                pieces = [a[layer] for a in stacked]
+                weights[name] = jnp.asarray(
+                    pieces[0] if len(pieces) == 1 else np.concatenate(pieces, -1))
+            del stacked
         self.names = ()
         self.per_layer = nnx.List([LayerWeights(w) for w in per_layer])
         self.unstacked = True
