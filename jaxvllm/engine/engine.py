@@ -187,25 +187,30 @@ class LLMEngine:
                              f"max_position_embeddings ({limit})")
         return self.config.max_model_len
 
-    def _precompile(self) -> bool:
-        wanted = self.config.precompile
-        possible = self.runner.planner is None and self.mesh is None
+    def _option(self, name: str, possible: bool, needs: str, default: bool) -> bool:
+        """An on/off engine option: its value, or `default` when unset (None), and never on
+        where it is not `possible` (asking for it there is a ValueError naming what it
+        `needs`)."""
+        wanted = getattr(self.config, name)
         if wanted and not possible:
-            raise ValueError("precompile=True needs an attention backend without a host plan "
-                             f"(not {self.config.resolved_attention_backend()!r}) and "
-                             "tensor_parallel_size=1")
-        return possible and (wanted if wanted is not None else not self.config.on_cpu)
+            raise ValueError(f"{name}=True needs {needs}")
+        return possible and (wanted if wanted is not None else default)
+
+    def _precompile(self) -> bool:
+        return self._option(
+            "precompile", self.runner.planner is None and self.mesh is None,
+            "an attention backend without a host plan "
+            f"(not {self.config.resolved_attention_backend()!r}) and tensor_parallel_size=1",
+            default=not self.config.on_cpu)
 
     def _resolve_async_scheduling(self) -> bool:
-        if self.config.async_scheduling and self.mesh is not None:
-            raise ValueError("async_scheduling=True needs tensor_parallel_size=1 on one process")
-        return self.config.async_scheduling
+        return self._option("async_scheduling", self.mesh is None,
+                            "tensor_parallel_size=1 on one process", default=False)
 
     def _unroll_layers(self) -> bool:
-        wanted = self.config.unroll_layers
-        if wanted and self.mesh is not None:
-            raise ValueError("unroll_layers=True needs tensor_parallel_size=1 on one process")
-        return self.mesh is None and (wanted if wanted is not None else not self.config.on_cpu)
+        return self._option("unroll_layers", self.mesh is None,
+                            "tensor_parallel_size=1 on one process",
+                            default=not self.config.on_cpu)
 
     def _num_blocks(self, max_num_seqs: int) -> int:
         """KV cache blocks: the override; on CPU, max_num_seqs full-length requests within
@@ -359,17 +364,14 @@ class LLMEngine:
         building: its rows compute the tokens the step in flight samples by reading them on
         the device (see `_schedules_ahead` for when)."""
         previous, self._in_flight = self._in_flight, None
-        if previous is not None and self._schedules_ahead(previous):
-            out = self.scheduler.schedule()
-            if out.scheduled:
-                self._in_flight = self._dispatch(out)
-                self._steps_scheduled_ahead += 1
+        ahead = previous is not None and self._schedules_ahead(previous)
+        collected = None if ahead else self._collect(previous)
+        out = self.scheduler.schedule()
+        if out.scheduled:
+            self._in_flight = self._dispatch(out)
+            self._steps_scheduled_ahead += ahead
+        if ahead:
             collected = self._collect(previous)
-        else:
-            collected = self._collect(previous)
-            out = self.scheduler.schedule()
-            if out.scheduled:
-                self._in_flight = self._dispatch(out)
         outputs = [] if collected is None else self._process(collected)
         self._drain_if_idle()
         return outputs
