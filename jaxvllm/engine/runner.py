@@ -138,7 +138,7 @@ class StepProgram:
     compiled: object
     layout: Optional[PackedLayout]
 
-    def __call__(self, state, kv, prev_tokens, host_inputs):
+    def __call__(self, state, kv, prev_tokens, *host_inputs):
         if self.layout is None:
             return self.compiled(state, kv, prev_tokens, *host_inputs)
         buffer, layout = pack(host_inputs)
@@ -370,7 +370,7 @@ class ModelRunner:
     def run_step(self, key, host_inputs) -> None:
         """Run the step process 0 broadcast (the other processes' side of `execute`)."""
         args = self._shard_inputs((self.state, self.kv, self._last_tokens, *host_inputs))
-        _, _, self.kv, self._last_tokens = self._program(key, args)(*args[:3], args[3:])
+        _, _, self.kv, self._last_tokens = self._program(key, args)(*args)
 
     def profile_run(self, vocab_size: int) -> None:
         """Run the largest step (every token and row, the widest block table) on dummy
@@ -379,7 +379,7 @@ class ModelRunner:
                                      self.max_table_width)
         if self.mesh is not None:
             args = self._shard_inputs(args)
-        _, _, self.kv, _ = self._program(key, args)(*args[:3], args[3:])
+        _, _, self.kv, _ = self._program(key, args)(*args)
         jax.block_until_ready(self.kv)
 
     def execute(self, scheduled, vocab_size: int) -> StepResult:
@@ -427,7 +427,7 @@ class ModelRunner:
             args = self._shard_inputs(args, key)
         program = self._program(key, args)
         launched = time.perf_counter()
-        out, prompt_out, self.kv, self._last_tokens = program(*args[:3], args[3:])
+        out, prompt_out, self.kv, self._last_tokens = program(*args)
         self._last_rows = {s.request: i for i, s in enumerate(scheduled) if s.do_sample}
         if self.mesh is None:
             # the copy of the sampled tokens to the host is queued now, ahead of any step

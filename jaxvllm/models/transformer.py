@@ -87,7 +87,16 @@ FUSED_WEIGHTS = (("qkv_proj", ("q_proj", "k_proj", "v_proj")),
                  ("gate_up_bias", ("gate_bias", "up_bias")))
 
 
-class LayerWeights(nnx.Module):
+class NamedParams(nnx.Module):
+    """Parameters held as attributes whose names are listed in `names`."""
+
+    names: tuple[str, ...] = ()
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+class LayerWeights(NamedParams):
     """One layer's parameters, by name, as separate arrays (an unrolled model)."""
 
     def __init__(self, arrays: dict[str, jax.Array]):
@@ -95,11 +104,8 @@ class LayerWeights(nnx.Module):
             setattr(self, name, nnx.Param(array))
         self.names = tuple(arrays)
 
-    def arrays(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in self.names}
 
-
-class LayerStack(nnx.Module):
+class LayerStack(NamedParams):
     """All decoder layers' parameters, each stacked on a leading [num_layers] axis, or, once
     `unstack`ed, one `LayerWeights` per layer."""
 
@@ -109,9 +115,6 @@ class LayerStack(nnx.Module):
         self.names = tuple(layer_param_shapes(cfg))
         self.num_layers = cfg.num_layers
         self.unstacked = False
-
-    def arrays(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in self.names}
 
     def unstack(self) -> None:
         """Split every stacked parameter into per-layer arrays, fusing FUSED_WEIGHTS. One
