@@ -277,6 +277,15 @@ def engine_stats(llm, compile_seconds_before: float = 0.0,
     return out
 
 
+def run_or_exit(name: str, run, *args):
+    """`run(*args)`; a ValueError (a bad flag value, dataset or model) ends the benchmark with
+    `name: error: ...` instead of a traceback."""
+    try:
+        return run(*args)
+    except ValueError as e:
+        raise SystemExit(f"{name}: error: {e}") from None
+
+
 # -- statistics --------------------------------------------------------------------------------
 
 

@@ -304,10 +304,7 @@ def plot(path: str, res: dict, probes) -> str:
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        return run(args, argv)
-    except ValueError as e:
-        raise SystemExit(f"latency: error: {e}") from None
+    return common.run_or_exit("latency", run, args, argv)
 
 
 if __name__ == "__main__":

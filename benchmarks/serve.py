@@ -447,10 +447,7 @@ def plot(path: str, res: dict, results: list[RequestResult]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as e:
-        raise SystemExit(f"serve: error: {e}") from None
+    return common.run_or_exit("serve", run, args)
 
 
 if __name__ == "__main__":

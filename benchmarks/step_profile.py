@@ -513,10 +513,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.disable_command_buffers:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_command_buffer=".strip()
-    try:
-        return run(args)
-    except ValueError as e:
-        raise SystemExit(f"step_profile: error: {e}") from None
+    return common.run_or_exit("step_profile", run, args)
 
 
 if __name__ == "__main__":

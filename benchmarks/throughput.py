@@ -194,10 +194,7 @@ def plot(path: str, res: dict, probe, origin: float) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as e:
-        raise SystemExit(f"throughput: error: {e}") from None
+    return common.run_or_exit("throughput", run, args)
 
 
 if __name__ == "__main__":
