@@ -286,6 +286,22 @@ def run_or_exit(name: str, run, *args):
         raise SystemExit(f"{name}: error: {e}") from None
 
 
+def time_ms(fn, *args, iters: int, reps: int = 5) -> float:
+    """Best of `reps` averages over `iters` back-to-back calls of a jitted `fn` (dispatch
+    overlaps a GPU), in milliseconds."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - start) / iters)
+    return best * 1e3
+
+
 # -- statistics --------------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import time_ms  # noqa: E402
 from pallas_kernels.kv_write import KV_WRITERS  # noqa: E402
 from pallas_kernels.variants import Case, variants  # noqa: E402
 
@@ -126,19 +127,6 @@ def make_inputs(shape: Shape, dtype, seed=0, layers=2):
         v_cache=jax.random.normal(kv, cache_shape, dtype),
         layer=jnp.int32(layers - 1), query_start_loc=jnp.asarray(qsl),
         seq_lens=jnp.asarray(seq_lens), block_tables=jnp.asarray(tables))
-
-
-def time_ms(fn, *args, iters: int, reps: int = 5) -> float:
-    """Best of `reps` averages over `iters` back-to-back calls (dispatch overlaps the GPU)."""
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - start) / iters)
-    return best * 1e3
 
 
 def _attention_args(inp):

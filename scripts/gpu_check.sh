@@ -15,13 +15,16 @@
 # without the background precompile), profile (where a decode step's device time goes), scan
 # (the same steps with the layers as a scan instead of unrolled), async (the same steps with
 # asynchronous scheduling), graphs (the same steps with
-# XLA's own command-buffer default, not jaxvllm's), latency, tests, kernels, sweep. The whole
+# XLA's own command-buffer default, not jaxvllm's), sampler (the engine's sampler against
+# jax.random.categorical / jnp.argmax at the model's vocabulary), latency, tests, kernels,
+# sweep. The whole
 # run ends by DEADLINE seconds (default 450): each phase gets its own limit, cut to what is
 # left, and a failing phase does not stop the next.
 # COMPARE_HF=0 leaves out the HF baselines (the nano-vllm one alone takes ~110 s on an H200).
 #
 # Writes into $OUT (default ./gpu_check_out): gpu_check.json (one summary object, also printed
-# last), throughput.json, step_profile.json, latency.json, kernels.json and logs.tgz.
+# last), throughput.json, step_profile.json, sampler.json, latency.json, kernels.json and
+# logs.tgz.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +32,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,profile,throughput,latency,tests,async,scan,eager,kernels}"
+PHASES="${PHASES:-model,profile,sampler,throughput,latency,tests,async,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -98,6 +101,13 @@ phase_profile() {
     run_phase profile 120 "$PY" benchmarks/step_profile.py "${COMMON[@]}" \
         --attention-backend "$BACKEND" "${PROF_ARGS[@]}" --output-json "$OUT/step_profile.json"
     grep -v '^{' "$WORK/profile.log" | tail -n 70
+}
+
+phase_sampler() {
+    local args=(--rows 1,256 --vocab-size 151936 --iters 20)
+    [ "$MODE" = smoke ] && args=(--rows 1,8 --vocab-size 1000 --iters 2)
+    run_phase sampler 60 "$PY" benchmarks/sampler.py "${args[@]}" --output-json "$OUT/sampler.json"
+    grep -v '^{' "$WORK/sampler.log" | tail -n 14
 }
 
 phase_graphs() {
@@ -215,6 +225,8 @@ if (p := load("step_profile")) is not None:
     summary["step_profile"] = {b: {k: v for k, v in r.items() if k != "top_by_hlo_op"}
                                | {"top": r.get("top", [])[:12]}
                                for b, r in p.get("per_batch", {}).items()}
+if (s := load("sampler")) is not None:
+    summary["sampler"] = s.get("rows")
 if os.path.exists(path := os.path.join(work, "throughput_eager.json")):
     t = json.load(open(path))
     summary["throughput_no_precompile"] = {k: t.get(k) for k in (

@@ -369,6 +369,24 @@ def test_step_profile(zoo, capsys):
         printed["per_batch"]["2"]["wall_ms_per_step"]
 
 
+def test_sampler_benchmark(capsys, tmp_path):
+    from benchmarks import sampler
+
+    out = tmp_path / "sampler.json"
+    sampler.main(["--rows", "1,3", "--vocab-size", "300", "--iters", "1",
+                  "--output-json", str(out)])
+    printed = _last_json(capsys)
+    assert printed == json.loads(out.read_text())
+    assert printed["benchmark"] == "sampler" and set(printed["rows"]) == {"1", "3"}
+    for r in printed["rows"].values():
+        for path in ("random", "greedy"):
+            m = r[path]
+            assert m["engine_ms"] > 0 and m["jax_ms"] > 0
+            assert m["speedup"] == pytest.approx(m["jax_ms"] / m["engine_ms"], rel=0.02, abs=0.01)
+    with pytest.raises(SystemExit, match="sampler: error: --rows"):
+        sampler.main(["--rows", "0"])
+
+
 def test_step_profile_summarize_nested_and_overlapping():
     from benchmarks import step_profile
 

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvllm.engine.sampler import (RowSpec, SamplingMetadata, apply_penalties_and_bias,
-                                    banned_bad_word_tokens, build_sampling_metadata, sample)
+from jaxvllm.engine.sampler import (VOCAB_BLOCK, RowSpec, SamplingMetadata,
+                                    apply_penalties_and_bias, argmax_tokens,
+                                    banned_bad_word_tokens, build_sampling_metadata,
+                                    inverse_cdf_tokens, sample)
 from jaxvllm.sampling_params import SamplingParams
 
 V = 64
@@ -172,6 +174,86 @@ def test_top_k_1_equals_greedy():
             for i in range(16)]
     tokens = np.asarray(_sample(jnp.asarray(logits), make(rows, 16)).token_ids)
     assert tokens.tolist() == np.argmax(logits, -1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# blocked argmax and inverse CDF over a vocabulary of several blocks, not a multiple of one
+# ---------------------------------------------------------------------------------------------
+
+WIDE_V = 3 * VOCAB_BLOCK + 37
+
+
+def test_blocked_argmax_is_numpy_argmax_first_of_ties():
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((6, WIDE_V)).astype(np.float32)
+    logits[1, [5, VOCAB_BLOCK + 3, WIDE_V - 1]] = 9.0  # ties across blocks: the first wins
+    logits[2, :] = -np.inf  # nothing allowed: token 0, as np.argmax
+    logits[3, WIDE_V - 1] = 50.0  # in the padded last block
+    logits[4, :] = 1.5  # all equal
+    got = np.asarray(jax.jit(argmax_tokens)(jnp.asarray(logits)))
+    assert got.tolist() == np.argmax(logits, -1).tolist()
+    assert got[1] == 5 and got[3] == WIDE_V - 1
+
+
+def test_inverse_cdf_picks_the_token_whose_cumulative_mass_covers_the_draw():
+    rng = np.random.default_rng(12)
+    rows = 64
+    logits = (2.0 * rng.standard_normal((rows, WIDE_V))).astype(np.float32)
+    logits[:, rng.choice(WIDE_V, 300, replace=False)] = -np.inf
+    uniforms = rng.random(rows).astype(np.float32)
+    got = np.asarray(jax.jit(inverse_cdf_tokens)(jnp.asarray(logits), jnp.asarray(uniforms)))
+
+    x = logits.astype(np.float64)
+    probs = np.exp(x - x.max(-1, keepdims=True))
+    cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), -1)
+    target = 1.0 - uniforms.astype(np.float64)
+    expected = [int(np.searchsorted(c, t, side="left")) for c, t in zip(cdf, target)]
+    # float32 sums can only disagree with float64 where the draw lies on a boundary
+    near = [np.min(np.abs(c - t)) < 1e-5 for c, t in zip(cdf, target)]
+    assert sum(near) < 4
+    assert [g for g, n in zip(got, near) if not n] == [e for e, n in zip(expected, near) if not n]
+    assert np.all(np.isfinite(logits[np.arange(rows), got]))
+
+
+def test_inverse_cdf_never_draws_a_masked_token_at_the_extremes():
+    """u -> 0 takes the row's last allowed token, u -> 1 its first, even where the float32
+    block sums and the in-block running sum round differently."""
+    rng = np.random.default_rng(14)
+    rows = 256
+    logits = np.full((rows, WIDE_V), -np.inf, np.float32)
+    for r in range(rows):
+        lo = int(rng.integers(0, 4)) * VOCAB_BLOCK
+        block = np.arange(lo, min(WIDE_V, lo + VOCAB_BLOCK))
+        some = rng.choice(block, min(40, len(block)), replace=False)
+        logits[r, some] = 3 * rng.standard_normal(len(some))
+        logits[r, rng.choice(max(lo, 1), 5)] = rng.standard_normal(5)  # earlier blocks too
+    logits[0, :] = -np.inf
+    logits[0, [VOCAB_BLOCK, VOCAB_BLOCK + 1]] = [3.0, -80.0]  # a weight that underflows to 0
+    allowed = np.isfinite(logits) & (logits > -50)
+    first = np.argmax(allowed, -1)
+    last = WIDE_V - 1 - np.argmax(allowed[:, ::-1], -1)
+    draw = jax.jit(inverse_cdf_tokens)
+    for u, expected in ((0.0, last), (np.nextafter(np.float32(1), np.float32(0)), first)):
+        got = np.asarray(draw(jnp.asarray(logits), jnp.full((rows,), u, jnp.float32)))
+        assert got.tolist() == expected.tolist(), u
+    got = np.asarray(draw(jnp.asarray(logits), jnp.asarray(rng.random(rows), jnp.float32)))
+    assert allowed[np.arange(rows), got].all()
+
+
+def test_sampling_over_several_blocks_follows_the_softmax():
+    from scipy.stats import chisquare
+
+    rng = np.random.default_rng(13)
+    base = np.full(WIDE_V, -np.inf, np.float32)
+    support = np.array([3, 200, VOCAB_BLOCK + 9, 2 * VOCAB_BLOCK + 100, WIDE_V - 2])
+    base[support] = rng.standard_normal(len(support)).astype(np.float32)
+    rows = [RowSpec(temperature=0.8, seed=5, step_position=p) for p in range(512)]
+    meta, _ = build_sampling_metadata(rows, WIDE_V)
+    tokens = np.asarray(jax.jit(sample)(jnp.asarray(np.tile(base, (512, 1))), meta).token_ids)
+    counts = np.bincount(tokens, minlength=WIDE_V)
+    assert counts.sum() == counts[support].sum()
+    p = np.exp(base[support] / 0.8 - np.max(base[support] / 0.8))
+    assert chisquare(counts[support], p / p.sum() * 512).pvalue > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
