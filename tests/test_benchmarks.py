@@ -182,6 +182,10 @@ def test_bench_command_forwards(zoo, capsys):
                               "--num-iters-warmup", "0", "--num-iters", "1", *ENGINE[:-1]])
     assert args.func(args) == 0
     assert _last_json(capsys)["benchmark"] == "latency"
+    args = parser.parse_args(["bench", "sampler", "--rows", "2", "--vocab-size", "40",
+                              "--iters", "1"])
+    assert args.func(args) == 0
+    assert _last_json(capsys)["rows"]["2"]["greedy"]["engine_ms"] > 0
 
 
 # -- serve against a stub OpenAI server ----------------------------------------------------------

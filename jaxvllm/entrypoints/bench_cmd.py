@@ -1,4 +1,4 @@
-"""`jaxvllm bench throughput|latency|serve ...`: the benchmarks of `benchmarks/`, with the
+"""`jaxvllm bench throughput|latency|serve|sampler ...`: the benchmarks of `benchmarks/`, with the
 same flags as `python benchmarks/<name>.py` (see `jaxvllm bench NAME --help`)."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from pathlib import Path
 
 BENCHMARKS = {"throughput": "offline LLM.generate over a dataset (requests/s, tokens/s)",
               "latency": "one fixed batch: warm-up, then timed iterations",
-              "serve": "streaming client against an OpenAI-compatible server (TTFT, TPOT, ITL)"}
+              "serve": "streaming client against an OpenAI-compatible server (TTFT, TPOT, ITL)",
+              "sampler": "the engine's sampler against jax.random.categorical / jnp.argmax"}
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "bench", help="run a benchmark (throughput, latency, serve)",
+        "bench", help="run a benchmark (throughput, latency, serve, sampler)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a benchmark. Every benchmark prints a table, then one JSON line.\n\n"
                     + "\n".join(f"  {name:<11} {text}" for name, text in BENCHMARKS.items()),
@@ -24,6 +25,7 @@ def add_parser(subparsers) -> None:
                "--output-len 128 --range-ratio 0.75 --compare-hf\n"
                "  jaxvllm bench latency --batch-size 1 --input-len 128 --output-len 128\n"
                "  jaxvllm bench serve --base-url http://localhost:8000 --request-rate 4\n"
+               "  jaxvllm bench sampler --rows 1,64 --vocab-size 151936\n"
                "  jaxvllm bench throughput --help")
     p.add_argument("benchmark", choices=sorted(BENCHMARKS), metavar="BENCHMARK",
                    help=", ".join(BENCHMARKS))
