@@ -195,21 +195,32 @@ def test_blocked_argmax_is_numpy_argmax_first_of_ties():
     assert got[1] == 5 and got[3] == WIDE_V - 1
 
 
-def test_inverse_cdf_picks_the_token_whose_cumulative_mass_covers_the_draw():
+def _np_inverse_cdf(weights, u):
+    """numpy, float64: the first index whose running share of the total reaches 1 - u, and
+    how close the draw lies to a boundary of the running shares."""
+    cdf = np.cumsum(weights) / weights.sum()
+    return int(np.searchsorted(cdf, 1.0 - u, side="left")), float(np.min(np.abs(cdf - (1 - u))))
+
+
+def test_inverse_cdf_picks_the_block_then_the_token_whose_mass_covers_each_draw():
     rng = np.random.default_rng(12)
     rows = 64
     logits = (2.0 * rng.standard_normal((rows, WIDE_V))).astype(np.float32)
     logits[:, rng.choice(WIDE_V, 300, replace=False)] = -np.inf
-    uniforms = rng.random(rows).astype(np.float32)
+    uniforms = rng.random((rows, 2)).astype(np.float32)
     got = np.asarray(jax.jit(inverse_cdf_tokens)(jnp.asarray(logits), jnp.asarray(uniforms)))
 
     x = logits.astype(np.float64)
-    probs = np.exp(x - x.max(-1, keepdims=True))
-    cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), -1)
-    target = 1.0 - uniforms.astype(np.float64)
-    expected = [int(np.searchsorted(c, t, side="left")) for c, t in zip(cdf, target)]
-    # float32 sums can only disagree with float64 where the draw lies on a boundary
-    near = [np.min(np.abs(c - t)) < 1e-5 for c, t in zip(cdf, target)]
+    weights = np.exp(x - x.max(-1, keepdims=True))
+    weights = np.pad(weights, ((0, 0), (0, -WIDE_V % VOCAB_BLOCK)))
+    weights = weights.reshape(rows, -1, VOCAB_BLOCK)
+    expected, near = [], []
+    for w, (u1, u2) in zip(weights, uniforms.astype(np.float64)):
+        block, gap1 = _np_inverse_cdf(w.sum(-1), u1)
+        within, gap2 = _np_inverse_cdf(w[block], u2)
+        expected.append(block * VOCAB_BLOCK + within)
+        # float32 sums can only disagree with float64 where a draw lies on a boundary
+        near.append(min(gap1, gap2) < 1e-5)
     assert sum(near) < 4
     assert [g for g, n in zip(got, near) if not n] == [e for e, n in zip(expected, near) if not n]
     assert np.all(np.isfinite(logits[np.arange(rows), got]))
@@ -228,16 +239,31 @@ def test_inverse_cdf_never_draws_a_masked_token_at_the_extremes():
         logits[r, some] = 3 * rng.standard_normal(len(some))
         logits[r, rng.choice(max(lo, 1), 5)] = rng.standard_normal(5)  # earlier blocks too
     logits[0, :] = -np.inf
-    logits[0, [VOCAB_BLOCK, VOCAB_BLOCK + 1]] = [3.0, -80.0]  # a weight that underflows to 0
+    logits[0, [VOCAB_BLOCK, VOCAB_BLOCK + 1]] = [3.0, -200.0]  # a weight that underflows to 0
     allowed = np.isfinite(logits) & (logits > -50)
     first = np.argmax(allowed, -1)
     last = WIDE_V - 1 - np.argmax(allowed[:, ::-1], -1)
     draw = jax.jit(inverse_cdf_tokens)
     for u, expected in ((0.0, last), (np.nextafter(np.float32(1), np.float32(0)), first)):
-        got = np.asarray(draw(jnp.asarray(logits), jnp.full((rows,), u, jnp.float32)))
+        got = np.asarray(draw(jnp.asarray(logits), jnp.full((rows, 2), u, jnp.float32)))
         assert got.tolist() == expected.tolist(), u
-    got = np.asarray(draw(jnp.asarray(logits), jnp.asarray(rng.random(rows), jnp.float32)))
+    got = np.asarray(draw(jnp.asarray(logits), jnp.asarray(rng.random((rows, 2)), jnp.float32)))
     assert allowed[np.arange(rows), got].all()
+
+
+def test_infinite_logits_are_drawn_alone():
+    """An infinite logit (a logit_bias of inf) leaves only the infinite tokens, whatever the
+    temperature and filters; greedy takes the first of them."""
+    rng = np.random.default_rng(15)
+    logits = rng.standard_normal((8, WIDE_V)).astype(np.float32)
+    logits[:, [9, VOCAB_BLOCK + 4]] = np.inf
+    rows = [RowSpec(temperature=t, min_p=m, top_p=p, seed=s, step_position=s)
+            for s, (t, m, p) in enumerate([(1.0, 0.0, 1.0), (0.5, 0.0, 1.0), (2.0, 0.1, 1.0),
+                                           (1.0, 0.0, 0.9), (0.7, 0.05, 0.5), (1.0, 0.0, 1.0),
+                                           (1.3, 0.0, 1.0), (0.0, 0.0, 1.0)])]
+    meta, _ = build_sampling_metadata(rows, WIDE_V)
+    tokens = np.asarray(jax.jit(sample)(jnp.asarray(logits), meta).token_ids)
+    assert set(tokens[:7].tolist()) <= {9, VOCAB_BLOCK + 4} and tokens[7] == 9
 
 
 def test_sampling_over_several_blocks_follows_the_softmax():

@@ -27,7 +27,8 @@ Order of operations (vLLM V1's `Sampler.forward`):
    `min_p` times the largest probability), top-k (keep tokens whose logit is at least the
    k-th largest, ties kept), top-p (on the distribution left by top-k, keep the most likely
    tokens until the mass of those before reaches `top_p`), then sample by inverting the
-   row's cumulative distribution at one uniform number drawn from the row's own key
+   row's cumulative distribution (over blocks, then within one) at two uniform numbers
+   drawn from the row's own key
    `fold_in(fold_in(PRNGKey(0), seed), step_position)`: a seeded request draws the same
    tokens whatever the rest of the batch is, and wherever its row sits.
 
@@ -222,28 +223,33 @@ def argmax_tokens(logits: jax.Array) -> jax.Array:
 
 def inverse_cdf_tokens(logits: jax.Array, uniforms: jax.Array,
                        row_max: jax.Array | None = None) -> jax.Array:
-    """One token per row of [R, V] logits, drawn from softmax(logits) by inverting its
-    cumulative distribution at `uniforms` [R] in [0, 1). Tokens at -inf are never drawn.
-    `row_max` [R, 1], the rows' largest logits, where the caller knows them already."""
+    """One token per row of [R, V] logits, drawn from softmax(logits) with two uniform
+    numbers per row, `uniforms` [R, 2] in [0, 1): the first inverts the distribution over
+    blocks of the vocabulary, the second the distribution within the chosen block. (One
+    float32 number for the whole vocabulary would resolve probabilities only to ~1e-7.)
+    Tokens at -inf are never drawn. `row_max` [R, 1]: the rows' largest (finite) logits,
+    where the caller knows them already."""
     top = jnp.max(logits, axis=-1, keepdims=True) if row_max is None else row_max
     top = jnp.where(jnp.isfinite(top), top, 0.0)[:, :, None]
     blocks = _vocab_blocks(logits, -jnp.inf)
     # the weights exp(x - top) are summed per block, then recomputed for the chosen block
     # only: never written out whole
-    block_mass = jnp.exp(blocks - top).sum(-1)  # [R, NB]
-    mass_through = jnp.cumsum(block_mass, axis=-1)
-    target = (1.0 - uniforms) * mass_through[:, -1]  # in (0, total]
-    block = jnp.minimum(jnp.sum(mass_through < target[:, None], axis=-1),
-                        block_mass.shape[1] - 1)
-    # an exact sum never ends in a block of zero mass; rounding can only push the target
-    # past either end of the chosen block, so the pick is kept within its nonzero weights
-    mass_before = jnp.take_along_axis(mass_through - block_mass, block[:, None], axis=-1)
-    in_block = jnp.exp(_pick_in_block(blocks, block) - top[:, 0])
-    within = jnp.sum(jnp.cumsum(in_block, axis=-1) < (target[:, None] - mass_before), axis=-1)
-    index = jnp.arange(VOCAB_BLOCK)
-    first = jnp.min(jnp.where(in_block > 0, index, VOCAB_BLOCK - 1), axis=-1)
-    last = jnp.max(jnp.where(in_block > 0, index, 0), axis=-1)
-    return (block * VOCAB_BLOCK + jnp.clip(within, first, last)).astype(jnp.int32)
+    block = _invert_cdf(jnp.exp(blocks - top).sum(-1), uniforms[:, 0])
+    in_block = _invert_cdf(jnp.exp(_pick_in_block(blocks, block) - top[:, 0]), uniforms[:, 1])
+    return (block * VOCAB_BLOCK + in_block).astype(jnp.int32)
+
+
+def _invert_cdf(weights: jax.Array, uniforms: jax.Array) -> jax.Array:
+    """For [R, N] weights (>= 0, some > 0) and [R] uniforms in [0, 1): the first index whose
+    running sum reaches (1 - u) * total, kept within the nonzero weights (float rounding at
+    either end can otherwise land on a zero weight)."""
+    running = jnp.cumsum(weights, axis=-1)
+    target = (1.0 - uniforms) * running[:, -1]  # in (0, total]
+    pick = jnp.sum(running < target[:, None], axis=-1)
+    index = jnp.arange(weights.shape[-1])
+    first = jnp.min(jnp.where(weights > 0, index, weights.shape[-1] - 1), axis=-1)
+    last = jnp.max(jnp.where(weights > 0, index, 0), axis=-1)
+    return jnp.clip(pick, first, last)
 
 
 def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
@@ -288,7 +294,9 @@ def sample(logits: jax.Array, meta: SamplingMetadata, *,
         # `cond` around the sort, so the [R, V] logits are divided, masked and exponentiated
         # in one pass instead of being written out for the `cond` (~4 ms at [64, 49152]).
         temperature = jnp.where(is_greedy, 1.0, meta.temperature).astype(jnp.float32)
-        scaled = lambda p: p / temperature[:, None]
+        # +inf logits (an infinite logit_bias) become the largest float: the row then draws
+        # among them alone instead of turning inf - inf into NaN
+        scaled = lambda p: jnp.minimum(p / temperature[:, None], jnp.finfo(jnp.float32).max)
         # max(p / t) = max(p) / t exactly (division rounds monotonically); every filter
         # keeps the largest logit, so this is also the row maximum after filtering
         row_max = scaled(jnp.max(processed, axis=-1, keepdims=True))
@@ -306,7 +314,7 @@ def sample(logits: jax.Array, meta: SamplingMetadata, *,
         x = scaled(processed)
         x = jnp.where(x >= jnp.maximum(keep_min_p, keep_sorted), x, -jnp.inf)
         keys = row_keys(meta.seeds, meta.step_positions)
-        uniforms = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)
+        uniforms = jax.vmap(lambda key: jax.random.uniform(key, (2,), jnp.float32))(keys)
         return inverse_cdf_tokens(x, uniforms, row_max)
 
     sampled = jax.lax.cond(jnp.all(is_greedy), lambda x: greedy_tokens, random_tokens,
