@@ -43,7 +43,7 @@ import os
 import tempfile
 import time
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -170,20 +170,6 @@ def _self_times(events: list[dict]) -> None:
         stack.append(e)
 
 
-def _union_ns(events: Iterable[dict]) -> float:
-    total, cur_start, cur_end = 0.0, None, None
-    for e in sorted(events, key=lambda e: e["start"]):
-        if cur_end is None or e["start"] > cur_end:
-            if cur_end is not None:
-                total += cur_end - cur_start
-            cur_start, cur_end = e["start"], e["end"]
-        else:
-            cur_end = max(cur_end, e["end"])
-    if cur_end is not None:
-        total += cur_end - cur_start
-    return total
-
-
 def _span_and_gaps(events: list[dict]) -> tuple[float, list[float]]:
     """(last end - first start, the idle gaps between the merged busy intervals), in ns."""
     if not events:
@@ -202,12 +188,15 @@ def summarize_events(devices: list[list[list[dict]]], steps: int, top: int) -> d
     n_dev = max(len(devices), 1)
     per = n_dev * steps
     events = []
-    busy = []
+    busy, spans, gaps = [], [], []
     for lines in devices:
         for evs in lines:
             _self_times(evs)
             events += evs
-        busy.append(_union_ns(e for evs in lines for e in evs))
+        span, idle = _span_and_gaps([e for evs in lines for e in evs])
+        busy.append(span - sum(idle))  # the union of the op intervals
+        spans.append(span)
+        gaps += idle
     total_self = sum(e["self"] for e in events)
 
     def table(key) -> list[dict]:
@@ -235,11 +224,6 @@ def summarize_events(devices: list[list[list[dict]]], steps: int, top: int) -> d
     def by_name(e):
         return e["name"]
 
-    spans, gaps = [], []
-    for lines in devices:
-        span, idle = _span_and_gaps([e for evs in lines for e in evs])
-        spans.append(span)
-        gaps += idle
     result = {"device_busy_ms_per_step": common._r(np.mean(busy) / steps / 1e6, 4) if busy
               else None,
               # first op start to last op end, and the idle stretches in between: time the

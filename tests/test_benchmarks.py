@@ -410,6 +410,11 @@ def test_step_profile_summarize_nested_and_overlapping():
     assert by["c"]["hlo_op"] == "dot.1" and out["top_by_hlo_op"][0]["name"] in {"while", "dot.1"}
     assert abs(sum(t["share"] for t in out["top"]) - 1) < 1e-3
 
+    # idle stretches: busy is the union (2 + 1 ms), span first start to last end, one gap
+    out = step_profile.summarize_events([[[ev("x", 0, 2), ev("y", 5, 6)]]], steps=1, top=5)
+    assert out["device_busy_ms_per_step"] == 3 and out["span_ms_per_step"] == 6
+    assert out["largest_gaps_ms"] == [3] and out["gaps_over_50us_ms_per_step"] == 3
+
 
 def test_step_profile_gpu_planes():
     """A GPU trace's layout: kernels on the "Stream #" lines of "/device:GPU:N" planes, the
