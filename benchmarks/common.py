@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from jaxvllm.entrypoints.serve_cmd import ENGINE_SWITCHES, add_engine_switches
+
 # -- the machine, the model, the caches ------------------------------------------------------
 
 
@@ -69,21 +71,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpu-blocks-override", type=int, default=None)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--attention-backend", default=None)
-    g.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the decode buckets in background threads at start-up "
-                        "(default: on a GPU)")
-    g.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the layers unrolled on per-layer fused weights (default: on a GPU)")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule each step before the one in flight is collected (default: off)")
+    add_engine_switches(g)
     g.add_argument("--seed", type=int, default=0)
 
 
 _ENGINE_FLAGS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                  "block_size", "gpu_memory_utilization", "num_gpu_blocks_override",
                  "enable_prefix_caching", "attention_backend", "seed", "tensor_parallel_size",
-                 "kv_cache_dtype", "precompile", "unroll_layers",
-                 "async_scheduling")
+                 "kv_cache_dtype", *ENGINE_SWITCHES)
 
 
 def engine_kwargs(args) -> dict:

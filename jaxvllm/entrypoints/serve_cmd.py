@@ -87,15 +87,24 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default=None,
                    help="attention implementation (default: the reference)")
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampled requests")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule each step before the one in flight is collected (default: "
-                        "off)")
-    g.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the layers unrolled on per-layer fused weights (default: on one "
-                        "GPU)")
-    g.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the decode steps in background threads at start-up "
-                        "(default: on a GPU)")
+    add_engine_switches(g)
+
+
+# On/off engine options whose default depends on the machine (None: the engine decides).
+ENGINE_SWITCHES = {
+    "async_scheduling": "schedule each step before the one in flight is collected "
+                        "(default: off)",
+    "unroll_layers": "run the layers unrolled on per-layer fused weights (default: on one GPU)",
+    "precompile": "compile the decode steps in background threads at start-up "
+                  "(default: on a GPU)",
+}
+
+
+def add_engine_switches(group) -> None:
+    """--async-scheduling / --no-async-scheduling and the other ENGINE_SWITCHES."""
+    for name, text in ENGINE_SWITCHES.items():
+        group.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                           default=None, help=text)
 
 
 def engine_kwargs(args) -> dict:
@@ -111,7 +120,7 @@ def engine_kwargs(args) -> dict:
                   attention_backend=args.attention_backend)
     if args.cpu_kv_cache_bytes is not None:
         kwargs["cpu_kv_cache_bytes"] = args.cpu_kv_cache_bytes
-    for name in ("async_scheduling", "unroll_layers", "precompile"):
+    for name in ENGINE_SWITCHES:
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     return kwargs
