@@ -241,7 +241,7 @@ def bench_shape(shape: Shape, names, args, interpret) -> dict:
             continue
         if name == "reference" and expected is None:
             continue
-        kw = {} if variant.lowering == "xla" else {"interpret": interpret}
+        kw = {"interpret": interpret} if variant.is_pallas else {}
         run(name, jax.jit(functools.partial(variant.fn, scale=scale, **kw)))
 
     if args.sweep and "triton" in names:
@@ -280,7 +280,7 @@ def bench_shape(shape: Shape, names, args, interpret) -> dict:
                                       requests=tuple(r for r in shape.requests if keep(r[1])))
             sub_inp = make_inputs(sub, dtype)
             for name in names:
-                if variants()[name].lowering == "xla" or name not in result["results"]:
+                if not variants()[name].is_pallas or name not in result["results"]:
                     continue
                 fn = jax.jit(functools.partial(variants()[name].fn, scale=scale,
                                                interpret=interpret))
@@ -295,7 +295,7 @@ def bench_shape(shape: Shape, names, args, interpret) -> dict:
 
 def _add_ratios(shape: Shape, result: dict) -> None:
     ours = {n: r["ms"] for n, r in result["results"].items()
-            if (n in variants() and variants()[n].lowering != "xla") or n.startswith("triton[")}
+            if (n in variants() and variants()[n].is_pallas) or n.startswith("triton[")}
     if not ours:
         return
     best = min(ours, key=ours.get)
@@ -361,7 +361,7 @@ def bench_scan(args, names, interpret, smoke) -> dict:
                              jnp.asarray(slots))
     kv_new = jax.random.normal(jax.random.key(3), (tokens, shape.kv_heads, shape.head_dim), dtype)
     out = {"shape": shape.name, "layers": layers}
-    backends = ["reference"] + [f"pallas:{n}" for n in names if variants()[n].lowering != "xla"]
+    backends = ["reference"] + [f"pallas:{n}" for n in names if variants()[n].is_pallas]
     backends += ["pallas:triton+kv_triton"] if "triton" in names else []
     for backend in backends:
         def step(kv, q, backend=backend):

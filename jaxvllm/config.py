@@ -71,7 +71,14 @@ class EngineConfig:
         if self.attention_backend is not None:
             from jaxvllm.models.attention import resolve_attention_backend
 
-            resolve_attention_backend(self.attention_backend)  # ValueError naming the options
+            variant, _ = resolve_attention_backend(self.attention_backend)  # ValueError if unknown
+            if variant == "native_cpu":
+                from pallas_kernels.native_cpu import unavailable_reason
+
+                reason = unavailable_reason()
+                if reason is not None:
+                    raise ValueError(f"attention_backend={self.attention_backend!r}: the native "
+                                     f"CPU kernel is not available here: {reason}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -96,5 +103,12 @@ class EngineConfig:
         return 256 if self.on_cpu else 8192
 
     def resolved_attention_backend(self) -> str:
-        """The Pallas kernels on GPU, XLA block-pair attention on CPU, unless one was chosen."""
-        return self.attention_backend or ("xla" if self.on_cpu else "pallas")
+        """Unless one was chosen: the Pallas kernels on GPU; on CPU the native kernel, or XLA
+        block-pair attention where it cannot be built (pallas_kernels/native_cpu.py)."""
+        if self.attention_backend:
+            return self.attention_backend
+        if not self.on_cpu:
+            return "pallas"
+        from pallas_kernels.native_cpu import unavailable_reason
+
+        return "cpu" if unavailable_reason() is None else "xla"

@@ -25,7 +25,8 @@ from typing import Callable, Optional
 
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
-LOWERINGS = ("xla", "triton", "mosaic_gpu")
+LOWERINGS = ("xla", "cpu", "triton", "mosaic_gpu")  # cpu: native code through XLA's FFI
+PALLAS_LOWERINGS = ("triton", "mosaic_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,11 @@ class Variant:
     # A variant that takes a host-built `plan=` keyword (and then no block table) says how
     # to build it: see `StepPlanner`
     plan: Optional["StepPlanner"] = None
+
+    @property
+    def is_pallas(self) -> bool:
+        """A Pallas kernel (takes `interpret=`; lowers for a GPU)."""
+        return self.lowering in PALLAS_LOWERINGS
 
     def unsupported_reason(self, case: Case) -> Optional[str]:
         return None if self.supports is None else self.supports(case)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import native_cpu
 from pallas_kernels.kv_write import KV_WRITERS
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from pallas_kernels.validation import validate_attention_inputs
@@ -31,7 +32,7 @@ from pallas_kernels.ragged_paged_attention_mosaic import (  # noqa: E402
     interpret_available as mosaic_interpret_available)
 
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU (compiled, not interpreted)")
-KERNELS = sorted(name for name, v in variants().items() if v.lowering != "xla")
+KERNELS = sorted(name for name, v in variants().items() if v.is_pallas)
 # every variant the reference checks: the Pallas kernels and the other XLA ones
 CHECKED = sorted(name for name in variants() if name != "reference")
 TRITON = sorted(name for name in KERNELS if variants()[name].lowering == "triton")
@@ -300,8 +301,11 @@ def test_attention_backend_names():
     assert resolve_attention_backend("pallas") == ("triton", "scatter")
     assert resolve_attention_backend("pallas_mosaic_gpu+kv_triton") == ("mosaic_gpu", "triton")
     assert resolve_attention_backend("pallas:triton_splitk") == ("triton_splitk", "scatter")
-    assert EngineConfig().resolved_attention_backend() == ("xla" if not ON_GPU else "pallas")
+    native = native_cpu.unavailable_reason() is None
+    assert EngineConfig().resolved_attention_backend() == (
+        "pallas" if ON_GPU else "cpu" if native else "xla")
     assert resolve_attention_backend("xla") == ("block_pairs", "scatter")
+    assert resolve_attention_backend("cpu") == ("native_cpu", "scatter")
     for bad in ("cuda", "pallas:nope", "pallas+kv_nope"):
         with pytest.raises(ValueError, match="is not available"):
             EngineConfig(attention_backend=bad)
@@ -388,6 +392,62 @@ def test_engine_kv_kernel_and_sliding_window(zoo):
     """The Pallas KV writer and a sliding-window model (window 12 < the 38-token request)."""
     path = zoo.case("mistral_sliding").path
     assert _greedy(path, "pallas+kv_triton", 8) == _greedy(path, "reference", 8)
+
+
+needs_native_cpu = pytest.mark.skipif(
+    ON_GPU or native_cpu.unavailable_reason() is not None,
+    reason=f"the native CPU kernel: {native_cpu.unavailable_reason() or 'not on a GPU host'}")
+
+
+@needs_native_cpu
+def test_engine_native_cpu_matches_reference(zoo):
+    """The CPU default: chunked prefills and decodes, GQA, and a sliding-window model."""
+    path = zoo.case("llama_gqa").path
+    assert _greedy(path, "cpu", 16) == _greedy(path, "reference", 16)
+    path = zoo.case("mistral_sliding").path
+    assert _greedy(path, "cpu", 8) == _greedy(path, "reference", 8)
+
+
+@needs_native_cpu
+def test_native_cpu_kernel_reads_the_given_layer_and_bfloat16_cache():
+    """A float32 query over a bfloat16 cache (kv_cache_dtype="bfloat16" on a float32 model),
+    each layer of the stack giving its own answer."""
+    q, k, v, _, qsl, seq_lens, tables = make_batch(MIXED, Shapes(), 0)
+    k, v = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+    outs = []
+    for layer in range(LAYERS):
+        args = (q, k, v, jnp.int32(layer), qsl, seq_lens, tables)
+        outs.append(np.asarray(jitted("native_cpu")(*args, scale=0.25)))
+        want = reference(q, k.astype(jnp.float32), v.astype(jnp.float32), *args[3:], scale=0.25)
+        np.testing.assert_allclose(outs[-1], want, atol=2e-5)
+    assert outs[0].dtype == np.float32 and np.abs(outs[0] - outs[1]).max() > 0.1
+
+
+@pytest.mark.parametrize("how", ["turned_off", "no_compiler", "failing_compiler"])
+def test_native_cpu_falls_back_to_xla(monkeypatch, tmp_path, how):
+    """Where the kernel cannot be built, the CPU default is XLA's attention and asking for
+    "cpu" is a ValueError that says why."""
+    from jaxvllm.config import EngineConfig
+
+    monkeypatch.setattr(native_cpu, "_loaded", {})  # as in a new process
+    monkeypatch.setenv("JAXVLLM_CACHE_DIR", str(tmp_path))  # nothing built yet
+    if how == "turned_off":
+        monkeypatch.setenv("JAXVLLM_NATIVE_CPU", "0")
+    elif how == "no_compiler":
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    else:
+        monkeypatch.setenv("CXX", "false")  # runs and fails
+    reason = native_cpu.unavailable_reason()
+    assert reason is not None and {"turned_off": "JAXVLLM_NATIVE_CPU=0",
+                                   "no_compiler": "could not be built",
+                                   "failing_compiler": "failed"}[how] in reason
+    assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
+    if not ON_GPU:
+        assert EngineConfig().resolved_attention_backend() == "xla"
+    with pytest.raises(ValueError, match="native CPU kernel is not available"):
+        EngineConfig(attention_backend="cpu")
+    with pytest.raises(ValueError, match="not available"):
+        native_cpu.native_cpu_attention(*make_batch(MIXED, Shapes(), 0), scale=0.25)
 
 
 # --- on a GPU (scripts/gpu_check.sh) --------------------------------------------------------

@@ -233,9 +233,9 @@ class LLMEngine:
             return self.loaded.dtype
         dtype = resolve_dtype(self.config.kv_cache_dtype)
         if (dtype != self.loaded.dtype
-                and self.config.resolved_attention_backend() not in ("xla", "reference")):
+                and self.config.resolved_attention_backend() not in ("cpu", "xla", "reference")):
             raise ValueError(f"kv_cache_dtype={self.config.kv_cache_dtype!r} differs from the "
-                             f"model dtype; only attention_backend='xla' or 'reference' "
+                             f"model dtype; only attention_backend 'cpu', 'xla' or 'reference' "
                              f"supports that yet")
         return dtype
 

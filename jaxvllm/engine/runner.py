@@ -41,7 +41,7 @@ MIN_CONTEXT_SLOTS = 256
 # Lowerings whose kernels read a request's block-table entries only as far as its context:
 # a wider table costs them only its copy to the device, so they share one width up to
 # this many tokens (a 256 x 256 table is 256 KiB a step).
-TABLE_WALKING_LOWERINGS = ("triton", "mosaic_gpu")
+TABLE_WALKING_LOWERINGS = ("cpu", "triton", "mosaic_gpu")
 TABLE_WALKING_MIN_CONTEXT_SLOTS = 4096
 
 

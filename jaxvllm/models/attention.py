@@ -2,8 +2,10 @@
 the two functions the decoder calls per layer (`write_kv`, `paged_attention`), dispatched on
 the engine's `attention_backend`:
 
+    "cpu"                native CPU code through XLA's FFI, pallas_kernels/native_cpu.py
+                         (the CPU default where the system's C++ compiler builds it)
     "xla"                XLA (query rows, KV block) work items with a host-built plan,
-                         pallas_kernels/block_pairs.py (the CPU default)
+                         pallas_kernels/block_pairs.py (the CPU default otherwise)
     "reference"          jnp reference attention, XLA scatter KV write (the tests' oracle)
     "pallas"             the Pallas kernel of this platform's default lowering (the GPU
                          default; on CPU it runs in interpret mode)
@@ -29,9 +31,9 @@ from jaxvllm import parallel
 from pallas_kernels.kv_write import DEFAULT_KV_WRITER, KV_WRITERS
 from pallas_kernels.variants import get_variant, variants
 
-ATTENTION_BACKENDS = ("xla", "reference", "pallas", "pallas_triton", "pallas_mosaic_gpu")
-_NAMED_VARIANTS = {"xla": "block_pairs", "reference": "reference", "pallas_triton": "triton",
-                   "pallas_mosaic_gpu": "mosaic_gpu"}
+ATTENTION_BACKENDS = ("cpu", "xla", "reference", "pallas", "pallas_triton", "pallas_mosaic_gpu")
+_NAMED_VARIANTS = {"cpu": "native_cpu", "xla": "block_pairs", "reference": "reference",
+                   "pallas_triton": "triton", "pallas_mosaic_gpu": "mosaic_gpu"}
 # The variant "pallas" means, per platform. Mosaic GPU becomes the Hopper default only once
 # benchmarks/kernels.py has shown it faster there (see benchmarks/README.md).
 DEFAULT_PALLAS_VARIANT = {"cpu": "triton", "gpu": "triton", "hopper": "triton"}

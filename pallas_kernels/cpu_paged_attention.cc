@@ -1,0 +1,378 @@
+// Ragged paged attention for the CPU, as an XLA FFI custom call (one call per layer).
+//
+// The contract is ragged_paged_attention.py's: q [T, H, D] (float32 here), the stacked cache
+// k/v [L, N, B, KVH, D] (float32, bfloat16 or float16), the layer, query_start_loc [R + 1],
+// seq_lens [R] and block_tables [R, MB]; out [T, H, D] float32, zeros for padding tokens.
+//
+// Why a native kernel: XLA on the CPU gathers the blocks a step needs into a new array
+// (~10 GB/s), then reads that array again in reductions that run far below the matmul
+// rate. Here each block is read once, straight from the cache through the block table, by
+// a tile of up to kTile query tokens of one request and one KV head, with an online
+// softmax, so the cache traffic is one pass over the blocks each tile can see.
+//
+// Work items are tiles of a request's query tokens, all heads; the calling thread and
+// helpers on XLA's intra-op thread pool take them from one atomic counter.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTile = 16;  // query tokens of one request sharing each block load
+// The running maximum before any score: finite, as the kernel is built with -ffast-math
+// (vectorized exp); exp(kNoScore - score) is 0 for any real score.
+constexpr float kNoScore = -1e30f;
+
+inline float Bf16ToFloat(uint16_t x) {
+  uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+struct BFloat16 {
+  uint16_t bits;
+};
+
+template <typename T>
+inline float ToFloat(T x) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    return Bf16ToFloat(x.bits);
+  } else {
+    return static_cast<float>(x);  // float, _Float16
+  }
+}
+
+// A cache block [B, KVH, D] as float32: in place for a float32 cache, else converted into
+// `scratch`.
+template <typename T>
+const float* BlockAsFloat(const T* src, int64_t count, float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+#pragma omp simd
+    for (int64_t e = 0; e < count; ++e) scratch[e] = ToFloat(src[e]);
+    return scratch;
+  }
+}
+
+// Asks for a block's cache lines ahead of use: blocks sit anywhere in the cache, so the
+// hardware prefetcher cannot guess the next one.
+inline void PrefetchBlock(const void* start, int64_t bytes) {
+  const char* p = static_cast<const char*>(start);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
+}
+
+struct Problem {
+  const float* q;
+  const void* k;
+  const void* v;
+  const int32_t* query_start_loc;
+  const int32_t* seq_lens;
+  const int32_t* block_tables;
+  float* out;
+  int64_t layer, num_tokens, num_heads, kv_heads, head_dim, num_blocks, block_size;
+  int64_t num_reqs, table_width;
+  float scale, soft_cap;  // soft_cap 0: none
+  int64_t sliding_window;  // 0: none
+};
+
+// Per-thread scratch: the tile's scaled queries, softmax state and the current K/V block.
+struct Scratch {
+  std::vector<float> q, acc, m, l, k, v, s;  // k, v: a converted block (bfloat16 caches)
+  void Resize(const Problem& p) {
+    int64_t rows = kTile * p.num_heads;
+    q.resize(rows * p.head_dim);
+    acc.resize(rows * p.head_dim);
+    m.resize(rows);
+    l.resize(rows);
+    k.resize(p.block_size * p.kv_heads * p.head_dim);
+    v.resize(p.block_size * p.kv_heads * p.head_dim);
+    s.resize(p.block_size);
+  }
+};
+
+// One softmax row (a query token and head) over the visible keys [lo, hi] of a block: the
+// online softmax update of its running max `m`, sum `l` and weighted values `acc`.
+// kD > 0 fixes the head dimension at compile time (the accumulator then stays in
+// registers); 0 takes it from `d`.
+template <int64_t kD>
+inline void UpdateRow(const float* qr, const float* keys, const float* values, int64_t stride,
+                      int64_t lo, int64_t hi, float soft_cap, float* scores, float& m,
+                      float& l, float* acc, int64_t d) {
+  if constexpr (kD > 0) d = kD;
+  float block_max = kNoScore;
+  for (int64_t jj = lo; jj <= hi; ++jj) {
+    const float* kr = keys + jj * stride;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t e = 0; e < d; ++e) dot += qr[e] * kr[e];
+    if (soft_cap > 0.0f) dot = soft_cap * std::tanh(dot / soft_cap);
+    scores[jj] = dot;
+    block_max = std::max(block_max, dot);
+  }
+  const float new_max = std::max(m, block_max);
+  const float correction = std::exp(m - new_max);  // 0 before any block
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t jj = lo; jj <= hi; ++jj) {
+    scores[jj] = std::exp(scores[jj] - new_max);
+    sum += scores[jj];
+  }
+  if constexpr (kD > 0) {
+    float a[kD];
+#pragma omp simd
+    for (int64_t e = 0; e < kD; ++e) a[e] = acc[e] * correction;
+    for (int64_t jj = lo; jj <= hi; ++jj) {
+      const float weight = scores[jj];
+      const float* vr = values + jj * stride;
+#pragma omp simd
+      for (int64_t e = 0; e < kD; ++e) a[e] += weight * vr[e];
+    }
+#pragma omp simd
+    for (int64_t e = 0; e < kD; ++e) acc[e] = a[e];
+  } else {
+#pragma omp simd
+    for (int64_t e = 0; e < d; ++e) acc[e] *= correction;
+    for (int64_t jj = lo; jj <= hi; ++jj) {
+      const float weight = scores[jj];
+      const float* vr = values + jj * stride;
+#pragma omp simd
+      for (int64_t e = 0; e < d; ++e) acc[e] += weight * vr[e];
+    }
+  }
+  l = l * correction + sum;
+  m = new_max;
+}
+
+// Attention of tokens [first, first + count) of request r (their positions start at
+// `first_pos`), all heads. Rows of the softmax state are (token, head) pairs.
+template <typename T>
+void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t count,
+                int64_t first_pos) {
+  const int64_t d = p.head_dim, heads = p.num_heads, group = heads / p.kv_heads;
+  const int64_t bs = p.block_size, rows = count * heads;
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* src = p.q + (first * heads + row) * d;
+    float* dst = w.q.data() + row * d;
+#pragma omp simd
+    for (int64_t e = 0; e < d; ++e) dst[e] = src[e] * p.scale;
+  }
+  std::fill(w.acc.begin(), w.acc.begin() + rows * d, 0.0f);
+  std::fill(w.m.begin(), w.m.begin() + rows, kNoScore);
+  std::fill(w.l.begin(), w.l.begin() + rows, 0.0f);
+
+  const int64_t last_pos = first_pos + count - 1;
+  int64_t lowest = 0;  // first key position any row of the tile can see
+  if (p.sliding_window > 0) lowest = std::max<int64_t>(0, first_pos - p.sliding_window + 1);
+  const int64_t slot_stride = p.kv_heads * d, block_elems = bs * slot_stride;
+  const T* k_cache = static_cast<const T*>(p.k);
+  const T* v_cache = static_cast<const T*>(p.v);
+  const int32_t* table = p.block_tables + r * p.table_width;
+  const int64_t layer_base = p.layer * p.num_blocks;
+  auto block_id = [&](int64_t j) -> int64_t {
+    if (j > last_pos / bs || j >= p.table_width) return -1;
+    const int64_t block = table[j];
+    return block >= 0 && block < p.num_blocks ? block : -1;  // the engine never sends one
+  };
+  float* scores = w.s.data();
+
+  for (int64_t j = lowest / bs, block = block_id(j); block >= 0 || j <= last_pos / bs;) {
+    const int64_t next = block_id(j + 1);
+    if (next >= 0) {
+      PrefetchBlock(k_cache + (layer_base + next) * block_elems, block_elems * sizeof(T));
+      PrefetchBlock(v_cache + (layer_base + next) * block_elems, block_elems * sizeof(T));
+    }
+    if (block >= 0) {
+      const int64_t block_start = j * bs;
+      const int64_t slots = std::min<int64_t>(bs, last_pos - block_start + 1);
+      const float* kb = BlockAsFloat(k_cache + (layer_base + block) * block_elems,
+                                     slots * slot_stride, w.k.data());
+      const float* vb = BlockAsFloat(v_cache + (layer_base + block) * block_elems,
+                                     slots * slot_stride, w.v.data());
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t pos = first_pos + i;
+        // visible slots of this block, as offsets in it
+        int64_t lo = 0, hi = std::min(slots - 1, pos - block_start);
+        if (p.sliding_window > 0) {
+          lo = std::max<int64_t>(0, pos - p.sliding_window + 1 - block_start);
+        }
+        if (lo > hi) continue;
+        for (int64_t head = 0; head < heads; ++head) {
+          const int64_t row = i * heads + head;
+          const float* qr = w.q.data() + row * d;
+          const float* keys = kb + (head / group) * d;
+          const float* values = vb + (head / group) * d;
+          float* acc = w.acc.data() + row * d;
+          if (d == 64) {
+            UpdateRow<64>(qr, keys, values, slot_stride, lo, hi, p.soft_cap, scores, w.m[row],
+                          w.l[row], acc, d);
+          } else if (d == 128) {
+            UpdateRow<128>(qr, keys, values, slot_stride, lo, hi, p.soft_cap, scores, w.m[row],
+                           w.l[row], acc, d);
+          } else {
+            UpdateRow<0>(qr, keys, values, slot_stride, lo, hi, p.soft_cap, scores, w.m[row],
+                         w.l[row], acc, d);
+          }
+        }
+      }
+    }
+    ++j;
+    block = next;
+    if (j > last_pos / bs || j >= p.table_width) break;
+  }
+
+  for (int64_t row = 0; row < rows; ++row) {
+    float* dst = p.out + (first * heads + row) * d;
+    const float inv = w.l[row] > 0.0f ? 1.0f / w.l[row] : 0.0f;
+    const float* acc = w.acc.data() + row * d;
+#pragma omp simd
+    for (int64_t e = 0; e < d; ++e) dst[e] = acc[e] * inv;
+  }
+}
+
+// Shared by the threads of one call; held by pointer so that a helper the pool starts
+// late (after the call returned) finds the counter exhausted and touches nothing else.
+struct WorkQueue {
+  explicit WorkQueue(int64_t total) : total(total) {}
+  const int64_t total;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+template <typename T>
+void RunItems(const Problem& p, const std::vector<int64_t>& tile_ends, WorkQueue& queue) {
+  // Nothing but the queue is touched before an item is claimed: `p` and `tile_ends` live
+  // only as long as the call waits for its items.
+  Scratch scratch;
+  bool sized = false;
+  for (int64_t item = queue.next.fetch_add(1); item < queue.total;
+       item = queue.next.fetch_add(1)) {
+    if (!sized) {
+      scratch.Resize(p);
+      sized = true;
+    }
+    const int64_t tile = item;
+    const int64_t r = std::upper_bound(tile_ends.begin(), tile_ends.end(), tile) -
+                      tile_ends.begin();
+    const int64_t tile_in_req = tile - (r ? tile_ends[r - 1] : 0);
+    const int64_t start = p.query_start_loc[r];
+    const int64_t q_len = p.query_start_loc[r + 1] - start;
+    const int64_t first = start + tile_in_req * kTile;
+    const int64_t count = std::min<int64_t>(kTile, start + q_len - first);
+    const int64_t first_pos = p.seq_lens[r] - q_len + (first - start);
+    AttendTile<T>(p, scratch, r, first, count, first_pos);
+    queue.done.fetch_add(1);
+  }
+}
+
+ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
+                          ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> layer,
+                          ffi::Buffer<ffi::S32> query_start_loc, ffi::Buffer<ffi::S32> seq_lens,
+                          ffi::Buffer<ffi::S32> block_tables, ffi::ResultBuffer<ffi::F32> out,
+                          float scale, int64_t sliding_window, float soft_cap) {
+  auto qd = q.dimensions();
+  auto kd = k_cache.dimensions();
+  auto td = block_tables.dimensions();
+  if (qd.size() != 3 || kd.size() != 5 || td.size() != 2) {
+    return ffi::Error::InvalidArgument("paged attention: q must be [T, H, D], the caches "
+                                       "[L, N, B, KVH, D] and block_tables [R, MB]");
+  }
+  if (k_cache.element_type() != v_cache.element_type()) {
+    return ffi::Error::InvalidArgument("paged attention: k and v caches differ in dtype");
+  }
+  Problem p;
+  p.q = q.typed_data();
+  p.k = k_cache.untyped_data();
+  p.v = v_cache.untyped_data();
+  p.query_start_loc = query_start_loc.typed_data();
+  p.seq_lens = seq_lens.typed_data();
+  p.block_tables = block_tables.typed_data();
+  p.out = out->typed_data();
+  p.num_tokens = qd[0];
+  p.num_heads = qd[1];
+  p.head_dim = qd[2];
+  p.num_blocks = kd[1];
+  p.block_size = kd[2];
+  p.kv_heads = kd[3];
+  p.num_reqs = td[0];
+  p.table_width = td[1];
+  p.layer = layer.typed_data()[0];
+  p.scale = scale;
+  p.soft_cap = soft_cap;
+  p.sliding_window = sliding_window;
+  if (kd[4] != p.head_dim || p.num_heads % p.kv_heads != 0 || p.layer < 0 ||
+      p.layer >= kd[0] || seq_lens.dimensions()[0] != p.num_reqs ||
+      query_start_loc.dimensions()[0] != p.num_reqs + 1) {
+    return ffi::Error::InvalidArgument("paged attention: inconsistent shapes or layer");
+  }
+  std::memset(p.out, 0, sizeof(float) * p.num_tokens * p.num_heads * p.head_dim);
+
+  // tile_ends[r]: tiles of requests 0..r (requests with no tokens or no context have none)
+  std::vector<int64_t> tile_ends(p.num_reqs);
+  int64_t tiles = 0;
+  for (int64_t r = 0; r < p.num_reqs; ++r) {
+    int64_t start = p.query_start_loc[r], q_len = p.query_start_loc[r + 1] - start;
+    bool ok = q_len > 0 && start >= 0 && start + q_len <= p.num_tokens &&
+              p.seq_lens[r] >= q_len;
+    if (ok) tiles += (q_len + kTile - 1) / kTile;
+    tile_ends[r] = tiles;
+  }
+  const int64_t total = tiles;
+  if (k_cache.element_type() != ffi::DataType::F32 &&
+      k_cache.element_type() != ffi::DataType::BF16 &&
+      k_cache.element_type() != ffi::DataType::F16) {
+    return ffi::Error::InvalidArgument(
+        "paged attention: the cache must be float32, bfloat16 or float16");
+  }
+  const ffi::DataType dtype = k_cache.element_type();
+  auto queue = std::make_shared<WorkQueue>(total);
+  const Problem* problem = &p;
+  const std::vector<int64_t>* ends = &tile_ends;
+  auto run = [problem, ends, dtype](WorkQueue& q) {
+    if (dtype == ffi::DataType::BF16) {
+      RunItems<BFloat16>(*problem, *ends, q);
+    } else if (dtype == ffi::DataType::F16) {
+      RunItems<_Float16>(*problem, *ends, q);
+    } else {
+      RunItems<float>(*problem, *ends, q);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads() - 1, 0),
+                                            total - 1);
+  for (int64_t i = 0; i < helpers; ++i) {
+    // The helper holds the queue; it runs items only while the counter has some left,
+    // and then only while this call is waiting for them to finish.
+    pool.Schedule([queue, run]() { run(*queue); });
+  }
+  run(*queue);
+  while (queue->done.load() < total) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxvllmPagedAttentionCpu, PagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::AnyBuffer>()         // k_cache
+                                  .Arg<ffi::AnyBuffer>()         // v_cache
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // query_start_loc
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // seq_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // block_tables
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("soft_cap"));
