@@ -180,56 +180,52 @@ void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t 
   const T* v_cache = static_cast<const T*>(p.v);
   const int32_t* table = p.block_tables + r * p.table_width;
   const int64_t layer_base = p.layer * p.num_blocks;
-  auto block_id = [&](int64_t j) -> int64_t {
-    if (j > last_pos / bs || j >= p.table_width) return -1;
+  const int64_t last_block = std::min(last_pos / bs, p.table_width - 1);
+  auto block_id = [&](int64_t j) -> int64_t {  // -1 for an id past the cache
     const int64_t block = table[j];
     return block >= 0 && block < p.num_blocks ? block : -1;  // the engine never sends one
   };
   float* scores = w.s.data();
 
-  for (int64_t j = lowest / bs, block = block_id(j); block >= 0 || j <= last_pos / bs;) {
-    const int64_t next = block_id(j + 1);
+  for (int64_t j = lowest / bs; j <= last_block; ++j) {
+    const int64_t block = block_id(j), next = j < last_block ? block_id(j + 1) : -1;
     if (next >= 0) {
       PrefetchBlock(k_cache + (layer_base + next) * block_elems, block_elems * sizeof(T));
       PrefetchBlock(v_cache + (layer_base + next) * block_elems, block_elems * sizeof(T));
     }
-    if (block >= 0) {
-      const int64_t block_start = j * bs;
-      const int64_t slots = std::min<int64_t>(bs, last_pos - block_start + 1);
-      const float* kb = BlockAsFloat(k_cache + (layer_base + block) * block_elems,
-                                     slots * slot_stride, w.k.data());
-      const float* vb = BlockAsFloat(v_cache + (layer_base + block) * block_elems,
-                                     slots * slot_stride, w.v.data());
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t pos = first_pos + i;
-        // visible slots of this block, as offsets in it
-        int64_t lo = 0, hi = std::min(slots - 1, pos - block_start);
-        if (p.sliding_window > 0) {
-          lo = std::max<int64_t>(0, pos - p.sliding_window + 1 - block_start);
-        }
-        if (lo > hi) continue;
-        for (int64_t head = 0; head < heads; ++head) {
-          const int64_t row = i * heads + head;
-          const float* qr = w.q.data() + row * d;
-          const float* keys = kb + (head / group) * d;
-          const float* values = vb + (head / group) * d;
-          float* acc = w.acc.data() + row * d;
-          if (d == 64) {
-            UpdateRow<64>(qr, keys, values, slot_stride, lo, hi, p.soft_cap, scores, w.m[row],
-                          w.l[row], acc, d);
-          } else if (d == 128) {
-            UpdateRow<128>(qr, keys, values, slot_stride, lo, hi, p.soft_cap, scores, w.m[row],
-                           w.l[row], acc, d);
-          } else {
-            UpdateRow<0>(qr, keys, values, slot_stride, lo, hi, p.soft_cap, scores, w.m[row],
+    if (block < 0) continue;
+    const int64_t block_start = j * bs;
+    const int64_t slots = std::min<int64_t>(bs, last_pos - block_start + 1);
+    const float* kb = BlockAsFloat(k_cache + (layer_base + block) * block_elems,
+                                   slots * slot_stride, w.k.data());
+    const float* vb = BlockAsFloat(v_cache + (layer_base + block) * block_elems,
+                                   slots * slot_stride, w.v.data());
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t pos = first_pos + i;
+      // visible slots of this block, as offsets in it
+      int64_t lo = 0, hi = std::min(slots - 1, pos - block_start);
+      if (p.sliding_window > 0) {
+        lo = std::max<int64_t>(0, pos - p.sliding_window + 1 - block_start);
+      }
+      if (lo > hi) continue;
+      for (int64_t head = 0; head < heads; ++head) {
+        const int64_t row = i * heads + head;
+        const float* qr = w.q.data() + row * d;
+        const float* keys = kb + (head / group) * d;
+        const float* values = vb + (head / group) * d;
+        float* acc = w.acc.data() + row * d;
+        if (d == 64) {
+          UpdateRow<64>(qr, keys, values, slot_stride, lo, hi, p.soft_cap, scores, w.m[row],
+                        w.l[row], acc, d);
+        } else if (d == 128) {
+          UpdateRow<128>(qr, keys, values, slot_stride, lo, hi, p.soft_cap, scores, w.m[row],
                          w.l[row], acc, d);
-          }
+        } else {
+          UpdateRow<0>(qr, keys, values, slot_stride, lo, hi, p.soft_cap, scores, w.m[row],
+                       w.l[row], acc, d);
         }
       }
     }
-    ++j;
-    block = next;
-    if (j > last_pos / bs || j >= p.table_width) break;
   }
 
   for (int64_t row = 0; row < rows; ++row) {

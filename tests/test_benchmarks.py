@@ -391,6 +391,27 @@ def test_sampler_benchmark(capsys, tmp_path):
         sampler.main(["--rows", "0"])
 
 
+def test_cpu_attention_benchmark(capsys, tmp_path):
+    from benchmarks import cpu_attention
+    from pallas_kernels import native_cpu
+
+    if native_cpu.unavailable_reason() is not None:
+        pytest.skip(f"the native CPU kernel: {native_cpu.unavailable_reason()}")
+    out = tmp_path / "attention.json"
+    cpu_attention.main(["--smoke", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+                        "--head-dim", "16", "--block-size", "8", "--iters", "1",
+                        "--output-json", str(out)])
+    printed = _last_json(capsys)
+    assert printed == json.loads(out.read_text()) and printed["benchmark"] == "cpu_attention"
+    assert set(printed["cases"]) == set(cpu_attention.SMOKE_CASES)
+    for case in printed["cases"].values():
+        assert case["native_cpu_max_abs_err"] < 1e-4 and case["block_pairs_max_abs_err"] < 1e-4
+        assert case["speedup_vs_block_pairs"] == pytest.approx(
+            case["block_pairs_ms"] / case["native_cpu_ms"], rel=0.02, abs=0.01)
+    with pytest.raises(SystemExit, match="cpu_attention: error: --layers"):
+        cpu_attention.main(["--heads", "4", "--kv-heads", "3"])
+
+
 def test_step_profile_summarize_nested_and_overlapping():
     from benchmarks import step_profile
 

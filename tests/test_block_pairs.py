@@ -125,7 +125,7 @@ def test_engine_reuses_programs_across_plan_sizes(zoo):
     while they were longer, instead of compiling a program per size."""
     from jaxvllm import LLM, SamplingParams
 
-    llm = LLM(zoo.case("llama_gqa").path, max_num_seqs=8, block_size=4)
+    llm = LLM(zoo.case("llama_gqa").path, attention_backend="xla", max_num_seqs=8, block_size=4)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (40, 40, 40, 40)]
     params = [SamplingParams(max_tokens=m, ignore_eos=True, temperature=0) for m in (4, 8, 12, 16)]
     llm.generate(prompts, params, use_tqdm=False)

@@ -29,11 +29,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pallas_kernels import native_cpu
+
 SCRIPT = Path(__file__).with_name("tp_scenarios.py")
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 17, 33, 2, 9], [100, 3, 7, 8, 200, 45, 67, 12, 13, 14, 15, 16, 90, 91, 92, 93,
                                 94, 95, 96, 97], [1, 2]]
 TP_SIZES = [1, 2, 4]
+NATIVE_CPU = native_cpu.unavailable_reason() is None
+needs_native_cpu = pytest.mark.skipif(not NATIVE_CPU, reason="the native CPU kernel is not built")
 VOCAB = 256
 HIDDEN = 64
 
@@ -110,7 +114,9 @@ def engines(models, converted) -> dict:
     spec = {"models": models, "tp_sizes": TP_SIZES, "prompts": PROMPTS,
             "extra": {"qwen2_pallas_tp2": [models["qwen2"], 2, "pallas"],
                       "llama_pallas_triton_kv_tp4": [models["llama"], 4, "pallas+kv_triton"],
-                      "llama_converted_tp2": [converted, 2, "reference"]},
+                      "llama_converted_tp2": [converted, 2, "reference"],
+                      **({"llama_native_cpu_tp2": [models["llama"], 2, "cpu"]}
+                         if NATIVE_CPU else {})},
             "errors": {"tp_exceeds_devices": [models["llama"], 8],
                        "heads_indivisible": [models["llama"], 3]}}
     return _run("engines", spec, devices=4)
@@ -142,12 +148,14 @@ def test_seeded_sampling_equal_across_tp_sizes(engines, name):
         assert seeded[str(tp)] == seeded["1"], f"{name}: seeded TP {tp} differs from TP 1"
 
 
-@pytest.mark.parametrize("label,reference", [("qwen2_pallas_tp2", "qwen2"),
-                                             ("llama_pallas_triton_kv_tp4", "llama"),
-                                             ("llama_converted_tp2", "llama")])
+@pytest.mark.parametrize("label,reference", [
+    ("qwen2_pallas_tp2", "qwen2"), ("llama_pallas_triton_kv_tp4", "llama"),
+    ("llama_converted_tp2", "llama"),
+    pytest.param("llama_native_cpu_tp2", "llama", marks=needs_native_cpu)])
 def test_pallas_per_shard_and_converted_checkpoint(engines, label, reference):
-    """The Pallas kernels (attention and KV write) inside shard_map, and weights from an
-    orbax checkpoint placed into their shards, give TP 1's tokens."""
+    """The Pallas kernels (attention and KV write) and the native CPU kernel inside
+    shard_map, and weights from an orbax checkpoint placed into their shards, give TP 1's
+    tokens."""
     assert engines["models"][label]["greedy"] == engines["models"][reference]["greedy"]["1"]
 
 
@@ -183,7 +191,8 @@ def test_compiled_step_collectives(engines, name, tp):
     _check_collectives(rec["hlo"][str(tp)], rec["shapes"][str(tp)], tp, f"{name} TP {tp}")
 
 
-@pytest.mark.parametrize("label", ["qwen2_pallas_tp2", "llama_pallas_triton_kv_tp4"])
+@pytest.mark.parametrize("label", ["qwen2_pallas_tp2", "llama_pallas_triton_kv_tp4",
+                                   pytest.param("llama_native_cpu_tp2", marks=needs_native_cpu)])
 def test_compiled_step_collectives_pallas(engines, label):
     rec = engines["models"][label]
     _check_collectives(rec["hlo"], rec["shapes"], int(label[-1]), label)

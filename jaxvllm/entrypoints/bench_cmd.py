@@ -1,5 +1,6 @@
-"""`jaxvllm bench throughput|latency|serve|sampler ...`: the benchmarks of `benchmarks/`, with the
-same flags as `python benchmarks/<name>.py` (see `jaxvllm bench NAME --help`)."""
+"""`jaxvllm bench throughput|latency|serve|sampler|cpu_attention ...`: the benchmarks of
+`benchmarks/`, with the same flags as `python benchmarks/<name>.py` (`jaxvllm bench NAME
+--help`)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from pathlib import Path
 BENCHMARKS = {"throughput": "offline LLM.generate over a dataset (requests/s, tokens/s)",
               "latency": "one fixed batch: warm-up, then timed iterations",
               "serve": "streaming client against an OpenAI-compatible server (TTFT, TPOT, ITL)",
-              "sampler": "the engine's sampler against jax.random.categorical / jnp.argmax"}
+              "sampler": "the engine's sampler against jax.random.categorical / jnp.argmax",
+              "cpu_attention": "the native CPU attention against XLA's block pairs and jnp"}
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "bench", help="run a benchmark (throughput, latency, serve, sampler)",
+        "bench", help="run a benchmark (throughput, latency, serve, sampler, cpu_attention)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a benchmark. Every benchmark prints a table, then one JSON line.\n\n"
                     + "\n".join(f"  {name:<11} {text}" for name, text in BENCHMARKS.items()),
@@ -26,6 +28,7 @@ def add_parser(subparsers) -> None:
                "  jaxvllm bench latency --batch-size 1 --input-len 128 --output-len 128\n"
                "  jaxvllm bench serve --base-url http://localhost:8000 --request-rate 4\n"
                "  jaxvllm bench sampler --rows 1,64 --vocab-size 151936\n"
+               "  jaxvllm bench cpu_attention --dtype bfloat16\n"
                "  jaxvllm bench throughput --help")
     p.add_argument("benchmark", choices=sorted(BENCHMARKS), metavar="BENCHMARK",
                    help=", ".join(BENCHMARKS))
