@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ except ImportError:  # tests/ imported as a package
     from tests.test_scheduler import (FakeModel, assert_no_leaks, check_step, make_request,
                                       make_scheduler, reference_output)
 from jaxvllm import LLM, SamplingParams
-from jaxvllm.engine.runner import bucket
+from jaxvllm.engine.runner import ModelRunner, bucket
 from jaxvllm.engine.scheduler import (MIN_TOKEN_BUCKET, Scheduler, SchedulerOutput,
                                       bucket_aligned_grant, token_bucket_floor)
 from jaxvllm.simple_generate import SimpleGenerator
@@ -41,6 +42,22 @@ def cut_short(out: SchedulerOutput) -> list:
 def test_token_bucket_floor():
     assert [token_bucket_floor(n) for n in (0, 1, 15, 16, 17, 31, 32, 300, 512, 1023)] == \
         [0, 0, 0, 16, 16, 16, 32, 256, 512, 512]
+
+
+@pytest.mark.parametrize("fine", [False, True])
+def test_fine_decode_buckets(fine):
+    """With fine_decode_buckets (the CPU), steps up to max_reqs_bucket tokens pad to any power
+    of two and from 24 up to 3 * 2^k too: at most 1/3 padding there; larger steps and the
+    default keep powers of two from 16."""
+    runner = SimpleNamespace(max_tokens_bucket=256, max_reqs_bucket=64, fine_decode_buckets=fine)
+    got = {n: ModelRunner.token_bucket(runner, n) for n in range(1, 257)}
+    want_small = {1: 1 if fine else 16, 3: 4 if fine else 16, 7: 8 if fine else 16, 9: 16,
+                  16: 16, 17: 24 if fine else 32, 24: 24 if fine else 32, 25: 32,
+                  33: 48 if fine else 64, 48: 48 if fine else 64, 49: 64, 64: 64}
+    assert {n: got[n] for n in want_small} == want_small
+    assert got[65] == got[96] == got[128] == 128 and got[129] == got[192] == got[256] == 256
+    for n, T in got.items():
+        assert T >= n and (T - n) * (3 if fine and 16 < n <= 64 else 2) <= max(T, 32)
 
 
 def test_bucket_floor_is_the_runners_bucket():

@@ -136,7 +136,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.loaded.model, num_blocks=self.num_blocks,
                                   block_size=config.block_size, max_model_len=self.max_model_len,
                                   max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
-                                  mesh=self.mesh, kv_dtype=self.kv_dtype)
+                                  mesh=self.mesh, kv_dtype=self.kv_dtype,
+                                  fine_decode_buckets=config.on_cpu)
         if profile:
             self.num_blocks = distributed.from_process_zero(self._profile_num_blocks())
             self.runner.resize_kv_cache(self.num_blocks)

@@ -223,7 +223,8 @@ class PendingStep:
 
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int,
-                 max_num_batched_tokens: int, max_num_seqs: int, mesh=None, kv_dtype=None):
+                 max_num_batched_tokens: int, max_num_seqs: int, mesh=None, kv_dtype=None,
+                 fine_decode_buckets: bool = False):
         self.cfg = model.cfg
         self.mesh = mesh  # tensor parallel: the model's shards live on this mesh
         self.graphdef, self.state = nnx.split(model)
@@ -231,6 +232,11 @@ class ModelRunner:
         self.max_blocks_per_req = -(-max_model_len // block_size)
         self.max_tokens_bucket = bucket(max_num_batched_tokens, MIN_TOKEN_BUCKET)
         self.max_reqs_bucket = bucket(max_num_seqs, 4)
+        # Decode-sized steps (up to max_reqs_bucket tokens) pad to any power of two, and from
+        # 24 up also to 3 * 2^k (at most 1/3 padding instead of 1/2): for a device whose step
+        # time grows with its tokens (the CPU's matmuls: 16 rows cost ~5x one), at the price
+        # of more programs.
+        self.fine_decode_buckets = fine_decode_buckets
         variant = get_variant(resolve_attention_backend(model.attention_backend)[0])
         # the StepPlanner of an attention variant that works from a host-built plan
         self.planner = variant.plan
@@ -257,6 +263,13 @@ class ModelRunner:
         # compiling on the step's path: inline, or waiting for a background compilation
         self.compile_seconds = 0.0
         self.background_compile_seconds = 0.0  # spent in precompile's threads
+
+    def token_bucket(self, total: int) -> int:
+        """The token count T a step of `total` tokens is padded to."""
+        if not (self.fine_decode_buckets and total <= self.max_reqs_bucket):
+            return bucket(total, MIN_TOKEN_BUCKET, self.max_tokens_bucket)
+        T = bucket(total, 1)
+        return 3 * T // 4 if T >= 2 * MIN_TOKEN_BUCKET and total <= 3 * T // 4 else T
 
     @property
     def num_compiled(self) -> int:
@@ -309,9 +322,8 @@ class ModelRunner:
         if self._compile_pool is None:
             self._compile_pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=workers, thread_name_prefix="jaxvllm-compile")
-        largest_decode = bucket(self.max_reqs_bucket, MIN_TOKEN_BUCKET, self.max_tokens_bucket)
-        decode = [largest_decode >> i for i in range(largest_decode.bit_length())
-                  if largest_decode >> i >= MIN_TOKEN_BUCKET]
+        decode = sorted({self.token_bucket(n) for n in range(1, self.max_reqs_bucket + 1)},
+                        reverse=True)
         for T in [self.max_tokens_bucket, *decode]:
             key, args = self._dummy_step(vocab_size, T, min(self.max_reqs_bucket, T),
                                          self.min_table_width)
@@ -397,7 +409,7 @@ class ModelRunner:
         bs = self.block_size
         total = sum(s.num_new_tokens for s in scheduled)
         widest = max(-(-(s.num_computed_tokens + s.num_new_tokens) // bs) for s in scheduled)
-        T = bucket(total, MIN_TOKEN_BUCKET, self.max_tokens_bucket)
+        T = self.token_bucket(total)
         # Every request has a token, so R <= T: one row count per token bucket keeps the
         # number of programs down, and a padded row costs only its logits.
         R = min(self.max_reqs_bucket, T)
