@@ -248,7 +248,8 @@ class StepProbe:
             per_step = [s.padded_tokens / s.real_tokens for s in steps if s.real_tokens]
             out.update(real_tokens=real, padded_tokens=padded,
                        padding_waste=_r(padded / real, 4) if real else None,
-                       padding_waste_step_mean=_r(np.mean(per_step), 4) if per_step else None)
+                       padding_waste_step_mean=_r(np.mean(per_step), 4) if per_step else None,
+                       by_token_bucket=_by_token_bucket(steps))
         else:
             out.update(real_tokens=None, padded_tokens=None, padding_waste=None,
                        padding_waste_note="the runner has no real_tokens/padded_tokens counters")
@@ -260,6 +261,22 @@ class StepProbe:
                        engine_overhead_ms_per_step=_r(1e3 * np.mean(
                            [s.seconds - s.host_seconds - s.device_seconds for s in timed])))
         return out
+
+
+def _by_token_bucket(steps) -> dict:
+    """Where the time went, by the token count the steps were padded to (real + padded):
+    steps, seconds and real tokens each, over the steps that compiled nothing."""
+    out: dict[str, dict] = {}
+    for s in steps:
+        if s.compile_s or not s.real_tokens:
+            continue
+        entry = out.setdefault(str(s.real_tokens + s.padded_tokens),
+                               {"steps": 0, "seconds": 0.0, "real_tokens": 0})
+        entry["steps"] += 1
+        entry["seconds"] += s.seconds
+        entry["real_tokens"] += s.real_tokens
+    return {k: {**v, "seconds": _r(v["seconds"])}
+            for k, v in sorted(out.items(), key=lambda kv: int(kv[0]))}
 
 
 def engine_stats(llm, compile_seconds_before: float = 0.0,
