@@ -298,6 +298,17 @@ def run_or_exit(name: str, run, *args):
         raise SystemExit(f"{name}: error: {e}") from None
 
 
+def main_with_json(name: str, parser: argparse.ArgumentParser, run, argv=None) -> dict:
+    """A benchmark's `main`: parse `argv`, `run(args)` (a ValueError exits as a usage
+    error), write the result to `--output-json` if given, and print it as the last line."""
+    args = parser.parse_args(argv)
+    result = run_or_exit(name, run, args)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result) + "\n")
+    emit_json(result)
+    return result
+
+
 def time_ms(fn, *args, iters: int, reps: int = 5) -> float:
     """Best of `reps` averages over `iters` back-to-back calls of a jitted `fn` (dispatch
     overlaps a GPU), in milliseconds."""

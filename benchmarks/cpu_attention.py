@@ -157,12 +157,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    result = common.run_or_exit("cpu_attention", run, args)
-    if args.output_json:
-        Path(args.output_json).write_text(common.json.dumps(result) + "\n")
-    common.emit_json(result)
-    return result
+    return common.main_with_json("cpu_attention", build_parser(), run, argv)
 
 
 if __name__ == "__main__":
