@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -29,9 +30,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kTile = 16;  // query tokens of one request sharing each block load
-// The running maximum before any score: finite, as the kernel is built with -ffast-math
-// (vectorized exp); exp(kNoScore - score) is 0 for any real score.
-constexpr float kNoScore = -1e30f;
+// Below any finite score: the kernel is built with -ffast-math (vectorized exp), which
+// assumes no infinities, so none is used as a starting maximum.
+constexpr float kLowest = -std::numeric_limits<float>::max();
 
 inline float Bf16ToFloat(uint16_t x) {
   uint32_t bits = static_cast<uint32_t>(x) << 16;
@@ -111,7 +112,7 @@ inline void UpdateRow(const float* qr, const float* keys, const float* values, i
                       int64_t lo, int64_t hi, float soft_cap, float* scores, float& m,
                       float& l, float* acc, int64_t d) {
   if constexpr (kD > 0) d = kD;
-  float block_max = kNoScore;
+  float block_max = kLowest;
   for (int64_t jj = lo; jj <= hi; ++jj) {
     const float* kr = keys + jj * stride;
     float dot = 0.0f;
@@ -121,8 +122,9 @@ inline void UpdateRow(const float* qr, const float* keys, const float* values, i
     scores[jj] = dot;
     block_max = std::max(block_max, dot);
   }
-  const float new_max = std::max(m, block_max);
-  const float correction = std::exp(m - new_max);  // 0 before any block
+  const bool first = !(l > 0.0f);  // no key seen yet: `m` and `acc` hold nothing
+  const float new_max = first ? block_max : std::max(m, block_max);
+  const float correction = first ? 0.0f : std::exp(m - new_max);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t jj = lo; jj <= hi; ++jj) {
@@ -169,7 +171,7 @@ void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t 
     for (int64_t e = 0; e < d; ++e) dst[e] = src[e] * p.scale;
   }
   std::fill(w.acc.begin(), w.acc.begin() + rows * d, 0.0f);
-  std::fill(w.m.begin(), w.m.begin() + rows, kNoScore);
+  std::fill(w.m.begin(), w.m.begin() + rows, 0.0f);
   std::fill(w.l.begin(), w.l.begin() + rows, 0.0f);
 
   const int64_t last_pos = first_pos + count - 1;
@@ -237,6 +239,12 @@ void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t 
   }
 }
 
+// Query tokens at the front of a request that sit before position 0 (a seq_len shorter
+// than q_len): they see no key, and stay zeros.
+inline int64_t HiddenTokens(int64_t q_len, int64_t seq_len) {
+  return std::max<int64_t>(0, q_len - seq_len);
+}
+
 // Shared by the threads of one call; held by pointer so that a helper the pool starts
 // late (after the call returned) finds the counter exhausted and touches nothing else.
 struct WorkQueue {
@@ -264,9 +272,9 @@ void RunItems(const Problem& p, const std::vector<int64_t>& tile_ends, WorkQueue
     const int64_t tile_in_req = tile - (r ? tile_ends[r - 1] : 0);
     const int64_t start = p.query_start_loc[r];
     const int64_t q_len = p.query_start_loc[r + 1] - start;
-    const int64_t first = start + tile_in_req * kTile;
+    const int64_t first = start + HiddenTokens(q_len, p.seq_lens[r]) + tile_in_req * kTile;
     const int64_t count = std::min<int64_t>(kTile, start + q_len - first);
-    const int64_t first_pos = p.seq_lens[r] - q_len + (first - start);
+    const int64_t first_pos = p.seq_lens[r] - q_len + (first - start);  // >= 0
     AttendTile<T>(p, scratch, r, first, count, first_pos);
     queue.done.fetch_add(1);
   }
@@ -284,8 +292,13 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
     return ffi::Error::InvalidArgument("paged attention: q must be [T, H, D], the caches "
                                        "[L, N, B, KVH, D] and block_tables [R, MB]");
   }
-  if (k_cache.element_type() != v_cache.element_type()) {
-    return ffi::Error::InvalidArgument("paged attention: k and v caches differ in dtype");
+  if (k_cache.element_type() != v_cache.element_type() ||
+      !std::equal(kd.begin(), kd.end(), v_cache.dimensions().begin(),
+                  v_cache.dimensions().end())) {
+    return ffi::Error::InvalidArgument("paged attention: k and v caches differ in dtype or shape");
+  }
+  if (qd[1] < 1 || qd[2] < 1 || kd[2] < 1 || kd[3] < 1) {
+    return ffi::Error::InvalidArgument("paged attention: empty heads, head dim or blocks");
   }
   Problem p;
   p.q = q.typed_data();
@@ -319,9 +332,8 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   int64_t tiles = 0;
   for (int64_t r = 0; r < p.num_reqs; ++r) {
     int64_t start = p.query_start_loc[r], q_len = p.query_start_loc[r + 1] - start;
-    bool ok = q_len > 0 && start >= 0 && start + q_len <= p.num_tokens &&
-              p.seq_lens[r] >= q_len;
-    if (ok) tiles += (q_len + kTile - 1) / kTile;
+    bool ok = q_len > 0 && start >= 0 && start + q_len <= p.num_tokens && p.seq_lens[r] > 0;
+    if (ok) tiles += (q_len - HiddenTokens(q_len, p.seq_lens[r]) + kTile - 1) / kTile;
     tile_ends[r] = tiles;
   }
   const int64_t total = tiles;

@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import threading
@@ -32,20 +33,32 @@ SOURCE = Path(__file__).with_name("cpu_paged_attention.cc")
 TARGET = "jaxvllm_paged_attention_cpu"
 SYMBOL = "JaxvllmPagedAttentionCpu"
 # -ffast-math lets exp and tanh vectorize (glibc's vector math); the kernel keeps no
-# infinities or NaNs of its own for it to break
-CXX_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared",
-             "-fPIC", "-w")
+# infinities of its own for it to break. Only for compiling: linked with it, GCC < 13 adds
+# a constructor that sets flush-to-zero for the whole process that loads the library.
+CXX_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-fPIC",
+             "-w")
 DTYPES = ("float32", "bfloat16", "float16")
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
 
-def compiler() -> Optional[str]:
-    named = os.environ.get("CXX")
+def compiler() -> Optional[list[str]]:
+    """The C++ compiler command: `CXX` (which may carry arguments, e.g. "ccache g++"), else
+    the first of g++, c++, clang++ on the PATH."""
+    named = shlex.split(os.environ.get("CXX", ""))
     if named:
-        return shutil.which(named) or named
-    return next((path for name in ("g++", "c++", "clang++") if (path := shutil.which(name))), None)
+        return named
+    path = next((p for name in ("g++", "c++", "clang++") if (p := shutil.which(name))), None)
+    return [path] if path else None
+
+
+def _compiler_version(cxx: list[str]) -> str:
+    try:
+        return subprocess.run([*cxx, "--version"], capture_output=True, text=True,
+                              timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _cpu_signature() -> str:
@@ -59,33 +72,45 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
-def library_path(cxx: str) -> Path:
+def library_path(cxx: list[str]) -> Path:
     from jaxvllm.cache import cache_dir
 
     import jaxlib
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CXX_FLAGS).encode(), cxx.encode(),
-                 jaxlib.__version__.encode(), platform.machine().encode(),
-                 _cpu_signature().encode()):
+    for part in (SOURCE.read_bytes(), " ".join(CXX_FLAGS).encode(), " ".join(cxx).encode(),
+                 _compiler_version(cxx).encode(), jaxlib.__version__.encode(),
+                 platform.machine().encode(), _cpu_signature().encode()):
         key.update(part)
         key.update(b"\0")
     return cache_dir() / "native" / f"cpu_paged_attention-{key.hexdigest()[:16]}.so"
 
 
-def build(cxx: str, path: Path) -> Path:
-    """Compile the kernel to `path` (atomically: a concurrent build never sees half a file)."""
+def build(cxx: list[str], path: Path) -> Path:
+    """Compile the kernel to `path` (atomically: a concurrent build never sees half a file).
+    A failure is written beside it (`.failed`), so that later processes do not try again
+    until the source, flags, compiler, jaxlib or CPU change."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    cmd = [cxx, *CXX_FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
+    obj = partial.with_suffix(".o")
+    steps = [[*cxx, *CXX_FLAGS, "-I", jax.ffi.include_dir(), "-c", str(SOURCE), "-o", str(obj)],
+             [*cxx, "-shared", str(obj), "-o", str(partial)]]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        for cmd in steps:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                error = f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}"
+                _failure_note(path).write_text(error)
+                raise RuntimeError(error)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+        obj.unlink(missing_ok=True)
     return path
+
+
+def _failure_note(path: Path) -> Path:
+    return path.with_suffix(".failed")
 
 
 def _load() -> Optional[str]:
@@ -96,6 +121,9 @@ def _load() -> Optional[str]:
         return "no C++ compiler found (set CXX)"
     try:
         path = library_path(cxx)
+        if _failure_note(path).exists():
+            return (f"could not be built (an earlier try, {_failure_note(path)}; delete it "
+                    f"to try again): {_failure_note(path).read_text()[-500:]}")
         if not path.exists():
             build(cxx, path)
         library = ctypes.cdll.LoadLibrary(str(path))
@@ -123,6 +151,8 @@ def native_cpu_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens, 
     reason = unavailable_reason()
     if reason is not None:
         raise ValueError(f"the native CPU attention kernel is not available: {reason}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window={sliding_window}: must be >= 1 (or None)")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     i32 = lambda a: jnp.asarray(a, jnp.int32)
     out = call(q.astype(jnp.float32), k_cache, v_cache, i32(layer).reshape(()),

@@ -409,6 +409,31 @@ def test_engine_native_cpu_matches_reference(zoo):
 
 
 @needs_native_cpu
+def test_native_cpu_edge_cases():
+    """Scores far below any usual value still make a softmax (the running maximum starts
+    from the first block, not from a sentinel); a request whose seq_len is shorter than its
+    query tokens attends with the tokens at positions >= 0 (as the reference); a window < 1
+    and mismatched caches are errors; loading the kernel left float32 subnormals alone."""
+    q, k, v, layer, qsl, seq_lens, tables = make_batch(MIXED, Shapes(), 0)
+    big = q * 1e31  # scores ~ -1e32 .. 1e32: below the old -1e30 sentinel for many rows
+    np.testing.assert_allclose(jitted("native_cpu")(big, k, v, layer, qsl, seq_lens, tables,
+                                                    scale=1.0),
+                               reference(big, k, v, layer, qsl, seq_lens, tables, scale=1.0),
+                               atol=2e-5)
+    short = seq_lens.at[1].set(5)  # 23 query tokens, 5 in the cache: 18 before position 0
+    got = np.asarray(jitted("native_cpu")(q, k, v, layer, qsl, short, tables, scale=0.25))
+    want = np.asarray(reference(q, k, v, layer, qsl, short, tables, scale=0.25))
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.abs(got[int(qsl[1]) + 18:int(qsl[2])]).max() > 0.1
+    with pytest.raises(ValueError, match="sliding_window=0"):
+        native_cpu.native_cpu_attention(q, k, v, layer, qsl, seq_lens, tables, scale=0.25,
+                                         sliding_window=0)
+    with pytest.raises(Exception, match="differ in dtype or shape"):
+        jitted("native_cpu")(q, k, v[:, :-1], layer, qsl, seq_lens, tables, scale=0.25)
+    assert np.float32(1e-39) / np.float32(2) > 0  # no flush-to-zero from loading the library
+
+
+@needs_native_cpu
 def test_native_cpu_kernel_reads_the_given_layer_and_bfloat16_cache():
     """A float32 query over a bfloat16 cache (kv_cache_dtype="bfloat16" on a float32 model),
     each layer of the stack giving its own answer."""
@@ -442,6 +467,10 @@ def test_native_cpu_falls_back_to_xla(monkeypatch, tmp_path, how):
                                    "no_compiler": "could not be built",
                                    "failing_compiler": "failed"}[how] in reason
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
+    if how == "failing_compiler":  # remembered: a new process does not build again
+        monkeypatch.setattr(native_cpu, "_loaded", {})
+        monkeypatch.setattr(native_cpu, "build", lambda *a: pytest.fail("built again"))
+        assert "an earlier try" in native_cpu.unavailable_reason()
     if not ON_GPU:
         assert EngineConfig().resolved_attention_backend() == "xla"
     with pytest.raises(ValueError, match="native CPU kernel is not available"):

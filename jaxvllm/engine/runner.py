@@ -322,7 +322,8 @@ class ModelRunner:
         if self._compile_pool is None:
             self._compile_pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=workers, thread_name_prefix="jaxvllm-compile")
-        decode = sorted({self.token_bucket(n) for n in range(1, self.max_reqs_bucket + 1)},
+        largest_decode = min(self.max_reqs_bucket, self.max_tokens_bucket)
+        decode = sorted({self.token_bucket(n) for n in range(1, largest_decode + 1)},
                         reverse=True)
         for T in [self.max_tokens_bucket, *decode]:
             key, args = self._dummy_step(vocab_size, T, min(self.max_reqs_bucket, T),
