@@ -19,7 +19,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from jaxvllm.entrypoints.serve_cmd import ENGINE_SWITCHES, add_engine_switches
+from jaxvllm.entrypoints.serve_cmd import (ATTENTION_BACKEND_HELP, ENGINE_SWITCHES,
+                                           add_engine_switches)
 
 # -- the machine, the model, the caches ------------------------------------------------------
 
@@ -70,7 +71,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
     g.add_argument("--num-gpu-blocks-override", type=int, default=None)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--attention-backend", default=None)
+    g.add_argument("--attention-backend", default=None, help=ATTENTION_BACKEND_HELP)
     add_engine_switches(g)
     g.add_argument("--seed", type=int, default=0)
 

@@ -7,7 +7,7 @@
 // Why a native kernel: XLA on the CPU gathers the blocks a step needs into a new array
 // (~10 GB/s), then reads that array again in reductions that run far below the matmul
 // rate. Here each block is read once, straight from the cache through the block table, by
-// a tile of up to kTile query tokens of one request and one KV head, with an online
+// a tile of up to kTile query tokens of one request (all its heads), with an online
 // softmax, so the cache traffic is one pass over the blocks each tile can see.
 //
 // Work items are tiles of a request's query tokens, all heads; the calling thread and
@@ -21,6 +21,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -90,7 +91,7 @@ struct Problem {
 
 // Per-thread scratch: the tile's scaled queries, softmax state and the current K/V block.
 struct Scratch {
-  std::vector<float> q, acc, m, l, k, v, s;  // k, v: a converted block (bfloat16 caches)
+  std::vector<float> q, acc, m, l, k, v, s;  // k, v: a block converted from 16-bit floats
   void Resize(const Problem& p) {
     int64_t rows = kTile * p.num_heads;
     q.resize(rows * p.head_dim);

@@ -84,13 +84,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--process-id", type=int, default=None,
                    help="this process's rank, 0 serves (also $JAXVLLM_PROCESS_ID)")
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
-    g.add_argument("--attention-backend", default=None,
-                   help="attention implementation (default: the reference)")
+    g.add_argument("--attention-backend", default=None, help=ATTENTION_BACKEND_HELP)
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampled requests")
     add_engine_switches(g)
 
 
 # On/off engine options whose default depends on the machine (None: the engine decides).
+ATTENTION_BACKEND_HELP = ("cpu, xla, reference, pallas, pallas_triton, pallas_mosaic_gpu or "
+                          "pallas:<variant> (default: pallas on a GPU; on the CPU cpu, the "
+                          "native kernel, or xla where it cannot be built)")
+
 ENGINE_SWITCHES = {
     "async_scheduling": "schedule each step before the one in flight is collected "
                         "(default: off)",
