@@ -298,6 +298,12 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
                   v_cache.dimensions().end())) {
     return ffi::Error::InvalidArgument("paged attention: k and v caches differ in dtype or shape");
   }
+  const ffi::DataType dtype = k_cache.element_type();
+  if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16 &&
+      dtype != ffi::DataType::F16) {
+    return ffi::Error::InvalidArgument(
+        "paged attention: the cache must be float32, bfloat16 or float16");
+  }
   if (qd[1] < 1 || qd[2] < 1 || kd[2] < 1 || kd[3] < 1) {
     return ffi::Error::InvalidArgument("paged attention: empty heads, head dim or blocks");
   }
@@ -338,13 +344,6 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
     tile_ends[r] = tiles;
   }
   const int64_t total = tiles;
-  if (k_cache.element_type() != ffi::DataType::F32 &&
-      k_cache.element_type() != ffi::DataType::BF16 &&
-      k_cache.element_type() != ffi::DataType::F16) {
-    return ffi::Error::InvalidArgument(
-        "paged attention: the cache must be float32, bfloat16 or float16");
-  }
-  const ffi::DataType dtype = k_cache.element_type();
   auto queue = std::make_shared<WorkQueue>(total);
   const Problem* problem = &p;
   const std::vector<int64_t>* ends = &tile_ends;

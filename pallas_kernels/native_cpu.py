@@ -121,9 +121,10 @@ def _load() -> Optional[str]:
         return "no C++ compiler found (set CXX)"
     try:
         path = library_path(cxx)
-        if _failure_note(path).exists():
-            return (f"could not be built (an earlier try, {_failure_note(path)}; delete it "
-                    f"to try again): {_failure_note(path).read_text()[-500:]}")
+        failed = _failure_note(path)
+        if failed.exists():
+            return (f"could not be built (an earlier try, {failed}; delete it to try "
+                    f"again): {failed.read_text()[-500:]}")
         if not path.exists():
             build(cxx, path)
         library = ctypes.cdll.LoadLibrary(str(path))

@@ -306,6 +306,10 @@ def test_attention_backend_names():
         "pallas" if ON_GPU else "cpu" if native else "xla")
     assert resolve_attention_backend("xla") == ("block_pairs", "scatter")
     assert resolve_attention_backend("cpu") == ("native_cpu", "scatter")
+    from jaxvllm.entrypoints.serve_cmd import ATTENTION_BACKEND_HELP
+    from jaxvllm.models.attention import ATTENTION_BACKENDS
+
+    assert set(ATTENTION_BACKENDS) <= {w.strip(",()") for w in ATTENTION_BACKEND_HELP.split()}
     for bad in ("cuda", "pallas:nope", "pallas+kv_nope"):
         with pytest.raises(ValueError, match="is not available"):
             EngineConfig(attention_backend=bad)

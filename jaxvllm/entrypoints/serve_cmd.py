@@ -89,11 +89,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_engine_switches(g)
 
 
-# On/off engine options whose default depends on the machine (None: the engine decides).
+# jaxvllm.models.attention.ATTENTION_BACKENDS, written out: the CLI does not import jax to
+# print its help (tests/test_kernels.py checks that the two agree)
 ATTENTION_BACKEND_HELP = ("cpu, xla, reference, pallas, pallas_triton, pallas_mosaic_gpu or "
                           "pallas:<variant> (default: pallas on a GPU; on the CPU cpu, the "
                           "native kernel, or xla where it cannot be built)")
 
+# On/off engine options whose default depends on the machine (None: the engine decides).
 ENGINE_SWITCHES = {
     "async_scheduling": "schedule each step before the one in flight is collected "
                         "(default: off)",
