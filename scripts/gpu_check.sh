@@ -14,7 +14,7 @@
 # Phases (PHASES, run in the order given; model first): model, throughput, eager (the same
 # without the background precompile), profile (where a decode step's device time goes), scan
 # (the same steps with the layers as a scan instead of unrolled), async (the same steps with
-# asynchronous scheduling), graphs (the same steps with
+# asynchronous scheduling), nocb (the same steps with no command buffers), graphs (the same steps with
 # XLA's own command-buffer default, not jaxvllm's), sampler (the engine's sampler against
 # jax.random.categorical / jnp.argmax at the model's vocabulary), latency, tests, kernels,
 # sweep. The whole
@@ -115,6 +115,13 @@ phase_graphs() {
         benchmarks/step_profile.py "${COMMON[@]}" --attention-backend "$BACKEND" \
         "${PROF_ARGS[@]}" --no-profile --output-json "$WORK/step_profile_graphs.json"
     grep -i "wall\|runner\|batch" "$WORK/graphs.log" | grep -v '^{' | head -n 20
+}
+
+phase_nocb() {  # the profile phase's steps timed with no command buffers (CUDA graphs) at all
+    run_phase nocb 90 "$PY" benchmarks/step_profile.py "${COMMON[@]}" --attention-backend \
+        "$BACKEND" "${PROF_ARGS[@]}" --disable-command-buffers --no-profile \
+        --output-json "$WORK/step_profile_nocb.json"
+    grep -v '^{' "$WORK/nocb.log" | tail -n 8
 }
 
 phase_scan() {  # the profile phase's steps timed with the layers as a scan (the CPU's way)
@@ -234,6 +241,7 @@ if os.path.exists(path := os.path.join(work, "throughput_eager.json")):
         "first_token_s")}
 for label, name in (("step_profile_xla_default_command_buffers", "step_profile_graphs"),
                     ("step_profile_scan", "step_profile_scan"),
+                    ("step_profile_no_command_buffers", "step_profile_nocb"),
                     ("step_profile_async_scheduling", "step_profile_async")):
     if os.path.exists(path := os.path.join(work, f"{name}.json")):
         summary[label] = {
