@@ -12,7 +12,7 @@
 #   COMPARE_HF=0 ATTENTION_BACKEND=pallas:triton_splitk scripts/gpu_check.sh
 #
 # Phases (PHASES, run in the order given; model first): model, throughput, eager (the same
-# without the background precompile), profile (where a decode step's device time goes), scan
+# without the background precompile), athroughput (the same with asynchronous scheduling), profile (where a decode step's device time goes), scan
 # (the same steps with the layers as a scan instead of unrolled), async (the same steps with
 # asynchronous scheduling), nocb (the same steps with no command buffers), graphs (the same steps with
 # XLA's own command-buffer default, not jaxvllm's), sampler (the engine's sampler against
@@ -152,6 +152,13 @@ phase_eager() {  # throughput again without the background precompile, no HF bas
     grep -E "Elapsed|Output tokens|Compile|first token" "$WORK/eager.log"
 }
 
+phase_athroughput() {  # throughput again with asynchronous scheduling, no HF baseline
+    run_phase athroughput 150 "$PY" benchmarks/throughput.py "${COMMON[@]}" --dataset nano-vllm \
+        --async-scheduling --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
+        --output-json "$WORK/throughput_async.json"
+    grep -E "Elapsed|Output tokens|Compile|first token" "$WORK/athroughput.log"
+}
+
 phase_latency() {
     run_phase latency 150 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
         --temperature 0 "${HF[@]}" --attention-backend "$BACKEND" "${LAT_ARGS[@]}" \
@@ -234,9 +241,12 @@ if (p := load("step_profile")) is not None:
                                for b, r in p.get("per_batch", {}).items()}
 if (s := load("sampler")) is not None:
     summary["sampler"] = s.get("rows")
-if os.path.exists(path := os.path.join(work, "throughput_eager.json")):
+for label, name in (("throughput_no_precompile", "throughput_eager"),
+                    ("throughput_async_scheduling", "throughput_async")):
+    if not os.path.exists(path := os.path.join(work, f"{name}.json")):
+        continue
     t = json.load(open(path))
-    summary["throughput_no_precompile"] = {k: t.get(k) for k in (
+    summary[label] = {k: t.get(k) for k in (
         "output_tokens_per_second", "output_tokens_per_second_excl_compile", "elapsed_time",
         "first_token_s")}
 for label, name in (("step_profile_xla_default_command_buffers", "step_profile_graphs"),

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvllm.engine.sampler import (VOCAB_BLOCK, RowSpec, SamplingMetadata,
+from jaxvllm.engine.sampler import (VOCAB_BLOCK, RowSpec, SamplerPaths, SamplingMetadata,
                                     apply_penalties_and_bias, argmax_tokens,
                                     banned_bad_word_tokens, build_sampling_metadata,
                                     inverse_cdf_tokens, sample)
@@ -566,3 +566,59 @@ def test_plain_requests_take_the_column_path_with_the_same_metadata(monkeypatch)
     assert sampler_module._plain_requests_metadata(requests, 64, 8, fresh) is None
     with_penalty, _ = build(requests)
     assert with_penalty.repetition_penalty[1] == np.float32(1.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# shortcuts decided on the host
+# ---------------------------------------------------------------------------------------------
+
+_sample_on_paths = jax.jit(sample, static_argnames=("num_logprobs", "paths"))
+
+PATH_BATCHES = {
+    "greedy": [RowSpec(temperature=0.0)] * 3,
+    "plain random": [RowSpec(temperature=0.8, seed=5), RowSpec(temperature=0.0)],
+    "top-p": [RowSpec(temperature=1.0, top_p=0.7, seed=1), RowSpec(temperature=0.0)],
+    "top-k on a greedy row only": [RowSpec(temperature=0.0, top_k=3),
+                                   RowSpec(temperature=0.9, seed=2)],
+    "penalties": [RowSpec(temperature=0.0, presence_penalty=0.5, token_ids=[1, 2, 3],
+                          num_prompt=1)],
+    "allowed": [RowSpec(temperature=0.6, seed=3, allowed_token_ids=[4, 5, 6])],
+    "all": [RowSpec(temperature=1.1, top_k=7, top_p=0.9, seed=4, repetition_penalty=1.3,
+                    token_ids=[7, 8], num_prompt=1, allowed_token_ids=list(range(12))),
+            RowSpec(temperature=0.0)],
+}
+EXPECTED_PATHS = {  # (allowed, penalties, random, sort)
+    "greedy": (False, False, False, False), "plain random": (False, False, True, False),
+    "top-p": (False, False, True, True), "top-k on a greedy row only": (False, False, True, False),
+    "penalties": (False, True, False, False), "allowed": (True, False, True, False),
+    "all": (True, True, True, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATH_BATCHES))
+def test_paths_decided_on_the_host_give_the_tokens_of_the_conds(name):
+    """`SamplerPaths.of` the host metadata names exactly the work some row needs, and
+    sampling with those static paths (no `lax.cond`) gives the tokens, logprobs and ranks of
+    the `lax.cond` version, as does doing every path's work (ALL: neutral rows unchanged)."""
+    rows = PATH_BATCHES[name]
+    host, _ = build_sampling_metadata(rows, V, pad_rows_to=4, device_put=False)
+    paths = SamplerPaths.of(host)
+    assert tuple(paths) == EXPECTED_PATHS[name]
+    meta = make(rows, 4)
+    logits = jnp.asarray(rand_logits(np.random.default_rng(21), 4))
+    want = _sample(logits, meta, num_logprobs=2)
+    for p in (paths, SamplerPaths(True, True, True, True)):
+        got = _sample_on_paths(logits, meta, num_logprobs=2, paths=p)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_static_paths_leave_no_conditional_in_the_program():
+    """A data-dependent branch makes a GPU host wait for its predicate: with paths the
+    sampler compiles without any."""
+    meta = make(PATH_BATCHES["all"], 4)
+    logits = jnp.zeros((4, V), jnp.float32)
+    for paths in (None, SamplerPaths(False, False, True, False),
+                  SamplerPaths(True, True, True, True)):
+        hlo = _sample_on_paths.lower(logits, meta, paths=paths).as_text(dialect="hlo")
+        assert ("conditional(" in hlo) == (paths is None), paths

@@ -184,6 +184,41 @@ def test_precompiled_programs_serve_the_steps(llama_folder):
     assert runner.background_compile_seconds > 0
 
 
+def test_sampler_shortcuts_are_part_of_the_program_key(llama_folder):
+    """The sampler's shortcuts are decided on the host: a step program holds no data-dependent
+    branch (on a GPU its predicate would stall the host), a batch that needs less work reuses
+    a program that does more, and one that needs more compiles its own."""
+    from jaxvllm import LLM, SamplingParams
+    from jaxvllm.engine.sampler import PLAIN_RANDOM_PATHS, SamplerPaths
+
+    llm = LLM(str(llama_folder), attention_backend="reference", max_model_len=64,
+              max_num_seqs=2, max_num_batched_tokens=32)
+    runner = llm.llm_engine.runner
+    prompt = [{"prompt_token_ids": [3, 14, 15, 92]}]
+
+    def run(**kw):
+        return llm.generate(prompt, SamplingParams(max_tokens=3, ignore_eos=True, seed=0, **kw),
+                            use_tqdm=False)[0].outputs[0].token_ids
+
+    run(temperature=1.0)
+    keys = set(runner._programs)
+    assert {k.sampler_paths for k in keys} == {PLAIN_RANDOM_PATHS}
+    for key in keys:
+        assert "conditional" not in runner._programs[key].as_text()
+    greedy = run(temperature=0.0)
+    assert set(runner._programs) == keys  # served by the default-sampling programs
+    run(temperature=1.0, top_p=0.5)
+    assert SamplerPaths(False, False, True, True) in {k.sampler_paths for k in runner._programs}
+
+    fresh = LLM(str(llama_folder), attention_backend="reference", max_model_len=64,
+                max_num_seqs=2, max_num_batched_tokens=32)
+    assert fresh.generate(prompt, SamplingParams(max_tokens=3, ignore_eos=True,
+                                                 temperature=0.0),
+                          use_tqdm=False)[0].outputs[0].token_ids == greedy
+    assert {k.sampler_paths for k in fresh.llm_engine.runner._programs} == {
+        SamplerPaths(False, False, False, False)}  # greedy alone: the argmax only
+
+
 def test_precompile_needs_an_unplanned_backend(llama_folder):
     from jaxvllm import LLM
 

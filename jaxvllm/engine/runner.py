@@ -30,7 +30,9 @@ from flax import nnx
 
 from jaxvllm import parallel, xla_flags
 from jaxvllm.engine.packed_inputs import PackedLayout, pack, unpack
-from jaxvllm.engine.sampler import build_sampling_metadata, gather_logprobs, pow2_at_least, sample
+from jaxvllm.engine.sampler import (ALL_PATHS, PLAIN_RANDOM_PATHS, SamplerPaths,
+                                    build_sampling_metadata, gather_logprobs, pow2_at_least,
+                                    sample)
 from jaxvllm.engine.scheduler import MIN_TOKEN_BUCKET
 from jaxvllm.models.attention import (AttentionMetadata, allocate_kv_cache,
                                       resolve_attention_backend)
@@ -85,8 +87,8 @@ class StepCounters:
                 "device_ms_per_step": 1000 * self.device_seconds / steps}
 
 
-def _step_fn(graphdef, state_def, num_logprobs, num_prompt_logprobs, layout, weights, kv,
-             prev_tokens, *inputs):
+def _step_fn(graphdef, state_def, sampler_paths, num_logprobs, num_prompt_logprobs, layout,
+             weights, kv, prev_tokens, *inputs):
     if layout is not None:  # one packed buffer (see StepProgram)
         inputs = unpack(inputs[0], layout)
     (input_ids, feed, positions, meta, logits_indices, sampling, prompt_indices,
@@ -98,7 +100,7 @@ def _step_fn(graphdef, state_def, num_logprobs, num_prompt_logprobs, layout, wei
     hidden, kv = model(input_ids, positions, meta, kv)
     # tensor parallel: the vocabulary-sharded logits gathered once; sampling runs replicated
     logits = parallel.gather_logits(model.compute_logits(hidden[logits_indices]))
-    sampled = sample(logits, sampling, num_logprobs=num_logprobs)
+    sampled = sample(logits, sampling, num_logprobs=num_logprobs, paths=sampler_paths)
     prompt = None
     if num_prompt_logprobs is not None:
         prompt_logits = parallel.gather_logits(model.compute_logits(hidden[prompt_indices]))
@@ -117,6 +119,7 @@ class ProgramKey(NamedTuple):
     """What selects a compiled step program: every static shape and option of its inputs."""
 
     sampling_shape: tuple[int, ...]  # SamplingMetadata.shape_key
+    sampler_paths: SamplerPaths  # the sampler's shortcuts this batch takes
     num_tokens: int  # T
     num_rows: int  # R
     table_width: Optional[int]  # MB; None for a planned variant (no device block table)
@@ -278,6 +281,19 @@ class ModelRunner:
     def num_compiled(self) -> int:
         return len(self._programs)
 
+    def _covering_key(self, key: ProgramKey) -> ProgramKey:
+        """`key`, or, where no program for it is compiled or compiling, that of one which is
+        and differs only by sampler paths that cover `key`'s (e.g. a greedy batch on a
+        precompiled program for default sampling): no compilation for a shortcut."""
+        if key in self._programs or key in self._compiling:
+            return key
+        for pool in (self._programs, self._compiling):
+            for other in pool:
+                if (other._replace(sampler_paths=key.sampler_paths) == key
+                        and other.sampler_paths.covers(key.sampler_paths)):
+                    return other
+        return key
+
     def _program(self, key, args):
         program = self._programs.get(key)
         if program is None:
@@ -300,8 +316,8 @@ class ModelRunner:
         if self.mesh is None:
             buffer, layout = pack(args[3:])
             args = (*args[:3], buffer)
-        step = functools.partial(_step_fn, self.graphdef, self._state_def, key.num_logprobs,
-                                 key.num_prompt_logprobs, layout)
+        step = functools.partial(_step_fn, self.graphdef, self._state_def, key.sampler_paths,
+                                 key.num_logprobs, key.num_prompt_logprobs, layout)
         if self.mesh is None:
             fn = jax.jit(step, donate_argnums=(1,))
         else:  # outputs replicated, the cache stays sharded by KV head
@@ -344,14 +360,16 @@ class ModelRunner:
             self.background_compile_seconds += time.perf_counter() - start
         return program
 
-    def _dummy_step(self, vocab_size: int, T: int, R: int, MB: int):
+    def _dummy_step(self, vocab_size: int, T: int, R: int, MB: int,
+                    paths: SamplerPaths = PLAIN_RANDOM_PATHS):
         """(key, args) of a step of T tokens and R rows whose inputs touch only the null
-        block 0; the key is the one `execute_async` gives such a batch."""
+        block 0; the key is the one `execute_async` gives such a batch of requests whose
+        sampling takes `paths` (default: default `SamplingParams`)."""
         zeros = lambda *shape: np.zeros(shape, np.int32)
         qsl = np.minimum(np.arange(R + 1), T).astype(np.int32)
         meta = AttentionMetadata(qsl, np.ones(R, np.int32), zeros(R, MB), zeros(T))
         sampling, _ = build_sampling_metadata([], vocab_size, pad_rows_to=R, device_put=False)
-        key = ProgramKey(sampling.shape_key, T, R, MB, None, 1, None, None)
+        key = ProgramKey(sampling.shape_key, paths, T, R, MB, None, 1, None, None)
         feed = np.full(T, -1, np.int32)
         return key, (self.weights, self.kv, self._last_tokens, zeros(T), feed, zeros(T), meta,
                      zeros(R), sampling, zeros(1), zeros(1))
@@ -389,10 +407,11 @@ class ModelRunner:
         _, _, self.kv, self._last_tokens = self._program(key, args)(*args)
 
     def profile_run(self, vocab_size: int) -> None:
-        """Run the largest step (every token and row, the widest block table) on dummy
-        inputs that touch only the null block, so that peak device memory can be read."""
+        """Run the largest step (every token and row, the widest block table, all of the
+        sampler's work) on dummy inputs that touch only the null block, so that peak device
+        memory can be read."""
         key, args = self._dummy_step(vocab_size, self.max_tokens_bucket, self.max_reqs_bucket,
-                                     self.max_table_width)
+                                     self.max_table_width, ALL_PATHS)
         if self.mesh is not None:
             args = self._shard_inputs(args)
         _, _, self.kv, _ = self._program(key, args)(*args)
@@ -428,8 +447,10 @@ class ModelRunner:
                                                          device_put=False)
         prompt_idx, prompt_targets, prompt_spans, num_prompt_logprobs = self._prompt_logprob_inputs(
             scheduled, qsl)
-        key = ProgramKey(sampling.shape_key, T, R, None if self.planner else MB, None,
-                         len(prompt_idx), num_logprobs, num_prompt_logprobs)
+        key = ProgramKey(sampling.shape_key, SamplerPaths.of(sampling), T, R,
+                         None if self.planner else MB, None, len(prompt_idx), num_logprobs,
+                         num_prompt_logprobs)
+        key = self._covering_key(key)
         if self.planner:
             sizes = self._compiled_plan_sizes(key, self.planner.sizes(qsl, seq_lens, bs))
             key = key._replace(plan_sizes=sizes)

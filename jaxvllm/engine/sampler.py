@@ -4,11 +4,15 @@ step.
 
 Every per-request setting travels as an array row of `SamplingMetadata`, so new values never
 recompile; only the padded shapes (rows `R` and the ragged widths `M`, `K`, `A`, `S`, `B`,
-each a power of two) and the static `num_logprobs` select a program. There is no Python
-control flow on array values: batch-wide shortcuts are `lax.cond`s that skip work no row
-needs (the allowed-token mask, the penalty counts, the random path when every row is greedy,
-the vocabulary sort when no row filters by top-k/top-p). A neutral row gives bit-identical
-results whether or not a shortcut is taken, so a row's token never depends on its batch.
+each a power of two) and the static `num_logprobs` select a program. Batch-wide shortcuts
+skip work no row needs (the allowed-token mask, the penalty counts, the random path when
+every row is greedy, the vocabulary sort when no row filters by top-k/top-p). The engine
+decides them on the host (`SamplerPaths.of`) and compiles one program per combination it
+meets: on a GPU a data-dependent `lax.cond` makes the host wait for the device to read its
+predicate (one around a sort is not recorded into a CUDA graph), which left an H100 idle
+for ~6 ms of a ~10 ms decode step. Without `paths` (metadata only known on the device) they
+are `lax.cond`s. A neutral row gives bit-identical results whether or not a shortcut is
+taken, so a row's token never depends on its batch.
 
 Order of operations (vLLM V1's `Sampler.forward`):
 
@@ -45,7 +49,7 @@ tie: this differs only on exact float ties.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +101,47 @@ class SamplingMetadata:
                 self.allowed_ids.shape[1], self.stop_ids.shape[1], self.bad_word_ids.shape[1])
 
 
+class SamplerPaths(NamedTuple):
+    """The batch-wide shortcuts of `sample`, decided on the host: True where some row needs
+    the work (a static choice in the compiled step, part of its program key)."""
+
+    allowed: bool  # some row restricts itself to allowed_token_ids
+    penalties: bool  # some row has a repetition, frequency or presence penalty
+    random: bool  # some row is not greedy
+    sort: bool  # some random row filters by top-k or top-p
+
+    @classmethod
+    def of(cls, meta: SamplingMetadata) -> "SamplerPaths":
+        """The paths that host (numpy) metadata from `build_sampling_metadata` need."""
+        m = jax.tree.map(np.asarray, meta)
+        random = m.temperature >= SAMPLING_EPS
+        vocab_cut = m.top_k > 0  # build_sampling_metadata stores k >= vocab as 0 (off)
+        return cls(allowed=bool((m.allowed_ids >= 0).any()),
+                   penalties=bool(((m.repetition_penalty != 1.0) | (m.frequency_penalty != 0.0)
+                                   | (m.presence_penalty != 0.0)).any()),
+                   random=bool(random.any()),
+                   sort=bool((random & (vocab_cut | (m.top_p < 1.0))).any()))
+
+    def covers(self, other: "SamplerPaths") -> bool:
+        """Whether a step on these paths samples `other`'s batches too (doing all their work)."""
+        return all(mine or not theirs for mine, theirs in zip(self, other))
+
+
+PLAIN_RANDOM_PATHS = SamplerPaths(allowed=False, penalties=False, random=True, sort=False)
+"""Default `SamplingParams` (temperature 1, no filters): the programs compiled ahead."""
+ALL_PATHS = SamplerPaths(allowed=True, penalties=True, random=True, sort=True)
+"""Every shortcut's work done: the step with the largest memory use."""
+
+
+def _branch(paths: Optional[SamplerPaths], path: str, predicate: Callable[[], jax.Array],
+            work: Callable, skip: Callable, operand):
+    """`work(operand)` where some row needs `path`, else `skip(operand)`: as `paths` decided
+    on the host, or (`paths` None) by a `lax.cond` on `predicate()`."""
+    if paths is None:
+        return jax.lax.cond(predicate(), work, skip, operand)
+    return work(operand) if getattr(paths, path) else skip(operand)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplerOutput:
@@ -126,7 +171,8 @@ def _set_where_ids(logits: jax.Array, ids: jax.Array, value) -> jax.Array:
     return logits.at[rows, ids].set(value, mode="drop")
 
 
-def apply_penalties_and_bias(logits: jax.Array, meta: SamplingMetadata) -> jax.Array:
+def apply_penalties_and_bias(logits: jax.Array, meta: SamplingMetadata,
+                             paths: Optional[SamplerPaths] = None) -> jax.Array:
     """Steps 2-6 of the module docstring: masks, logit bias and penalties on [R, V] logits.
 
     Returns float32 logits of the same shape (banned tokens are -inf).
@@ -143,7 +189,8 @@ def apply_penalties_and_bias(logits: jax.Array, meta: SamplingMetadata) -> jax.A
         restricted = jnp.any(meta.allowed_ids >= 0, axis=1, keepdims=True)
         return jnp.where(restricted & ~allowed, neg_inf, x)
 
-    logits = jax.lax.cond(jnp.any(meta.allowed_ids >= 0), restrict, lambda x: x, logits)
+    logits = _branch(paths, "allowed", lambda: jnp.any(meta.allowed_ids >= 0), restrict,
+                     lambda x: x, logits)
 
     # bad words (their currently completable last tokens)
     logits = _set_where_ids(logits, _ids_or_drop(meta.bad_word_ids, vocab), neg_inf)
@@ -170,9 +217,10 @@ def apply_penalties_and_bias(logits: jax.Array, meta: SamplingMetadata) -> jax.A
         x = x - meta.frequency_penalty[:, None] * output_counts.astype(jnp.float32)
         return x - meta.presence_penalty[:, None] * in_output_mask.astype(jnp.float32)
 
-    any_penalty = jnp.any((meta.repetition_penalty != 1.0) | (meta.frequency_penalty != 0.0)
-                          | (meta.presence_penalty != 0.0))
-    logits = jax.lax.cond(any_penalty, penalise, lambda x: x, logits)
+    any_penalty = lambda: jnp.any((meta.repetition_penalty != 1.0)
+                                  | (meta.frequency_penalty != 0.0)
+                                  | (meta.presence_penalty != 0.0))
+    logits = _branch(paths, "penalties", any_penalty, penalise, lambda x: x, logits)
     return logits
 
 
@@ -275,8 +323,8 @@ def gather_logprobs(logprobs: jax.Array, token_ids: jax.Array, num_logprobs: int
     return values, ids, ranks
 
 
-def sample(logits: jax.Array, meta: SamplingMetadata, *,
-           num_logprobs: int | None = None) -> SamplerOutput:
+def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int | None = None,
+           paths: Optional[SamplerPaths] = None) -> SamplerOutput:
     """Sample one token per row of [R, V] logits (call inside jit; `num_logprobs` static).
 
     `num_logprobs=None` returns no logprobs; an int N >= 0 returns the sampled token's raw
@@ -285,7 +333,7 @@ def sample(logits: jax.Array, meta: SamplingMetadata, *,
     logits = logits.astype(jnp.float32)
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1) if num_logprobs is not None else None
 
-    processed = apply_penalties_and_bias(logits, meta)
+    processed = apply_penalties_and_bias(logits, meta, paths)
     greedy_tokens = argmax_tokens(processed)
     is_greedy = meta.temperature < SAMPLING_EPS
 
@@ -307,18 +355,18 @@ def sample(logits: jax.Array, meta: SamplingMetadata, *,
             x = jnp.where(x >= keep_min_p, x, -jnp.inf)
             return top_k_top_p_cutoff(x, meta.top_k, meta.top_p)
 
-        needs_sort = jnp.any(~is_greedy & (((meta.top_k > 0) & (meta.top_k < logits.shape[-1]))
-                                           | (meta.top_p < 1.0)))
-        keep_sorted = jax.lax.cond(needs_sort, sorted_cutoff,
-                                   lambda p: jnp.full_like(keep_min_p, -jnp.inf), processed)
+        needs_sort = lambda: jnp.any(~is_greedy & (
+            ((meta.top_k > 0) & (meta.top_k < logits.shape[-1])) | (meta.top_p < 1.0)))
+        keep_sorted = _branch(paths, "sort", needs_sort, sorted_cutoff,
+                              lambda p: jnp.full_like(keep_min_p, -jnp.inf), processed)
         x = scaled(processed)
         x = jnp.where(x >= jnp.maximum(keep_min_p, keep_sorted), x, -jnp.inf)
         keys = row_keys(meta.seeds, meta.step_positions)
         uniforms = jax.vmap(lambda key: jax.random.uniform(key, (2,), jnp.float32))(keys)
         return inverse_cdf_tokens(x, uniforms, row_max)
 
-    sampled = jax.lax.cond(jnp.all(is_greedy), lambda x: greedy_tokens, random_tokens,
-                           processed)
+    sampled = _branch(paths, "random", lambda: ~jnp.all(is_greedy), random_tokens,
+                      lambda x: greedy_tokens, processed)
     tokens = jnp.where(is_greedy, greedy_tokens, sampled)
 
     if num_logprobs is None:
