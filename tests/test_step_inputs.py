@@ -219,6 +219,30 @@ def test_sampler_shortcuts_are_part_of_the_program_key(llama_folder):
         SamplerPaths(False, False, False, False)}  # greedy alone: the argmax only
 
 
+def test_precompile_skips_a_step_the_memory_profile_already_compiled(llama_folder):
+    """The memory profile's step (full budget, widest table, all of the sampler's work)
+    serves the full-budget steps of default sampling too: precompile does not compile those
+    again (a table-walking kernel has one table width, so the keys differ only by paths)."""
+    from jaxvllm import LLM
+    from jaxvllm.engine.sampler import ALL_PATHS
+    from pallas_kernels import native_cpu
+
+    if jax.default_backend() != "cpu" or native_cpu.unavailable_reason() is not None:
+        pytest.skip("needs the native CPU kernel (a table-walking backend on the CPU)")
+    llm = LLM(str(llama_folder), attention_backend="cpu", max_model_len=64, max_num_seqs=4,
+              max_num_batched_tokens=32)
+    engine, runner = llm.llm_engine, llm.llm_engine.runner
+    assert runner.min_table_width == runner.max_table_width
+    runner.profile_run(engine.vocab_size)
+    runner.precompile(engine.vocab_size)
+    full = [k for k in (*runner._programs, *runner._compiling)
+            if k.num_tokens == runner.max_tokens_bucket]
+    assert [k.sampler_paths for k in full] == [ALL_PATHS]
+    assert len(runner._compiling) == 3  # the decode buckets 4, 2 and 1
+    for future in runner._compiling.values():
+        future.result()
+
+
 def test_precompile_needs_an_unplanned_backend(llama_folder):
     from jaxvllm import LLM
 
@@ -243,6 +267,46 @@ def test_table_walking_kernels_use_one_table_width(llama_folder, monkeypatch):
     reference = LLM(str(llama_folder), attention_backend="reference", max_model_len=256,
                     max_num_seqs=2).llm_engine.runner
     assert reference.min_table_width == 4 and reference.max_table_width == 16
+
+
+def test_a_step_whose_program_is_still_compiling_runs_padded_on_a_ready_one(llama_folder,
+                                                                           monkeypatch):
+    """While the background compilation of a step's own bucket is not done, the step runs on
+    a larger compiled program (padded) instead of waiting for it, with the same tokens."""
+    from jaxvllm import LLM, SamplingParams
+    from jaxvllm.engine.runner import ModelRunner
+
+    kwargs = dict(attention_backend="reference", max_model_len=64, max_num_seqs=4,
+                  max_num_batched_tokens=32)
+    prompt = [{"prompt_token_ids": [3, 14, 15]}]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    eager = LLM(str(llama_folder), **kwargs)
+    want = eager.generate(prompt, params, use_tqdm=False)
+
+    original, release = ModelRunner._compile, threading.Event()
+    held = []
+
+    def slow_one_token_step(self, key, args):
+        if (threading.current_thread().name.startswith("jaxvllm-compile")
+                and key.num_tokens == self.token_bucket(1)):
+            held.append(key)
+            release.wait(60)
+        return original(self, key, args)
+
+    monkeypatch.setattr(ModelRunner, "_compile", slow_one_token_step)
+    llm = LLM(str(llama_folder), **kwargs, precompile=True)
+    runner = llm.llm_engine.runner
+    try:
+        got = llm.generate(prompt, params, use_tqdm=False)
+        assert held and not release.is_set()  # the one-token program was never waited for
+        assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+        one_token = [k for k in runner._programs if k.num_tokens == runner.token_bucket(1)]
+        assert not one_token
+        # five one-token decode steps, each padded to two tokens or more
+        padding = eager.llm_engine.runner.counters.padded_tokens
+        assert runner.counters.padded_tokens >= padding + 5
+    finally:
+        release.set()
 
 
 def test_a_failed_background_compilation_is_done_again_by_the_step(llama_folder, monkeypatch):

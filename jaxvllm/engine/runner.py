@@ -282,16 +282,16 @@ class ModelRunner:
         return len(self._programs)
 
     def _covering_key(self, key: ProgramKey) -> ProgramKey:
-        """`key`, or, where no program for it is compiled or compiling, that of one which is
-        and differs only by sampler paths that cover `key`'s (e.g. a greedy batch on a
-        precompiled program for default sampling): no compilation for a shortcut."""
-        if key in self._programs or key in self._compiling:
-            return key
+        """The key of the program to run `key`'s step with: a compiled one, else one being
+        compiled, else `key`; `key` itself first, else one that differs only by sampler paths
+        that cover `key`'s (e.g. a greedy batch on a precompiled program for default
+        sampling): no compilation, or no waiting, for a shortcut."""
         for pool in (self._programs, self._compiling):
-            for other in pool:
-                if (other._replace(sampler_paths=key.sampler_paths) == key
-                        and other.sampler_paths.covers(key.sampler_paths)):
-                    return other
+            same = [other for other in pool
+                    if other._replace(sampler_paths=key.sampler_paths) == key
+                    and other.sampler_paths.covers(key.sampler_paths)]
+            if same:
+                return key if key in same else same[0]
         return key
 
     def _program(self, key, args):
@@ -350,7 +350,8 @@ class ModelRunner:
             # the state, the cache and the fed tokens by shape only: the steps donate the
             # cache and replace the tokens meanwhile
             args = (*jax.tree.map(_shape_of, args[:3]), *args[3:])
-            if key not in self._programs and key not in self._compiling:
+            found = self._covering_key(key)
+            if found not in self._programs and found not in self._compiling:
                 self._compiling[key] = self._compile_pool.submit(self._timed_compile, key, args)
 
     def _timed_compile(self, key, args):
@@ -433,13 +434,41 @@ class ModelRunner:
         total = sum(s.num_new_tokens for s in scheduled)
         widest = max(-(-(s.num_computed_tokens + s.num_new_tokens) // bs) for s in scheduled)
         T = self.token_bucket(total)
-        # Every request has a token, so R <= T: one row count per token bucket keeps the
-        # number of programs down, and a padded row costs only its logits.
-        R = min(self.max_reqs_bucket, T)
         # A planned variant gets its blocks from the plan, not a bucketed table on the device.
         MB = widest if self.planner else bucket(widest, self.min_table_width,
                                                  self.max_table_width)
 
+        key, args, prompt_spans, num_logprobs = self._step_inputs(scheduled, vocab_size, T, MB)
+        if self._compiling_now(key):
+            # compiled in the background and not ready: pad to a larger step that is, rather
+            # than wait (on a GPU a decode step of 256 rows costs about what one of 16 does)
+            larger = self._ready_larger(key)
+            if larger is not None:
+                T = larger.num_tokens
+                key, args, prompt_spans, num_logprobs = self._step_inputs(scheduled, vocab_size,
+                                                                          T, MB)
+        if self.mesh is not None:
+            args = self._shard_inputs(args, key)
+        program = self._program(key, args)
+        launched = time.perf_counter()
+        out, prompt_out, self.kv, self._last_tokens = program(*args)
+        self._last_rows = {s.request: i for i, s in enumerate(scheduled) if s.do_sample}
+        if self.mesh is None:
+            # the copy of the sampled tokens to the host is queued now, ahead of any step
+            # dispatched before this one is collected
+            for a in jax.tree.leaves((out, prompt_out)):
+                a.copy_to_host_async()
+        return PendingStep(functools.partial(self._finish, scheduled, out, prompt_out,
+                                             prompt_spans, num_logprobs, total, T,
+                                             launched - started, launched))
+
+    def _step_inputs(self, scheduled, vocab_size: int, T: int, MB: int):
+        """(key, args, prompt_spans, num_logprobs) of a step of `scheduled` padded to T tokens
+        and a block table MB wide."""
+        bs = self.block_size
+        # Every request has a token, so R <= T: one row count per token bucket keeps the
+        # number of programs down, and a padded row costs only its logits.
+        R = min(self.max_reqs_bucket, T)
         ids, feed, pos, slots, qsl, seq_lens, tables, logits_idx = step_arrays(
             scheduled, T, R, MB, bs, self._last_rows)
         rows = [s.request for s in scheduled]
@@ -460,20 +489,23 @@ class ModelRunner:
             meta = AttentionMetadata(qsl, seq_lens, tables, slots)
         args = (self.weights, self.kv, self._last_tokens, ids, feed, pos, meta, logits_idx,
                 sampling, prompt_idx, prompt_targets)
-        if self.mesh is not None:
-            args = self._shard_inputs(args, key)
-        program = self._program(key, args)
-        launched = time.perf_counter()
-        out, prompt_out, self.kv, self._last_tokens = program(*args)
-        self._last_rows = {s.request: i for i, s in enumerate(scheduled) if s.do_sample}
-        if self.mesh is None:
-            # the copy of the sampled tokens to the host is queued now, ahead of any step
-            # dispatched before this one is collected
-            for a in jax.tree.leaves((out, prompt_out)):
-                a.copy_to_host_async()
-        return PendingStep(functools.partial(self._finish, scheduled, out, prompt_out,
-                                             prompt_spans, num_logprobs, total, T,
-                                             launched - started, launched))
+        return key, args, prompt_spans, num_logprobs
+
+    def _compiling_now(self, key: ProgramKey) -> bool:
+        future = self._compiling.get(key)
+        return future is not None and not future.done()
+
+    def _ready_larger(self, key: ProgramKey) -> Optional[ProgramKey]:
+        """The key of the smallest compiled program for more tokens (and rows) that runs
+        `key`'s step padded: the same but for the sizes, sampler paths covering `key`'s."""
+        def runs_padded(other: ProgramKey) -> bool:
+            sizes = dict(sampling_shape=key.sampling_shape, sampler_paths=key.sampler_paths,
+                         num_tokens=key.num_tokens, num_rows=key.num_rows)
+            return (other.num_tokens > key.num_tokens
+                    and other.sampling_shape[1:] == key.sampling_shape[1:]
+                    and other.sampler_paths.covers(key.sampler_paths)
+                    and other._replace(**sizes) == key)
+        return min(filter(runs_padded, self._programs), key=lambda k: k.num_tokens, default=None)
 
     def _finish(self, scheduled, out, prompt_out, prompt_spans, num_logprobs, total, T,
                 host_seconds, launched) -> StepResult:
