@@ -3,12 +3,15 @@
 XLA reads `XLA_FLAGS` once, when the first device is used, so `import jaxvllm` adds them to
 the environment. A flag the user already gave (in `XLA_FLAGS`) is left as the user wrote it.
 
-- `--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL`: a step runs its layers as one
-  `lax.scan` and its sampler through `lax.cond`s; recording those loops and branches into
-  CUDA graphs too (not only the straight runs of kernels, XLA's default) saves launching
-  hundreds of small kernels one by one from the host. On an H200 this took a decode step
-  of 256 requests at context 512 from 13.3 to 11.1 ms (batch 1: 4.43 -> 4.33 ms;
-  benchmarks/README.md). The CPU backend ignores it.
+- `--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL`: a step may run its layers as one
+  `lax.scan` (and `sample` without host-decided paths branches with `lax.cond`s); recording
+  those loops and branches into CUDA graphs too (not only the straight runs of kernels,
+  XLA's default) saves launching hundreds of small kernels one by one from the host. On an
+  H200 this took a decode step of 256 requests at context 512 from 13.3 to 11.1 ms (batch 1:
+  4.43 -> 4.33 ms; benchmarks/README.md), when the layers were a scan and the sampler still
+  branched on the device. A branch XLA cannot record (one around a sort) still runs from
+  the host, which then waits for its predicate: the engine's steps hold none. The CPU
+  backend ignores it.
 
 `step_compiler_options()` is for the engine's step programs only (passed to their
 `compile`): XLA's rematerialization pass off. It counts the donated KV cache twice (as the

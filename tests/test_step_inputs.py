@@ -179,7 +179,14 @@ def test_precompiled_programs_serve_the_steps(llama_folder):
     assert {key.num_tokens for key in pending} == {32, *decode}
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == want
-    assert pending <= set(runner._programs)  # each bucket compiled once, in the background
+    # every step ran on a precompiled program (its own, or a larger one while its own was
+    # still compiling)
+    assert set(runner._programs) <= pending
+    for future in runner._compiling.values():
+        future.result()
+    again = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert again == want
+    assert pending == set(runner._programs)  # each bucket compiled once, in the background
     assert not runner._compiling
     assert runner.background_compile_seconds > 0
 
