@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Union
 from jaxvllm.config import EngineConfig
 from jaxvllm.engine.engine import LLMEngine
 from jaxvllm.outputs import RequestOutput
-from jaxvllm.sampling_params import SamplingParams
+from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = Union[str, list[int], dict[str, Any]]
 
@@ -49,6 +49,7 @@ class LLM:
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        params = _final_only(params)
         ids = []
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -103,3 +104,19 @@ class LLM:
         if bar is not None:
             bar.close()
         return [finished[i] for i in ids if i in finished]
+
+
+def _final_only(params: list[SamplingParams]) -> list[SamplingParams]:
+    """Copies of `params` (one per distinct object) asking only for final outputs: `generate`
+    returns nothing else, and the engine then builds no output of a running request."""
+    copies: dict[int, SamplingParams] = {}
+    out = []
+    for p in params:
+        if not isinstance(p, SamplingParams):  # left for add_request to reject
+            out.append(p)
+            continue
+        if id(p) not in copies:
+            copies[id(p)] = p.clone()
+            copies[id(p)].output_kind = RequestOutputKind.FINAL_ONLY
+        out.append(copies[id(p)])
+    return out

@@ -35,6 +35,17 @@ _MIN_TEMP = 1e-2
 """Positive temperatures below this are raised to it (vLLM's `_MAX_TEMP`)."""
 
 
+class RequestOutputKind(enum.IntEnum):
+    """What each `RequestOutput` of a request carries (vLLM's `RequestOutputKind`)."""
+
+    CUMULATIVE = 0
+    """Every output so far (tokens, text, logprobs), at every step."""
+    DELTA = 1
+    """Only what is new since the request's last output."""
+    FINAL_ONLY = 2
+    """Nothing until the request finishes, then all of it (`LLM.generate`)."""
+
+
 class SamplingType(enum.IntEnum):
     GREEDY = 0
     RANDOM = 1
@@ -146,6 +157,11 @@ class SamplingParams:
     """Words that must not be generated: the last token of a word is banned whenever the
     tokens generated so far end with the word's other tokens."""
 
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    """What the engine's outputs for this request carry (`LLM.generate` asks for FINAL_ONLY:
+    building a cumulative output of every request at every step costs the host time that
+    grows with the sequences)."""
+
     # ----- derived, set in __post_init__ / by the engine -----
 
     output_text_buffer_length: int = field(default=0, init=False, repr=False)
@@ -172,6 +188,11 @@ class SamplingParams:
         self._all_stop_token_ids = set(self.stop_token_ids)
 
     def _normalise(self) -> None:
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            raise ValueError(f"output_kind must be one of {[k.name for k in RequestOutputKind]}, "
+                             f"got {self.output_kind!r}") from None
         if self.logprobs is True:
             self.logprobs = 1
         if self.prompt_logprobs is True:

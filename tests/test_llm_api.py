@@ -308,3 +308,54 @@ def test_chat_capital_of_france(llm, tok, chat_answer):
                     greedy(12), use_tqdm=False)
     assert len(outs) == 2 and outs[0].outputs[0].token_ids == out.outputs[0].token_ids
     assert_no_leaks(llm)
+
+
+# ---------------------------------------------------------------------------------------------
+# output kinds (the engine's step outputs)
+# ---------------------------------------------------------------------------------------------
+
+
+def _step_outputs(llm: LLM, params: SamplingParams, rid: str) -> list[RequestOutput]:
+    engine = llm.llm_engine
+    engine.add_request(rid, PROMPT, params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.request_id == rid]
+    return outs
+
+
+def test_output_kinds(llm, paris):
+    """CUMULATIVE (default): an output per step with everything so far; DELTA: only what is
+    new, which adds up to the same; FINAL_ONLY: one output, when the request finishes."""
+    from jaxvllm.sampling_params import RequestOutputKind
+
+    cumulative = _step_outputs(llm, greedy(8), "kind-cumulative")
+    assert len(cumulative) == 8
+    assert [len(o.outputs[0].token_ids) for o in cumulative] == list(range(1, 9))
+    last = cumulative[-1].outputs[0]
+    assert last.token_ids == paris.token_ids and last.text == paris.text
+
+    delta = _step_outputs(llm, greedy(8, output_kind=RequestOutputKind.DELTA), "kind-delta")
+    assert [len(o.outputs[0].token_ids) for o in delta] == [1] * 8
+    assert sum((o.outputs[0].token_ids for o in delta), []) == paris.token_ids
+    assert "".join(o.outputs[0].text for o in delta) == paris.text
+    assert [o.finished for o in delta] == [False] * 7 + [True]
+
+    final = _step_outputs(llm, greedy(8, output_kind=RequestOutputKind.FINAL_ONLY), "kind-final")
+    assert len(final) == 1 and final[0].finished
+    assert final[0].outputs[0].token_ids == paris.token_ids
+    assert final[0].outputs[0].text == paris.text
+    assert_no_leaks(llm)
+
+
+def test_generate_leaves_the_callers_params_as_they_were(llm, paris):
+    from jaxvllm.sampling_params import RequestOutputKind
+
+    params = greedy(8)
+    assert one(llm, PROMPT, params).token_ids == paris.token_ids
+    assert params.output_kind == RequestOutputKind.CUMULATIVE
+
+
+def test_bad_output_kind_is_a_value_error():
+    with pytest.raises(ValueError, match="output_kind must be one of"):
+        SamplingParams(output_kind=7)
