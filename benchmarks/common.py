@@ -170,7 +170,6 @@ class StepProbe:
         self.origin = origin
         self.steps: list[StepRecord] = []
         self.first_token_at: Optional[float] = None
-        self._seen: dict[str, int] = {}
         self._block_size = engine.config.block_size
 
     def _counters(self) -> dict:
@@ -185,10 +184,11 @@ class StepProbe:
 
         def step():
             before = probe._counters(), probe._compile_seconds()
+            generated = probe.engine.num_generation_tokens
             start = time.perf_counter()
             outputs = inner()
             end = time.perf_counter()
-            probe._record(start, end, outputs, before)
+            probe._record(start, end, generated, before)
             return outputs
 
         self.engine.step = step
@@ -200,15 +200,10 @@ class StepProbe:
     def __exit__(self, *exc) -> None:
         self.engine.__dict__.pop("step", None)
 
-    def _record(self, start, end, outputs, before) -> None:
-        new = 0
-        for out in outputs:
-            count = sum(len(c.token_ids) for c in out.outputs)
-            new += max(0, count - self._seen.get(out.request_id, 0))
-            if out.finished:
-                self._seen.pop(out.request_id, None)
-            else:
-                self._seen[out.request_id] = count
+    def _record(self, start, end, generated_before, before) -> None:
+        # counted by the engine: step() returns no output of a running request that asked
+        # for final outputs only (LLM.generate)
+        new = self.engine.num_generation_tokens - generated_before
         if new and self.first_token_at is None:
             self.first_token_at = end
         live = [r for r in self.engine.scheduler.running if r.block_ids]

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from jaxvllm.engine.sampler import RowSpec, build_sampling_metadata, sample
+from jaxvllm.engine.sampler import RowSpec, SamplerPaths, build_sampling_metadata, sample
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,10 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _engine_sampler(rows: int, vocab: int, temperature: float):
+    """The sampler as the engine's steps run it: its shortcuts decided on the host."""
     specs = [RowSpec(temperature=temperature, seed=i, step_position=7) for i in range(rows)]
-    meta, num_logprobs = build_sampling_metadata(specs, vocab)
-    fn = jax.jit(lambda logits, meta: sample(logits, meta, num_logprobs=num_logprobs).token_ids)
-    return fn, meta
+    meta, num_logprobs = build_sampling_metadata(specs, vocab, device_put=False)
+    paths = SamplerPaths.of(meta)
+    fn = jax.jit(lambda logits, meta: sample(logits, meta, num_logprobs=num_logprobs,
+                                             paths=paths).token_ids)
+    return fn, jax.device_put(meta)
 
 
 def bench_rows(rows: int, vocab: int, iters: int) -> dict:

@@ -498,3 +498,23 @@ def test_random_model_loads_in_jaxvllm_and_transformers(tmp_path):
         gen = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
                           min_new_tokens=6, pad_token_id=0)
     assert ours == gen[0, len(prompt):].tolist()
+
+
+def test_step_probe_counts_the_tokens_generate_does_not_stream(llama_folder):
+    """LLM.generate asks the engine for final outputs only; the probe still sees every step's
+    new tokens (from the engine's count), so the first token is the first step's, and the
+    per-step counts add up to the outputs."""
+    from jaxvllm import LLM, SamplingParams
+
+    llm = LLM(str(llama_folder), attention_backend="reference", max_model_len=64,
+              max_num_seqs=4, max_num_batched_tokens=32)
+    prompts = [{"prompt_token_ids": [3, 14, 15, 92][: 2 + i]} for i in range(3)]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    origin = time.perf_counter()
+    with common.StepProbe(llm.llm_engine, origin) as probe:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert sum(s.new_tokens for s in probe.steps) == sum(len(o.outputs[0].token_ids)
+                                                         for o in outs) == 15
+    # (a step's tokens may come back with the next step call: collected while it runs)
+    assert [s.new_tokens for s in probe.steps if s.new_tokens] == [3, 3, 3, 3, 3]
+    assert probe.first_token_at == next(s.end for s in probe.steps if s.new_tokens)

@@ -164,6 +164,9 @@ class LLMEngine:
         self._async_scheduling = self._resolve_async_scheduling()
         self._steps_scheduled_ahead = 0  # dispatched before the step in flight was collected
         self._output_steps = 0
+        # output tokens sampled for requests still tracked, all steps together (whatever their
+        # RequestOutputKind lets step() return)
+        self.num_generation_tokens = 0
         self._output_seconds = 0.0  # detokenizing, stop strings and outputs of collected steps
         self._overlapped_seconds = 0.0  # the part of it spent while the next step ran
 
@@ -450,6 +453,7 @@ class LLMEngine:
             if seq is None:
                 continue
             rid = req.request_id
+            self.num_generation_tokens += 1
             if seq.logprobs is not None and rid in collected.logprobs:
                 self._append_logprobs(seq, *collected.logprobs[rid])
             stopped_on_token = (req.status == RequestStatus.FINISHED_STOPPED
@@ -542,6 +546,7 @@ class LLMEngine:
                 "num_blocks": self.num_blocks,
                 "num_preemptions": self.scheduler.num_preemptions,
                 "steps_scheduled_ahead": self._steps_scheduled_ahead,
+                "num_generation_tokens": self.num_generation_tokens,
                 **self.runner.counters.summary(), **self._output_stats(),
                 **self._memory_stats()}
 
