@@ -32,7 +32,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,profile,throughput,latency,sampler,tests,async,scan,eager,kernels}"
+PHASES="${PHASES:-model,profile,throughput,athroughput,latency,tests,sampler,async,nocb,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
