@@ -434,3 +434,90 @@ def test_unknown_engine_argument_is_type_error(folder):
 def test_kv_cache_too_small_for_max_model_len(folder):
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(folder, block_size=BLOCK, num_gpu_blocks_override=8, max_model_len=MAX_MODEL_LEN)
+
+
+# ---------------------------------------------------------------------------------------------
+# DELTA outputs (n > 1, prompt logprobs) and the async engine's output kinds
+# ---------------------------------------------------------------------------------------------
+
+
+def _outputs_of(engine, rid: str, prompt: list[int], params: SamplingParams) -> list:
+    engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.request_id == rid]
+    return outs
+
+
+def test_delta_outputs_of_two_sequences(llm):
+    """As vLLM: a sequence is in a DELTA output only when it has something new, its finish is
+    reported once, the prompt's logprobs come with the first output only, and the deltas add
+    up to the cumulative outputs."""
+    from jaxvllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    prompt = [3, 14, 15, 92]
+    base = dict(n=2, temperature=1.0, seed=0, max_tokens=8, ignore_eos=True, prompt_logprobs=1)
+    first, second = (c.token_ids for c in
+                     _outputs_of(engine, "cumulative", prompt, SamplingParams(**base))[-1].outputs)
+    stop = next(t for t in first[:4] if t not in second)  # ends sequence 0 early only
+    cumulative = _outputs_of(engine, "cum-stop", prompt,
+                             SamplingParams(**base, stop_token_ids=[stop]))[-1]
+    deltas = _outputs_of(engine, "delta", prompt, SamplingParams(
+        **base, stop_token_ids=[stop], output_kind=RequestOutputKind.DELTA))
+    for c in cumulative.outputs:
+        mine = [d for o in deltas for d in o.outputs if d.index == c.index]
+        assert sum((d.token_ids for d in mine), []) == c.token_ids
+        assert all(d.token_ids for d in mine)
+        assert [d.finish_reason for d in mine if d.finish_reason] == [c.finish_reason]
+    assert len(cumulative.outputs[0].token_ids) < 8 == len(cumulative.outputs[1].token_ids)
+    assert deltas[0].prompt_logprobs == cumulative.prompt_logprobs
+    assert all(o.prompt_logprobs is None for o in deltas[1:])
+    assert [o.finished for o in deltas] == [False] * (len(deltas) - 1) + [True]
+    assert_no_leaked_blocks(llm)
+
+
+def test_async_engine_gives_each_reader_its_output_kind(folder):
+    """The async engine runs requests cumulative and its streams hand each reader the kind it
+    asked for: a reader that lags behind still gets every DELTA token, FINAL_ONLY one
+    output; the engine's token counts stay right."""
+    import asyncio
+
+    from jaxvllm.engine.async_engine import AsyncLLMEngine
+    from jaxvllm.sampling_params import RequestOutputKind
+
+    class Recorder:
+        def __init__(self):
+            self.finished = []
+
+        def record(self, scheduler_stats, iteration):
+            self.finished += iteration.finished
+
+        def log(self):
+            pass
+
+    recorder = Recorder()
+    engine = AsyncLLMEngine(LLM(folder, **SMALL).llm_engine, stat_loggers=[recorder],
+                            log_stats=False)
+    prompt = {"prompt_token_ids": [3, 14, 15, 92]}
+
+    async def read(rid, kind, lag=0.0):
+        stream = await engine.add_requests([(rid, prompt, greedy(8, output_kind=kind))])
+        await asyncio.sleep(lag)
+        return [out async for _, out in stream]
+
+    async def main():
+        return (await read("c", RequestOutputKind.CUMULATIVE),
+                await read("d", RequestOutputKind.DELTA, lag=1.0),
+                await read("f", RequestOutputKind.FINAL_ONLY))
+
+    try:
+        cumulative, delta, final = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    want = cumulative[-1].outputs[0].token_ids
+    assert len(want) == 8
+    assert sum((o.outputs[0].token_ids for o in delta), []) == want
+    assert len(final) == 1 and final[0].finished and final[0].outputs[0].token_ids == want
+    assert {f.request_id: f.num_generation_tokens for f in recorder.finished} == {
+        "c": 8, "d": 8, "f": 8}

@@ -226,26 +226,23 @@ def test_sampler_shortcuts_are_part_of_the_program_key(llama_folder):
         SamplerPaths(False, False, False, False)}  # greedy alone: the argmax only
 
 
-def test_precompile_skips_a_step_the_memory_profile_already_compiled(llama_folder):
-    """The memory profile's step (full budget, widest table, all of the sampler's work)
-    serves the full-budget steps of default sampling too: precompile does not compile those
-    again (a table-walking kernel has one table width, so the keys differ only by paths)."""
-    from jaxvllm import LLM
-    from jaxvllm.engine.sampler import ALL_PATHS
-    from pallas_kernels import native_cpu
+def test_precompile_skips_a_step_a_compiled_program_covers(llama_folder):
+    """A full-budget step compiled for top-p sampling (the sort, so more work than default
+    sampling needs) serves default-sampling full-budget steps too: precompile leaves that
+    one out and compiles the decode buckets only."""
+    from jaxvllm import LLM, SamplingParams
+    from jaxvllm.engine.sampler import SamplerPaths
 
-    if jax.default_backend() != "cpu" or native_cpu.unavailable_reason() is not None:
-        pytest.skip("needs the native CPU kernel (a table-walking backend on the CPU)")
-    llm = LLM(str(llama_folder), attention_backend="cpu", max_model_len=64, max_num_seqs=4,
-              max_num_batched_tokens=32)
+    llm = LLM(str(llama_folder), attention_backend="reference", max_model_len=64,
+              max_num_seqs=4, max_num_batched_tokens=32)
     engine, runner = llm.llm_engine, llm.llm_engine.runner
-    assert runner.min_table_width == runner.max_table_width
-    runner.profile_run(engine.vocab_size)
+    digits = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28]
+    llm.generate([{"prompt_token_ids": digits + digits[:12]}],  # one 30-token step: T = 32
+                 SamplingParams(max_tokens=1, top_p=0.5, seed=0), use_tqdm=False)
+    full = [k for k in runner._programs if k.num_tokens == runner.max_tokens_bucket]
+    assert [k.sampler_paths for k in full] == [SamplerPaths(False, False, True, True)]
     runner.precompile(engine.vocab_size)
-    full = [k for k in (*runner._programs, *runner._compiling)
-            if k.num_tokens == runner.max_tokens_bucket]
-    assert [k.sampler_paths for k in full] == [ALL_PATHS]
-    assert len(runner._compiling) == 3  # the decode buckets 4, 2 and 1
+    assert {k.num_tokens for k in runner._compiling} == {4, 2, 1}
     for future in runner._compiling.values():
         future.result()
 

@@ -10,9 +10,11 @@ for asyncio code (the OpenAI server).
     stream.close() / disconnect -- "abort" ----->  engine.abort_request (frees the KV blocks)
 
 Commands wait in a deque and wake the thread through an event; the thread sleeps when there is
-nothing to run. Outputs are cumulative (text and token ids so far), so a stream keeps only the
-latest one per request: a slow reader skips intermediate states instead of queueing them, and
-memory stays bounded. After every step the thread hands `SchedulerStats` and `IterationStats`
+nothing to run. The engine's outputs are cumulative (text and token ids so far), so a stream
+keeps only the latest one per request: a slow reader skips intermediate states instead of
+queueing them, and memory stays bounded. A request that asked for another RequestOutputKind
+gets it from its stream, as the reader takes each output: DELTA the part new since the
+reader's last one, FINAL_ONLY the finished output alone. After every step the thread hands `SchedulerStats` and `IterationStats`
 to the stat loggers (the periodic log line here, Prometheus in the server).
 """
 
@@ -27,10 +29,21 @@ import threading
 import time
 from typing import Any, AsyncIterator, Optional, Protocol, Sequence
 
-from jaxvllm.outputs import RequestOutput
-from jaxvllm.sampling_params import SamplingParams
+from jaxvllm.outputs import DeltaTracker, RequestOutput
+from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+def _cumulative(params):
+    """`params`, or a copy asking for cumulative outputs (anything else is left to the
+    engine's validation)."""
+    if (not isinstance(params, SamplingParams)
+            or params.output_kind == RequestOutputKind.CUMULATIVE):
+        return params
+    params = params.clone()
+    params.output_kind = RequestOutputKind.CUMULATIVE
+    return params
 
 
 class EngineDeadError(RuntimeError):
@@ -129,8 +142,14 @@ class RequestStream:
     aborts the requests still running; call it when the reader goes away."""
 
     def __init__(self, engine: "AsyncLLMEngine", request_ids: Sequence[str],
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop,
+                 output_kinds: Sequence[RequestOutputKind] = ()):
         self.request_ids = list(request_ids)
+        # what each reader gets out of the engine's cumulative outputs (default: them)
+        self._final_only = {rid for rid, kind in zip(self.request_ids, output_kinds)
+                            if kind == RequestOutputKind.FINAL_ONLY}
+        self._deltas = {rid: DeltaTracker() for rid, kind in zip(self.request_ids, output_kinds)
+                        if kind == RequestOutputKind.DELTA}
         self._engine = engine
         self._loop = loop
         self._index = {rid: i for i, rid in enumerate(self.request_ids)}
@@ -183,6 +202,10 @@ class RequestStream:
             for rid, out in batch.items():
                 if out.finished:
                     self._unfinished.discard(rid)
+                elif rid in self._final_only:
+                    continue
+                if rid in self._deltas and (out := self._deltas[rid](out)) is None:
+                    continue
                 self._ready.append((self._index[rid], out))
             if self._ready:
                 break
@@ -314,10 +337,13 @@ class AsyncLLMEngine:
         self._check_alive()
         self.start()
         loop = asyncio.get_running_loop()
-        stream = RequestStream(self, [rid for rid, _, _ in items], loop)
+        stream = RequestStream(self, [rid for rid, _, _ in items], loop,
+                               [getattr(p, "output_kind", None) for _, _, p in items])
         done: concurrent.futures.Future = concurrent.futures.Future()
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        self._submit(_Add(list(items), arrival, priority, stream, done))
+        # the engine runs every request cumulative; the stream gives each its own kind
+        items = [(rid, prompt, _cumulative(p)) for rid, prompt, p in items]
+        self._submit(_Add(items, arrival, priority, stream, done))
         try:
             await asyncio.wrap_future(done)
         except asyncio.CancelledError:
@@ -327,7 +353,8 @@ class AsyncLLMEngine:
 
     async def generate(self, prompt, sampling_params: SamplingParams, request_id: str,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """vLLM's `generate`: the cumulative outputs of one request until it finishes."""
+        """vLLM's `generate`: the outputs of one request until it finishes (cumulative,
+        unless its params ask for another RequestOutputKind)."""
         stream = await self.add_requests([(request_id, prompt, sampling_params)],
                                          priority=priority)
         try:

@@ -33,7 +33,7 @@ from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxvllm.models.attention import kv_cache_bytes_per_block
 from jaxvllm.models.config import resolve_dtype
 from jaxvllm.models.loader import load_model
-from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxvllm.outputs import CompletionOutput, DeltaTracker, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
 MAX_LOGPROBS = 20
@@ -53,10 +53,6 @@ class _Sequence:
     logprobs: Optional[list] = None
     cumulative_logprob: float = 0.0
     stop_reason: Any = None
-    # how many tokens, characters and logprob entries earlier outputs carried (DELTA)
-    sent_tokens: int = 0
-    sent_chars: int = 0
-    sent_logprobs: int = 0
 
 
 @dataclasses.dataclass
@@ -68,6 +64,7 @@ class _Parent:
     sequences: list[_Sequence]
     # [None] + one dict per later prompt token, filled as prefill chunks run
     prompt_logprobs: Optional[list] = None
+    delta: Optional[DeltaTracker] = None  # RequestOutputKind.DELTA: what was sent so far
 
     @property
     def finished(self) -> bool:
@@ -315,7 +312,9 @@ class LLMEngine:
                 raise ValueError(f"{field}={value}: at most {MAX_LOGPROBS} are returned")
         arrival = time.time() if arrival_time is None else arrival_time
         parent = _Parent(request_id, text, ids, params, [],
-                         [None] * len(ids) if params.prompt_logprobs is not None else None)
+                         [None] * len(ids) if params.prompt_logprobs is not None else None,
+                         DeltaTracker() if params.output_kind == RequestOutputKind.DELTA
+                         else None)
         for index in range(params.n):
             child = self._child_params(params, index)
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
@@ -470,8 +469,9 @@ class LLMEngine:
             touched[parent.request_id] = parent
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        outputs = [self._output(p) for p in touched.values()
-                   if p.finished or p.params.output_kind != RequestOutputKind.FINAL_ONLY]
+        outputs = [out for p in touched.values()
+                   if p.finished or p.params.output_kind != RequestOutputKind.FINAL_ONLY
+                   if (out := self._output(p)) is not None]
         for p in touched.values():
             if p.finished:
                 self._parents.pop(p.request_id, None)
@@ -506,35 +506,28 @@ class LLMEngine:
     def _decode_one(self, token: int) -> Optional[str]:
         return None if self.tokenizer is None else self.tokenizer.decode([token])
 
-    def _output(self, parent: _Parent) -> RequestOutput:
-        delta = parent.params.output_kind == RequestOutputKind.DELTA
+    def _output(self, parent: _Parent) -> Optional[RequestOutput]:
+        """The parent's output of this step as its params' RequestOutputKind asks (None: a
+        DELTA with nothing new)."""
         completions = []
         for seq in parent.sequences:
             req = seq.request
             finished = req.status.is_finished
             reason = _FINISH_REASONS.get(req.status) if finished else None
             stop_reason = seq.stop_reason if seq.stop_reason is not None else req.stop_reason
-            text = seq.detokenizer.releasable_text(finished)
-            tokens, logprobs = req.output_token_ids, seq.logprobs
-            if delta:  # what is new since the last output
-                text, tokens = text[seq.sent_chars:], tokens[seq.sent_tokens:]
-                seq.sent_chars += len(text)
-                seq.sent_tokens += len(tokens)
-                if logprobs is not None:
-                    logprobs = logprobs[seq.sent_logprobs:]
-                    seq.sent_logprobs += len(logprobs)
             completions.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=list(tokens),
+                index=seq.index, text=seq.detokenizer.releasable_text(finished),
+                token_ids=list(req.output_token_ids),
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                logprobs=None if logprobs is None else list(logprobs),
+                logprobs=None if seq.logprobs is None else list(seq.logprobs),
                 finish_reason=reason, stop_reason=stop_reason))
         first = parent.sequences[0].request
         prompt_logprobs = None if parent.prompt_logprobs is None else list(parent.prompt_logprobs)
         # the prompt's ids are never changed after the request is added: shared, not copied
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
-                             prompt_logprobs,
-                             completions, parent.finished,
-                             num_cached_tokens=max(first.num_cached_tokens, 0))
+        out = RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
+                            prompt_logprobs, completions, parent.finished,
+                            num_cached_tokens=max(first.num_cached_tokens, 0))
+        return out if parent.delta is None else parent.delta(out)
 
     # -- introspection ------------------------------------------------------------------------
 

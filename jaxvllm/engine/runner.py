@@ -290,8 +290,8 @@ class ModelRunner:
             same = [other for other in pool
                     if other._replace(sampler_paths=key.sampler_paths) == key
                     and other.sampler_paths.covers(key.sampler_paths)]
-            if same:
-                return key if key in same else same[0]
+            if same:  # itself, else the one doing the least extra work
+                return min(same, key=lambda k: (k != key, sum(k.sampler_paths)))
         return key
 
     def _program(self, key, args):
@@ -334,8 +334,9 @@ class ModelRunner:
         narrowest table width, default sampling, no logprobs) of the full-budget step, which
         prompts fill first, and of every decode batch, largest first, so that they are ready,
         or nearly, when the batch first reaches them. A step that needs one still being
-        compiled waits for it. Not for planned variants (their plan sizes are in the key) or
-        tensor parallel runners."""
+        compiled runs padded on a larger compiled program meanwhile, else waits for it. Steps
+        a compiled program already covers are left out. Not for planned variants (their plan
+        sizes are in the key) or tensor parallel runners."""
         if self.planner is not None or self.mesh is not None:
             raise ValueError("precompile needs an unplanned attention variant on one device")
         if self._compile_pool is None:
@@ -441,7 +442,9 @@ class ModelRunner:
         key, args, prompt_spans, num_logprobs = self._step_inputs(scheduled, vocab_size, T, MB)
         if self._compiling_now(key):
             # compiled in the background and not ready: pad to a larger step that is, rather
-            # than wait (on a GPU a decode step of 256 rows costs about what one of 16 does)
+            # than wait (on a GPU a decode step of 256 rows costs about what one of 16 does).
+            # Tokens are the same up to float rounding: a matmul's result bits may depend on
+            # its row count, so whether this happens (compile timing) can change a sample.
             larger = self._ready_larger(key)
             if larger is not None:
                 T = larger.num_tokens
