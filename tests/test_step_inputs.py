@@ -165,7 +165,8 @@ def test_precompiled_programs_serve_the_steps(llama_folder):
     digits = [3, 14, 15, 92, 65, 35, 89, 79, 32]
     prompts = [{"prompt_token_ids": digits[: 7 + i // 2 + i // 3]} for i in range(4)]  # 31 tokens: one 32-token step
     # 4, 3, 2, then 1 request decoding: every decode bucket is reached
-    params = [SamplingParams(max_tokens=5 + i, temperature=0.0, ignore_eos=True) for i in range(4)]
+    # default sampling (seeded): the precompiled programs are the steps' own
+    params = [SamplingParams(max_tokens=5 + i, seed=i, ignore_eos=True) for i in range(4)]
 
     eager = LLM(str(llama_folder), **kwargs, precompile=False)
     assert not eager.llm_engine.runner._compiling
@@ -193,8 +194,8 @@ def test_precompiled_programs_serve_the_steps(llama_folder):
 
 def test_sampler_shortcuts_are_part_of_the_program_key(llama_folder):
     """The sampler's shortcuts are decided on the host: a step program holds no data-dependent
-    branch (on a GPU its predicate would stall the host), a batch that needs less work reuses
-    a program that does more, and one that needs more compiles its own."""
+    branch (on a GPU its predicate would stall the host), and each combination a batch needs
+    gets its own program (greedy alone: the argmax only; top-p: the sort)."""
     from jaxvllm import LLM, SamplingParams
     from jaxvllm.engine.sampler import PLAIN_RANDOM_PATHS, SamplerPaths
 
@@ -207,44 +208,60 @@ def test_sampler_shortcuts_are_part_of_the_program_key(llama_folder):
         return llm.generate(prompt, SamplingParams(max_tokens=3, ignore_eos=True, seed=0, **kw),
                             use_tqdm=False)[0].outputs[0].token_ids
 
+    def paths():
+        return {k.sampler_paths for k in runner._programs}
+
     run(temperature=1.0)
-    keys = set(runner._programs)
-    assert {k.sampler_paths for k in keys} == {PLAIN_RANDOM_PATHS}
-    for key in keys:
-        assert "conditional" not in runner._programs[key].as_text()
-    greedy = run(temperature=0.0)
-    assert set(runner._programs) == keys  # served by the default-sampling programs
+    assert paths() == {PLAIN_RANDOM_PATHS}
+    for program in runner._programs.values():
+        assert "conditional" not in program.as_text()
+    run(temperature=0.0)
+    assert paths() == {PLAIN_RANDOM_PATHS, SamplerPaths(False, False, False, False)}
     run(temperature=1.0, top_p=0.5)
-    assert SamplerPaths(False, False, True, True) in {k.sampler_paths for k in runner._programs}
-
-    fresh = LLM(str(llama_folder), attention_backend="reference", max_model_len=64,
-                max_num_seqs=2, max_num_batched_tokens=32)
-    assert fresh.generate(prompt, SamplingParams(max_tokens=3, ignore_eos=True,
-                                                 temperature=0.0),
-                          use_tqdm=False)[0].outputs[0].token_ids == greedy
-    assert {k.sampler_paths for k in fresh.llm_engine.runner._programs} == {
-        SamplerPaths(False, False, False, False)}  # greedy alone: the argmax only
+    assert SamplerPaths(False, False, True, True) in paths()
 
 
-def test_precompile_skips_a_step_a_compiled_program_covers(llama_folder):
-    """A full-budget step compiled for top-p sampling (the sort, so more work than default
-    sampling needs) serves default-sampling full-budget steps too: precompile leaves that
-    one out and compiles the decode buckets only."""
+def test_a_batch_runs_on_a_program_doing_more_while_its_own_compiles(llama_folder,
+                                                                     monkeypatch):
+    """With background compilation (precompile), a greedy batch whose own programs are not
+    ready runs on the default-sampling ones (same tokens) instead of waiting; once its own
+    are compiled, it runs on them."""
     from jaxvllm import LLM, SamplingParams
+    from jaxvllm.engine.runner import ModelRunner
     from jaxvllm.engine.sampler import SamplerPaths
 
-    llm = LLM(str(llama_folder), attention_backend="reference", max_model_len=64,
-              max_num_seqs=4, max_num_batched_tokens=32)
-    engine, runner = llm.llm_engine, llm.llm_engine.runner
-    digits = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28]
-    llm.generate([{"prompt_token_ids": digits + digits[:12]}],  # one 30-token step: T = 32
-                 SamplingParams(max_tokens=1, top_p=0.5, seed=0), use_tqdm=False)
-    full = [k for k in runner._programs if k.num_tokens == runner.max_tokens_bucket]
-    assert [k.sampler_paths for k in full] == [SamplerPaths(False, False, True, True)]
-    runner.precompile(engine.vocab_size)
-    assert {k.num_tokens for k in runner._compiling} == {4, 2, 1}
+    kwargs = dict(attention_backend="reference", max_model_len=64, max_num_seqs=4,
+                  max_num_batched_tokens=32)
+    prompts = [{"prompt_token_ids": [3, 14, 15, 92][: 2 + i]} for i in range(3)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    want = LLM(str(llama_folder), **kwargs).generate(prompts, params, use_tqdm=False)
+    greedy = SamplerPaths(False, False, False, False)
+
+    original, release = ModelRunner._compile, threading.Event()
+
+    def held_greedy(self, key, args):
+        if key.sampler_paths == greedy:
+            release.wait(60)
+        return original(self, key, args)
+
+    monkeypatch.setattr(ModelRunner, "_compile", held_greedy)
+    llm = LLM(str(llama_folder), **kwargs, precompile=True)
+    runner = llm.llm_engine.runner
+    for future in list(runner._compiling.values()):  # default sampling: 32, 4, 2 and 1 tokens
+        future.result()
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+        assert not release.is_set()
+        assert greedy not in {k.sampler_paths for k in runner._programs}
+        assert any(k.sampler_paths == greedy for k in runner._compiling)
+    finally:
+        release.set()
     for future in runner._compiling.values():
         future.result()
+    again = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in want]
+    assert greedy in {k.sampler_paths for k in runner._programs}
 
 
 def test_precompile_needs_an_unplanned_backend(llama_folder):
@@ -330,9 +347,8 @@ def test_a_failed_background_compilation_is_done_again_by_the_step(llama_folder,
     monkeypatch.setattr(ModelRunner, "_compile", flaky)
     llm = LLM(str(llama_folder), attention_backend="reference", max_model_len=64,
               max_num_seqs=4, max_num_batched_tokens=32, precompile=True)
-    out = llm.generate([{"prompt_token_ids": [3, 14, 15]}],
-                       SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
-                       use_tqdm=False)
+    out = llm.generate([{"prompt_token_ids": [3, 14, 15]}],  # default sampling: precompiled
+                       SamplingParams(max_tokens=3, seed=0, ignore_eos=True), use_tqdm=False)
     assert len(failed) == 1 and len(out[0].outputs[0].token_ids) == 3
     assert failed[0] in llm.llm_engine.runner._programs  # compiled again on the step's path
 

@@ -281,18 +281,22 @@ class ModelRunner:
     def num_compiled(self) -> int:
         return len(self._programs)
 
-    def _covering_key(self, key: ProgramKey) -> ProgramKey:
-        """The key of the program to run `key`'s step with: a compiled one, else one being
-        compiled, else `key`; `key` itself first, else one that differs only by sampler paths
-        that cover `key`'s (e.g. a greedy batch on a precompiled program for default
-        sampling): no compilation, or no waiting, for a shortcut."""
-        for pool in (self._programs, self._compiling):
-            same = [other for other in pool
-                    if other._replace(sampler_paths=key.sampler_paths) == key
-                    and other.sampler_paths.covers(key.sampler_paths)]
-            if same:  # itself, else the one doing the least extra work
-                return min(same, key=lambda k: (k != key, sum(k.sampler_paths)))
-        return key
+    def _ready(self, key: ProgramKey) -> bool:
+        """Whether `key`'s program is compiled (here, or in the background and done)."""
+        future = self._compiling.get(key)
+        return key in self._programs or (future is not None and future.done())
+
+    def _ready_keys(self) -> list[ProgramKey]:
+        return [*self._programs, *(k for k, f in self._compiling.items() if f.done())]
+
+    def _ready_covering(self, key: ProgramKey) -> Optional[ProgramKey]:
+        """The key of a compiled program that differs from `key` only by sampler paths that
+        cover its own (e.g. the default-sampling program for a greedy batch), the one doing
+        the least extra work; None if there is none."""
+        same = [other for other in self._ready_keys()
+                if other._replace(sampler_paths=key.sampler_paths) == key
+                and other.sampler_paths.covers(key.sampler_paths)]
+        return min(same, key=lambda k: sum(k.sampler_paths), default=None)
 
     def _program(self, key, args):
         program = self._programs.get(key)
@@ -334,9 +338,10 @@ class ModelRunner:
         narrowest table width, default sampling, no logprobs) of the full-budget step, which
         prompts fill first, and of every decode batch, largest first, so that they are ready,
         or nearly, when the batch first reaches them. A step that needs one still being
-        compiled runs padded on a larger compiled program meanwhile, else waits for it. Steps
-        a compiled program already covers are left out. Not for planned variants (their plan
-        sizes are in the key) or tensor parallel runners."""
+        compiled runs on a compiled program that does more (see `execute_async`) meanwhile,
+        else waits for it; from now on a step whose program is missing has it compiled here
+        too. Not for planned variants (their plan sizes are in the key) or tensor parallel
+        runners."""
         if self.planner is not None or self.mesh is not None:
             raise ValueError("precompile needs an unplanned attention variant on one device")
         if self._compile_pool is None:
@@ -348,12 +353,15 @@ class ModelRunner:
         for T in [self.max_tokens_bucket, *decode]:
             key, args = self._dummy_step(vocab_size, T, min(self.max_reqs_bucket, T),
                                          self.min_table_width)
-            # the state, the cache and the fed tokens by shape only: the steps donate the
-            # cache and replace the tokens meanwhile
-            args = (*jax.tree.map(_shape_of, args[:3]), *args[3:])
-            found = self._covering_key(key)
-            if found not in self._programs and found not in self._compiling:
-                self._compiling[key] = self._compile_pool.submit(self._timed_compile, key, args)
+            self._compile_in_background(key, args)
+
+    def _compile_in_background(self, key: ProgramKey, args) -> None:
+        if key in self._programs or key in self._compiling:
+            return
+        # the weights, the cache and the fed tokens by shape only: the steps donate the
+        # cache and replace the tokens meanwhile
+        args = (*jax.tree.map(_shape_of, args[:3]), *args[3:])
+        self._compiling[key] = self._compile_pool.submit(self._timed_compile, key, args)
 
     def _timed_compile(self, key, args):
         start = time.perf_counter()
@@ -440,16 +448,21 @@ class ModelRunner:
                                                  self.max_table_width)
 
         key, args, prompt_spans, num_logprobs = self._step_inputs(scheduled, vocab_size, T, MB)
-        if self._compiling_now(key):
-            # compiled in the background and not ready: pad to a larger step that is, rather
-            # than wait (on a GPU a decode step of 256 rows costs about what one of 16 does).
-            # Tokens are the same up to float rounding: a matmul's result bits may depend on
-            # its row count, so whether this happens (compile timing) can change a sample.
-            larger = self._ready_larger(key)
-            if larger is not None:
+        if self._compile_pool is not None and not self._ready(key):
+            # Compiled in the background, not on the step's path: meanwhile the step runs on
+            # a compiled program that does more, if there is one: the same sizes with more of
+            # the sampler's work, else a larger step, padded (on a GPU a decode step of 256
+            # rows costs about what one of 16 does). Tokens are the same up to float
+            # rounding: a matmul's result bits may depend on its row count, so whether this
+            # happens (compile timing) can change a sample.
+            self._compile_in_background(key, args)
+            if (covering := self._ready_covering(key)) is not None:
+                key = covering
+            elif (larger := self._ready_larger(key)) is not None:
                 T = larger.num_tokens
                 key, args, prompt_spans, num_logprobs = self._step_inputs(scheduled, vocab_size,
                                                                           T, MB)
+                key = larger
         if self.mesh is not None:
             args = self._shard_inputs(args, key)
         program = self._program(key, args)
@@ -482,7 +495,6 @@ class ModelRunner:
         key = ProgramKey(sampling.shape_key, SamplerPaths.of(sampling), T, R,
                          None if self.planner else MB, None, len(prompt_idx), num_logprobs,
                          num_prompt_logprobs)
-        key = self._covering_key(key)
         if self.planner:
             sizes = self._compiled_plan_sizes(key, self.planner.sizes(qsl, seq_lens, bs))
             key = key._replace(plan_sizes=sizes)
@@ -494,10 +506,6 @@ class ModelRunner:
                 sampling, prompt_idx, prompt_targets)
         return key, args, prompt_spans, num_logprobs
 
-    def _compiling_now(self, key: ProgramKey) -> bool:
-        future = self._compiling.get(key)
-        return future is not None and not future.done()
-
     def _ready_larger(self, key: ProgramKey) -> Optional[ProgramKey]:
         """The key of the smallest compiled program for more tokens (and rows) that runs
         `key`'s step padded: the same but for the sizes, sampler paths covering `key`'s."""
@@ -508,7 +516,8 @@ class ModelRunner:
                     and other.sampling_shape[1:] == key.sampling_shape[1:]
                     and other.sampler_paths.covers(key.sampler_paths)
                     and other._replace(**sizes) == key)
-        return min(filter(runs_padded, self._programs), key=lambda k: k.num_tokens, default=None)
+        return min(filter(runs_padded, self._ready_keys()), key=lambda k: k.num_tokens,
+                   default=None)
 
     def _finish(self, scheduled, out, prompt_out, prompt_spans, num_logprobs, total, T,
                 host_seconds, launched) -> StepResult:
