@@ -113,14 +113,7 @@ class SamplerPaths(NamedTuple):
     @classmethod
     def of(cls, meta: SamplingMetadata) -> "SamplerPaths":
         """The paths that host (numpy) metadata from `build_sampling_metadata` need."""
-        m = jax.tree.map(np.asarray, meta)
-        random = m.temperature >= SAMPLING_EPS
-        vocab_cut = m.top_k > 0  # build_sampling_metadata stores k >= vocab as 0 (off)
-        return cls(allowed=bool((m.allowed_ids >= 0).any()),
-                   penalties=bool(((m.repetition_penalty != 1.0) | (m.frequency_penalty != 0.0)
-                                   | (m.presence_penalty != 0.0)).any()),
-                   random=bool(random.any()),
-                   sort=bool((random & (vocab_cut | (m.top_p < 1.0))).any()))
+        return cls(*map(bool, _needed_paths(jax.tree.map(np.asarray, meta), np)))
 
     def covers(self, other: "SamplerPaths") -> bool:
         """Whether a step on these paths samples `other`'s batches too (doing all their work)."""
@@ -133,12 +126,28 @@ ALL_PATHS = SamplerPaths(allowed=True, penalties=True, random=True, sort=True)
 """Every shortcut's work done: the step with the largest memory use."""
 
 
-def _branch(paths: Optional[SamplerPaths], path: str, predicate: Callable[[], jax.Array],
+def _needed_paths(meta: SamplingMetadata, xp, vocab: Optional[int] = None) -> SamplerPaths:
+    """Whether some row of `meta` needs each path, as `xp` (numpy on the host, jax.numpy on
+    the device) booleans. A top_k of `vocab` or more filters nothing (the host's metadata
+    already stores it as 0)."""
+    random = meta.temperature >= SAMPLING_EPS
+    cuts_vocab = meta.top_k > 0
+    if vocab is not None:
+        cuts_vocab = cuts_vocab & (meta.top_k < vocab)
+    return SamplerPaths(
+        allowed=xp.any(meta.allowed_ids >= 0),
+        penalties=xp.any((meta.repetition_penalty != 1.0) | (meta.frequency_penalty != 0.0)
+                         | (meta.presence_penalty != 0.0)),
+        random=xp.any(random),
+        sort=xp.any(random & (cuts_vocab | (meta.top_p < 1.0))))
+
+
+def _branch(paths: Optional[SamplerPaths], needed: Callable[[], SamplerPaths], path: str,
             work: Callable, skip: Callable, operand):
     """`work(operand)` where some row needs `path`, else `skip(operand)`: as `paths` decided
-    on the host, or (`paths` None) by a `lax.cond` on `predicate()`."""
+    on the host, or (`paths` None) by a `lax.cond` on the device's `needed()`."""
     if paths is None:
-        return jax.lax.cond(predicate(), work, skip, operand)
+        return jax.lax.cond(getattr(needed(), path), work, skip, operand)
     return work(operand) if getattr(paths, path) else skip(operand)
 
 
@@ -189,8 +198,8 @@ def apply_penalties_and_bias(logits: jax.Array, meta: SamplingMetadata,
         restricted = jnp.any(meta.allowed_ids >= 0, axis=1, keepdims=True)
         return jnp.where(restricted & ~allowed, neg_inf, x)
 
-    logits = _branch(paths, "allowed", lambda: jnp.any(meta.allowed_ids >= 0), restrict,
-                     lambda x: x, logits)
+    needed = lambda: _needed_paths(meta, jnp, vocab)
+    logits = _branch(paths, needed, "allowed", restrict, lambda x: x, logits)
 
     # bad words (their currently completable last tokens)
     logits = _set_where_ids(logits, _ids_or_drop(meta.bad_word_ids, vocab), neg_inf)
@@ -217,10 +226,7 @@ def apply_penalties_and_bias(logits: jax.Array, meta: SamplingMetadata,
         x = x - meta.frequency_penalty[:, None] * output_counts.astype(jnp.float32)
         return x - meta.presence_penalty[:, None] * in_output_mask.astype(jnp.float32)
 
-    any_penalty = lambda: jnp.any((meta.repetition_penalty != 1.0)
-                                  | (meta.frequency_penalty != 0.0)
-                                  | (meta.presence_penalty != 0.0))
-    logits = _branch(paths, "penalties", any_penalty, penalise, lambda x: x, logits)
+    logits = _branch(paths, needed, "penalties", penalise, lambda x: x, logits)
     return logits
 
 
@@ -336,6 +342,7 @@ def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int | Non
     processed = apply_penalties_and_bias(logits, meta, paths)
     greedy_tokens = argmax_tokens(processed)
     is_greedy = meta.temperature < SAMPLING_EPS
+    needed = lambda: _needed_paths(meta, jnp, logits.shape[-1])
 
     def random_tokens(processed):
         # The filters become per-row logit thresholds: only [R]-sized values leave the
@@ -355,9 +362,7 @@ def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int | Non
             x = jnp.where(x >= keep_min_p, x, -jnp.inf)
             return top_k_top_p_cutoff(x, meta.top_k, meta.top_p)
 
-        needs_sort = lambda: jnp.any(~is_greedy & (
-            ((meta.top_k > 0) & (meta.top_k < logits.shape[-1])) | (meta.top_p < 1.0)))
-        keep_sorted = _branch(paths, "sort", needs_sort, sorted_cutoff,
+        keep_sorted = _branch(paths, needed, "sort", sorted_cutoff,
                               lambda p: jnp.full_like(keep_min_p, -jnp.inf), processed)
         x = scaled(processed)
         x = jnp.where(x >= jnp.maximum(keep_min_p, keep_sorted), x, -jnp.inf)
@@ -365,8 +370,8 @@ def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int | Non
         uniforms = jax.vmap(lambda key: jax.random.uniform(key, (2,), jnp.float32))(keys)
         return inverse_cdf_tokens(x, uniforms, row_max)
 
-    sampled = _branch(paths, "random", lambda: ~jnp.all(is_greedy), random_tokens,
-                      lambda x: greedy_tokens, processed)
+    sampled = _branch(paths, needed, "random", random_tokens, lambda x: greedy_tokens,
+                      processed)
     tokens = jnp.where(is_greedy, greedy_tokens, sampled)
 
     if num_logprobs is None:
