@@ -116,7 +116,6 @@ def _final_only(params: list[SamplingParams]) -> list[SamplingParams]:
             out.append(p)
             continue
         if id(p) not in copies:
-            copies[id(p)] = p.clone()
-            copies[id(p)].output_kind = RequestOutputKind.FINAL_ONLY
+            copies[id(p)] = p.with_output_kind(RequestOutputKind.FINAL_ONLY)
         out.append(copies[id(p)])
     return out

@@ -405,3 +405,11 @@ class SamplingParams:
     def clone(self) -> SamplingParams:
         """A deep copy."""
         return copy.deepcopy(self)
+
+    def with_output_kind(self, kind: RequestOutputKind) -> SamplingParams:
+        """These params if they ask for `kind` already, else a copy that does."""
+        if self.output_kind == kind:
+            return self
+        params = self.clone()
+        params.output_kind = kind
+        return params

@@ -14,8 +14,9 @@ nothing to run. The engine's outputs are cumulative (text and token ids so far),
 keeps only the latest one per request: a slow reader skips intermediate states instead of
 queueing them, and memory stays bounded. A request that asked for another RequestOutputKind
 gets it from its stream, as the reader takes each output: DELTA the part new since the
-reader's last one, FINAL_ONLY the finished output alone. After every step the thread hands `SchedulerStats` and `IterationStats`
-to the stat loggers (the periodic log line here, Prometheus in the server).
+reader's last one, FINAL_ONLY the finished output alone. After every step the thread hands
+`SchedulerStats` and `IterationStats` to the stat loggers (the periodic log line here,
+Prometheus in the server).
 """
 
 from __future__ import annotations
@@ -33,17 +34,6 @@ from jaxvllm.outputs import DeltaTracker, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-def _cumulative(params):
-    """`params`, or a copy asking for cumulative outputs (anything else is left to the
-    engine's validation)."""
-    if (not isinstance(params, SamplingParams)
-            or params.output_kind == RequestOutputKind.CUMULATIVE):
-        return params
-    params = params.clone()
-    params.output_kind = RequestOutputKind.CUMULATIVE
-    return params
 
 
 class EngineDeadError(RuntimeError):
@@ -342,7 +332,9 @@ class AsyncLLMEngine:
         done: concurrent.futures.Future = concurrent.futures.Future()
         arrival = time.monotonic() if arrival_time is None else arrival_time
         # the engine runs every request cumulative; the stream gives each its own kind
-        items = [(rid, prompt, _cumulative(p)) for rid, prompt, p in items]
+        items = [(rid, prompt, p.with_output_kind(RequestOutputKind.CUMULATIVE)
+                  if isinstance(p, SamplingParams) else p)  # else: the engine rejects it
+                 for rid, prompt, p in items]
         self._submit(_Add(items, arrival, priority, stream, done))
         try:
             await asyncio.wrap_future(done)

@@ -340,8 +340,8 @@ class ModelRunner:
         or nearly, when the batch first reaches them. A step that needs one still being
         compiled runs on a compiled program that does more (see `execute_async`) meanwhile,
         else waits for it; from now on a step whose program is missing has it compiled in
-        these threads too. Not for planned variants (their plan sizes are in the key) or tensor parallel
-        runners."""
+        these threads too. Not for planned variants (their plan sizes are in the key) or
+        tensor parallel runners."""
         if self.planner is not None or self.mesh is not None:
             raise ValueError("precompile needs an unplanned attention variant on one device")
         if self._compile_pool is None:
