@@ -44,6 +44,10 @@ class EngineConfig:
     # schedule and dispatch the next step before the one in flight is collected (vLLM's
     # async scheduling, off by default as there; not with tensor parallelism)
     async_scheduling: bool = False
+    # decode steps one device call may run when every running request decodes and nothing
+    # could join the batch (vLLM's multi-step scheduling; None: 8 on a GPU, 1 on the CPU,
+    # whose steps outweigh the host's work)
+    num_scheduler_steps: Optional[int] = None
 
     def __post_init__(self):
         def check(ok: bool, field: str, rule: str):
@@ -64,6 +68,8 @@ class EngineConfig:
         check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy",
               "must be 'fcfs' or 'priority'")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        check(self.num_scheduler_steps is None or self.num_scheduler_steps >= 1,
+              "num_scheduler_steps", "must be >= 1")
         if self.tensor_parallel_size > 1:
             from jaxvllm.parallel import check_device_count
 

@@ -58,6 +58,13 @@ class FakeSamplingParams:
     min_tokens: int = 0
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
     ignore_eos: bool = False
+    # read to decide whether a multi-step decode may run (sampler.plain_params)
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict | None = None
+    allowed_token_ids: list[int] | None = None
+    logprobs: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------

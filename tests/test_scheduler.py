@@ -82,7 +82,7 @@ def check_step(sched: Scheduler, out: SchedulerOutput) -> None:
     ids = [s.request_id for s in out.scheduled]
     assert len(ids) == len(set(ids))
     assert out.num_scheduled_tokens == sum(s.num_new_tokens for s in out.scheduled)
-    assert out.num_scheduled_tokens <= cfg.max_num_batched_tokens
+    assert out.num_steps > 1 or out.num_scheduled_tokens <= cfg.max_num_batched_tokens
     assert len(out.scheduled) <= cfg.max_num_seqs and len(sched.running) <= cfg.max_num_seqs
     assert all(s.num_new_tokens > 0 for s in out.scheduled)
 
@@ -150,7 +150,50 @@ def run_ahead(sched: Scheduler, model: AheadModel, on_step=None,
     raise AssertionError("did not finish")
 
 
-RUNNERS = {"in_order": (run, FakeModel), "ahead": (run_ahead, AheadModel)}
+class MultiStepModel(FakeModel):
+    """The fake model for multi-step decodes as well: a row of a multi-step output runs its
+    `num_new_tokens` decode steps, each writing the token the one before sampled."""
+
+    def __init__(self, block_size: int):
+        super().__init__(block_size)
+        self.num_fed = 0  # tokens fed from the same call's previous step
+
+    def step(self, out: SchedulerOutput) -> dict:
+        if out.num_steps == 1:
+            return super().step(out)
+        bs = self.block_size
+        sampled = {}
+        for s in out.scheduled:
+            req, start = s.request, s.num_computed_tokens
+            assert s.do_sample and start == req.num_tokens - 1 and s.num_new_tokens <= out.num_steps
+            assert len(s.block_ids) * bs >= start + s.num_new_tokens
+            token, tokens = req.all_token_ids[start], []
+            for p in range(start, start + s.num_new_tokens):
+                self.kv[s.block_ids[p // bs], p % bs] = token
+                token = next_token([self.kv[s.block_ids[q // bs], q % bs] for q in range(p + 1)])
+                tokens.append(token)
+            self.num_fed += len(tokens) - 1
+            sampled[s.request_id] = tokens
+        return sampled
+
+
+def run_multi(sched: Scheduler, model: MultiStepModel, on_step=None,
+              max_steps=5000) -> list[Request]:
+    """`run` asking for multi-step decodes of up to 3 steps."""
+    finished = []
+    for step in range(max_steps):
+        if not sched.has_unfinished_requests():
+            return finished
+        out = sched.schedule(num_steps=3)
+        check_step(sched, out)
+        if on_step is not None:
+            on_step(step, out)
+        finished += sched.update_from_output(out, model.step(out))
+    raise AssertionError("did not finish")
+
+
+RUNNERS = {"in_order": (run, FakeModel), "ahead": (run_ahead, AheadModel),
+           "multi": (run_multi, MultiStepModel)}
 
 
 def assert_no_leaks(sched: Scheduler) -> None:
@@ -241,7 +284,7 @@ def test_preemption_recomputes_and_gives_the_same_tokens(policy, prefix_caching,
     model = model_type(4)
     drive(sched, model, lambda i, out: preempted.extend(out.preempted_req_ids))
     assert sched.num_preemptions == len(preempted) > 0
-    assert mode == "in_order" or model.num_fed > 100
+    assert mode == "in_order" or model.num_fed > {"ahead": 100, "multi": 10}[mode]
     for p, r in zip(prompts, reqs):
         assert r.output_token_ids == reference_output(p, 30)
         assert r.status == RequestStatus.FINISHED_LENGTH_CAPPED
@@ -344,16 +387,23 @@ def test_abort_frees_blocks_and_is_reported_to_the_runner():
     assert_no_leaks(sched)
 
 
-def scripted(sched: Scheduler, req: Request, tokens: list[int], ahead: bool = False) -> list[int]:
+def scripted(sched: Scheduler, req: Request, tokens: list[int], ahead: bool = False,
+             num_steps: int = 1) -> list[int]:
     """Feed `tokens` as the sampled tokens until the request finishes; `ahead`: each step
     scheduled before the previous one is folded in (then the request is in one step more
-    than it keeps tokens unless it finishes on its length)."""
+    than it keeps tokens unless it finishes on its length); `num_steps`: multi-step decodes
+    of that many steps asked for (a call's tokens after a stop are dropped)."""
     sched.add_request(req)
     it = iter(tokens)
     in_flight = None
     while sched.has_unfinished_requests() or in_flight is not None:
-        out = sched.schedule()
-        sampled = {s.request_id: next(it) for s in out.scheduled if s.do_sample}
+        out = sched.schedule(num_steps=num_steps)
+        if out.num_steps > 1:
+            # past the script: tokens the call samples after the stop (dropped)
+            sampled = {s.request_id: [next(it, 99) for _ in range(s.num_new_tokens)]
+                       for s in out.scheduled}
+        else:
+            sampled = {s.request_id: next(it) for s in out.scheduled if s.do_sample}
         if not ahead:
             sched.update_from_output(out, sampled)
             continue
@@ -364,32 +414,59 @@ def scripted(sched: Scheduler, req: Request, tokens: list[int], ahead: bool = Fa
     return req.output_token_ids
 
 
-@pytest.mark.parametrize("ahead", [False, True])
-def test_stop_conditions(ahead):
+@pytest.mark.parametrize("mode", [{}, {"ahead": True}, {"num_steps": 3}])
+def test_stop_conditions(mode):
     eos = 2
     r = make_request(range(5), max_tokens=10, eos=eos)
-    assert scripted(make_scheduler(), r, ahead=ahead, tokens=[7, 8, eos, 9]) == [7, 8, eos]
+    assert scripted(make_scheduler(), r, **mode, tokens=[7, 8, eos, 9]) == [7, 8, eos]
     assert r.status == RequestStatus.FINISHED_STOPPED and r.stop_reason is None
 
     r = make_request(range(5), max_tokens=10, eos=eos, min_tokens=3)
-    assert scripted(make_scheduler(), r, ahead=ahead, tokens=[eos, 8, eos, 9]) == [eos, 8, eos]
+    assert scripted(make_scheduler(), r, **mode, tokens=[eos, 8, eos, 9]) == [eos, 8, eos]
 
     r = make_request(range(5), max_tokens=4, eos=eos, ignore_eos=True)
-    assert scripted(make_scheduler(), r, ahead=ahead, tokens=[eos] * 6) == [eos] * 4
+    assert scripted(make_scheduler(), r, **mode, tokens=[eos] * 6) == [eos] * 4
     assert r.status == RequestStatus.FINISHED_LENGTH_CAPPED
 
     r = make_request(range(5), max_tokens=10, eos=eos, stop_token_ids=[11, 12])
-    assert scripted(make_scheduler(), r, ahead=ahead, tokens=[7, 12, 9]) == [7, 12]
+    assert scripted(make_scheduler(), r, **mode, tokens=[7, 12, 9]) == [7, 12]
     assert r.status == RequestStatus.FINISHED_STOPPED and r.stop_reason == 12
 
     # Length is checked first, as vLLM V1: eos as the max_tokens-th token reports "length".
     r = make_request(range(5), max_tokens=2, eos=eos)
-    assert scripted(make_scheduler(), r, ahead=ahead, tokens=[7, eos]) == [7, eos]
+    assert scripted(make_scheduler(), r, **mode, tokens=[7, eos]) == [7, eos]
     assert r.status == RequestStatus.FINISHED_LENGTH_CAPPED
 
     r = make_request(range(60), max_tokens=None)
-    assert len(scripted(make_scheduler(max_model_len=64), r, ahead=ahead, tokens=[1] * 10)) == 4
+    assert len(scripted(make_scheduler(max_model_len=64), r, **mode, tokens=[1] * 10)) == 4
     assert r.num_tokens == 64 and r.status == RequestStatus.FINISHED_LENGTH_CAPPED
+
+
+def test_multi_step_only_for_a_decoding_batch_that_nothing_could_join():
+    sched = make_scheduler(max_num_seqs=2)
+    model = MultiStepModel(4)
+    a = make_request(range(5), max_tokens=6)
+    b = make_request(range(3), max_tokens=2, repetition_penalty=1.2)
+    c = make_request(range(20, 29), max_tokens=3)
+
+    def step(expected_steps, expected_rows):
+        out = sched.schedule(num_steps=4)
+        assert out.num_steps == expected_steps
+        assert [(s.request, s.num_new_tokens) for s in out.scheduled] == expected_rows
+        sched.update_from_output(out, model.step(out))
+
+    sched.add_request(a)
+    step(1, [(a, 5)])  # a prompt
+    step(4, [(a, 4)])  # a decoding alone
+    sched.add_request(b)
+    step(1, [(a, 1), (b, 3)])  # b could join: single steps; a reaches max_tokens
+    step(1, [(b, 1)])  # b's penalties need its tokens on the host between steps
+    sched.add_request(c)
+    step(1, [(c, 9)])
+    step(4, [(c, 2)])  # capped by max_tokens
+    for r, n in ((a, 6), (b, 2), (c, 3)):
+        assert r.output_token_ids == reference_output(list(r.prompt_token_ids), n)
+    assert_no_leaks(sched)
 
 
 def test_add_request_validation():
@@ -479,4 +556,5 @@ def test_random_workload_matches_running_alone(seed, mode):
     for r in finished:
         assert r.output_token_ids == expected[r.request_id]
         assert r.status == RequestStatus.FINISHED_LENGTH_CAPPED
+    assert mode != "multi" or model.num_fed > 0
     assert_no_leaks(sched)

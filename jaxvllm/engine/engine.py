@@ -9,6 +9,9 @@ into the scheduler, schedules and dispatches the next step, and only then detoke
 stop strings and builds the outputs of the collected one, while the device runs the next.
 A request that a stop string finishes is thus in the next step too; that step's token for it
 is dropped (the scheduler skips a row that is no longer running).
+
+With multi-step decoding (`num_scheduler_steps`) a step may give a request several tokens;
+they are processed in order, and a stop string drops the tokens after the one completing it.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ from jaxvllm.engine.request import Request, RequestStatus
 from jaxvllm.engine.runner import ModelRunner, StepResult
 from jaxvllm.engine.sampler import plain_params
 from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from jaxvllm.models.attention import kv_cache_bytes_per_block
+from jaxvllm.models.attention import kv_cache_bytes_per_block, resolve_attention_backend
 from jaxvllm.models.config import resolve_dtype
 from jaxvllm.models.loader import load_model
 from jaxvllm.outputs import CompletionOutput, DeltaTracker, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
+from pallas_kernels.variants import get_variant
 
 MAX_LOGPROBS = 20
 
@@ -96,7 +100,7 @@ class _InFlight(NamedTuple):
 class _Collected(NamedTuple):
     """A step's results for the requests still running when it came back, in batch order."""
 
-    sampled: list[tuple[Request, int]]
+    sampled: list[tuple[Request, list[int]]]  # the tokens the step appended, in order
     logprobs: dict[str, tuple[list[int], list[float], int]]
     prompt_logprobs: list[tuple[Request, int, list]]  # (request, first position, rows)
 
@@ -130,6 +134,7 @@ class LLMEngine:
         if not config.enable_chunked_prefill:
             budget = max(budget, self.max_model_len)
         self.kv_dtype = self._kv_cache_dtype()
+        num_scheduler_steps = self._num_scheduler_steps()
         self.num_blocks = distributed.from_process_zero(self._num_blocks(max_num_seqs))
         profile = self.num_blocks < 0
         if profile:  # a minimal cache for the profile run, resized right after
@@ -138,7 +143,8 @@ class LLMEngine:
                                   block_size=config.block_size, max_model_len=self.max_model_len,
                                   max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
                                   mesh=self.mesh, kv_dtype=self.kv_dtype,
-                                  fine_decode_buckets=config.on_cpu)
+                                  fine_decode_buckets=config.on_cpu,
+                                  num_scheduler_steps=num_scheduler_steps)
         if profile:
             self.num_blocks = distributed.from_process_zero(self._profile_num_blocks())
             self.runner.resize_kv_cache(self.num_blocks)
@@ -211,6 +217,18 @@ class LLMEngine:
     def _resolve_async_scheduling(self) -> bool:
         return self._option("async_scheduling", self.mesh is None,
                             "tensor_parallel_size=1 on one process", default=False)
+
+    def _num_scheduler_steps(self) -> int:
+        wanted = self.config.num_scheduler_steps
+        planned = get_variant(resolve_attention_backend(
+            self.config.resolved_attention_backend())[0]).plan is not None
+        possible = self.mesh is None and not planned
+        if wanted is not None and wanted > 1 and not possible:
+            raise ValueError(f"num_scheduler_steps={wanted} needs tensor_parallel_size=1 on one "
+                             "process and an attention backend without a host plan")
+        if wanted is None:
+            return 8 if possible and not self.config.on_cpu else 1
+        return wanted
 
     def _unroll_layers(self) -> bool:
         return self._option("unroll_layers", self.mesh is None,
@@ -373,7 +391,7 @@ class LLMEngine:
         previous, self._in_flight = self._in_flight, None
         ahead = previous is not None and self._schedules_ahead(previous)
         collected = None if ahead else self._collect(previous)
-        out = self.scheduler.schedule()
+        out = self.scheduler.schedule(num_steps=self._multi_steps())
         if out.scheduled:
             self._in_flight = self._dispatch(out)
             self._steps_scheduled_ahead += ahead
@@ -383,6 +401,14 @@ class LLMEngine:
         self._drain_if_idle()
         return outputs
 
+    def _multi_steps(self) -> int:
+        """The steps the next schedule may run in one call: the runner's multi-step count if
+        a program for the running batch can run now, else 1."""
+        bucket = getattr(self.runner, "multi_step_token_bucket", None)
+        if bucket is None or bucket(self.scheduler.num_running) is None:
+            return 1
+        return self.runner.num_scheduler_steps
+
     def _schedules_ahead(self, previous: _InFlight) -> bool:
         """Whether the next step may be scheduled before `previous` is collected: the runner
         dispatches asynchronously, every row that samples in `previous` has params that
@@ -390,7 +416,8 @@ class LLMEngine:
         since the next step's sampling inputs are built without its token, and a block is
         free for each of its rows (the requests `previous` finishes still hold theirs: with
         fewer, scheduling ahead could preempt what scheduling in order would not)."""
-        if not (self._async_scheduling and previous.asynchronous):
+        if not (self._async_scheduling and previous.asynchronous
+                and previous.scheduler_output.num_steps == 1):
             return False
         if self.kv_manager.num_free_blocks < len(previous.scheduler_output.scheduled):
             return False
@@ -399,6 +426,9 @@ class LLMEngine:
 
     def _dispatch(self, out: SchedulerOutput) -> _InFlight:
         execute_async = getattr(self.runner, "execute_async", None)
+        if out.num_steps > 1:
+            return _InFlight(out, execute_async(out.scheduled, self.vocab_size, out.num_steps),
+                             True)
         if execute_async is not None:
             return _InFlight(out, execute_async(out.scheduled, self.vocab_size), True)
         return _InFlight(out, _Completed(self.runner.execute(out.scheduled, self.vocab_size)),
@@ -414,10 +444,11 @@ class LLMEngine:
         # rows finished since dispatch (a stop string, an abort) are skipped by the scheduler
         # and here: their token was computed past the end of the request
         live = [s.request for s in out.scheduled if s.request.status == RequestStatus.RUNNING]
+        outputs_before = [(r, r.num_output_tokens) for r in live
+                          if r.request_id in result.sampled]
         self.scheduler.update_from_output(out, result.sampled)
         return _Collected(
-            sampled=[(r, result.sampled[r.request_id]) for r in live
-                     if r.request_id in result.sampled],
+            sampled=[(r, r.output_token_ids[before:]) for r, before in outputs_before],
             logprobs=result.logprobs,
             prompt_logprobs=[(r, *result.prompt_logprobs[r.request_id]) for r in live
                              if r.request_id in result.prompt_logprobs])
@@ -447,26 +478,34 @@ class LLMEngine:
                 self._store_prompt_logprobs(parent, first, rows)
         touched: dict[str, _Parent] = {}
         stopped = []
-        for req, token in collected.sampled:
+        for req, tokens in collected.sampled:
             parent, seq = self._tracked(req)
             if seq is None:
                 continue
             rid = req.request_id
-            self.num_generation_tokens += 1
-            if seq.logprobs is not None and rid in collected.logprobs:
-                self._append_logprobs(seq, *collected.logprobs[rid])
-            stopped_on_token = (req.status == RequestStatus.FINISHED_STOPPED
-                                and not req.sampling_params.include_stop_str_in_output)
-            # as vLLM: the text of the eos / stop token that ended the request is left out
-            stop = None if stopped_on_token else seq.detokenizer.append(token)
-            if stop is not None and not req.status.is_finished:
-                seq.stop_reason = stop
-                stopped.append(rid)
-            elif stop is not None and req.status == RequestStatus.FINISHED_LENGTH_CAPPED:
-                # the last allowed token also completed a stop string: vLLM reports the stop
-                req.status = RequestStatus.FINISHED_STOPPED
-                seq.stop_reason = stop
             touched[parent.request_id] = parent
+            if seq.logprobs is not None and rid in collected.logprobs:
+                self._append_logprobs(seq, *collected.logprobs[rid])  # single steps only
+            for i, token in enumerate(tokens, start=1):
+                self.num_generation_tokens += 1
+                stopped_on_token = (i == len(tokens)
+                                    and req.status == RequestStatus.FINISHED_STOPPED
+                                    and not req.sampling_params.include_stop_str_in_output)
+                # as vLLM: the text of the eos / stop token that ended the request is left out
+                stop = None if stopped_on_token else seq.detokenizer.append(token)
+                if stop is None:
+                    continue
+                if not req.status.is_finished:
+                    seq.stop_reason = stop
+                    stopped.append(rid)
+                elif i < len(tokens) or req.status == RequestStatus.FINISHED_LENGTH_CAPPED:
+                    # the stop string came first (before the token that finished it in a
+                    # multi-step decode), or the last allowed token also completed it: vLLM
+                    # reports the stop
+                    req.status = RequestStatus.FINISHED_STOPPED
+                    seq.stop_reason = stop
+                req.truncate_output(len(tokens) - i)
+                break
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         outputs = [out for p in touched.values()

@@ -101,6 +101,13 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    def truncate_output(self, num_dropped: int) -> None:
+        """Drop the last `num_dropped` output tokens (sampled past a stop string that the
+        detokenizer found, in a multi-step decode)."""
+        if num_dropped > 0:
+            del self.output_token_ids[-num_dropped:]
+            del self._all_token_ids[-num_dropped:]
+
     def append_output_token(self, token_id: int) -> None:
         token_id = int(token_id)
         self.output_token_ids.append(token_id)

@@ -11,6 +11,11 @@ under tensor parallelism, as arrays replicated over the mesh).
 Each program also takes the last step's sampled tokens, still on the device, so that a step
 dispatched before the previous one is collected (asynchronous scheduling) reads the token
 ids the host does not know yet from there (`step_arrays`' feed).
+
+A multi-step decode (the scheduler's `num_steps` > 1) is one program too (`_multi_step_fn`):
+a loop on the device over up to `num_steps` decode steps, each step's sampled tokens the
+next one's input, so that the host's per-step work (scheduling, inputs, launching, outputs)
+is spent once for them all (`multi_step_arrays` builds its inputs).
 """
 
 from __future__ import annotations
@@ -55,7 +60,9 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
 
 @dataclasses.dataclass
 class StepResult:
-    sampled: dict[str, int]  # request id -> token, for requests that sampled this step
+    # request id -> token, for requests that sampled this step (a multi-step decode: the
+    # list of the row's tokens, one per step)
+    sampled: dict[str, int | list[int]]
     logprobs: dict[str, tuple[list[int], list[float], int]]  # id -> (token ids, logprobs, rank)
     # id -> (first prompt position covered, [(token ids, logprobs, rank) per position])
     prompt_logprobs: dict[str, tuple[int, list[tuple[list[int], list[float], int]]]]
@@ -67,13 +74,16 @@ class StepCounters:
     device (the jitted call until its sampled tokens are on the host)."""
 
     steps: int = 0
+    multi_steps: int = 0  # of them, multi-step decodes
     real_tokens: int = 0
     padded_tokens: int = 0
     host_seconds: float = 0.0
     device_seconds: float = 0.0
 
-    def record(self, real: int, bucket_size: int, host: float, device: float) -> None:
+    def record(self, real: int, bucket_size: int, host: float, device: float,
+               multi_step: bool = False) -> None:
         self.steps += 1
+        self.multi_steps += multi_step
         self.real_tokens += real
         self.padded_tokens += bucket_size - real
         self.host_seconds += host
@@ -81,7 +91,7 @@ class StepCounters:
 
     def summary(self) -> dict[str, float]:
         steps = max(self.steps, 1)
-        return {"steps": self.steps,
+        return {"steps": self.steps, "multi_steps": self.multi_steps,
                 "padding_waste": self.padded_tokens / max(self.real_tokens, 1),
                 "host_ms_per_step": 1000 * self.host_seconds / steps,
                 "device_ms_per_step": 1000 * self.device_seconds / steps}
@@ -111,6 +121,37 @@ def _step_fn(graphdef, state_def, sampler_paths, num_logprobs, num_prompt_logpro
     return sampled, prompt, kv, next_tokens
 
 
+def _multi_step_fn(graphdef, state_def, sampler_paths, num_steps, layout, weights, kv,
+                   prev_tokens, *inputs):
+    """Up to `num_steps` decode steps of R rows (one token each, T = R) in one call: step j
+    runs on the tokens step j - 1 sampled, at the next position, and samples at the next
+    output index (so a seeded row draws what single steps would). A row of `steps` s < j + 1
+    repeats its last step writing to the null block instead: its later tokens are dropped.
+    Returns the tokens [num_steps, R], the cache and the last step's tokens (as `_step_fn`)."""
+    if layout is not None:
+        inputs = unpack(inputs[0], layout)
+    input_ids, positions, steps, meta, slots, sampling = inputs
+    model = nnx.merge(graphdef, jax.tree.unflatten(state_def, weights))
+    R = sampling.num_rows
+
+    def one_step(j, carry):
+        ids, kv, tokens = carry
+        ahead = jnp.minimum(j, jnp.maximum(steps, 1) - 1)  # padded rows: 0 tokens, 0 steps
+        step_meta = dataclasses.replace(meta, seq_lens=meta.seq_lens + ahead * (steps > 0),
+                                        slot_mapping=slots[j])
+        hidden, kv = model(ids, positions + ahead, step_meta, kv)
+        logits = parallel.gather_logits(model.compute_logits(hidden))
+        step_sampling = dataclasses.replace(sampling,
+                                            step_positions=sampling.step_positions + j)
+        new = sample(logits, step_sampling, paths=sampler_paths).token_ids.astype(ids.dtype)
+        return new, kv, tokens.at[j].set(new)
+
+    tokens = jnp.zeros((num_steps, R), jnp.int32)
+    _, kv, tokens = jax.lax.fori_loop(0, num_steps, one_step, (input_ids, kv, tokens))
+    next_tokens = jnp.zeros_like(prev_tokens).at[:R].set(tokens[-1])
+    return tokens, kv, next_tokens
+
+
 def _shape_of(x: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
@@ -127,6 +168,7 @@ class ProgramKey(NamedTuple):
     num_prompt_rows: int  # prompt-logprob rows (padded; 1 when none)
     num_logprobs: Optional[int]  # static arguments of _step_fn, in its order
     num_prompt_logprobs: Optional[int]
+    num_steps: int = 1  # > 1: a multi-step decode program (_multi_step_fn)
 
     def same_but_plan(self, other: "ProgramKey") -> bool:
         return self._replace(plan_sizes=None) == other._replace(plan_sizes=None)
@@ -153,6 +195,44 @@ class StepProgram:
         return self.compiled.as_text()
 
 
+def _block_tables(reqs, R: int, MB: int) -> np.ndarray:
+    """The rows' block ids, [R, MB], zero (the null block) padded."""
+    tables = np.zeros((R, MB), np.int32)
+    block_lists = [req.block_ids[:MB] for req in reqs]
+    num_blocks = np.fromiter(map(len, block_lists), np.int64, len(reqs))
+    row_of_block = np.repeat(np.arange(len(reqs)), num_blocks)
+    tables[row_of_block, np.arange(len(row_of_block)) - np.repeat(
+        np.cumsum(num_blocks) - num_blocks, num_blocks)] = np.fromiter(
+        itertools.chain.from_iterable(block_lists), np.int32, len(row_of_block))
+    return tables
+
+
+def multi_step_arrays(scheduled, T: int, K: int, MB: int, block_size: int):
+    """The inputs of a multi-step decode of `scheduled` (rows whose `num_new_tokens` is
+    their number of steps, at most K) padded to T rows: each row's last known token and its
+    position, its steps, the attention metadata of the first step and the KV slot of every
+    step [K, T] (the null block's for a row's steps past its own)."""
+    n = len(scheduled)
+    reqs = [s.request for s in scheduled]
+    starts = np.fromiter((s.num_computed_tokens for s in scheduled), np.int64, n)
+    steps = np.zeros(T, np.int32)
+    steps[:n] = [s.num_new_tokens for s in scheduled]
+    tables = _block_tables(reqs, T, MB)
+    ids = np.zeros(T, np.int32)
+    ids[:n] = [req.all_token_ids[s] for req, s in zip(reqs, starts.tolist())]
+    pos = np.zeros(T, np.int32)
+    pos[:n] = starts
+    seq_lens = np.zeros(T, np.int32)
+    seq_lens[:n] = starts + 1
+    qsl = np.minimum(np.arange(T + 1), n).astype(np.int32)
+    j = np.arange(K)[:, None]
+    p = starts[None, :] + np.minimum(j, steps[None, :n] - 1)
+    slots = np.zeros((K, T), np.int32)
+    slots[:, :n] = np.where(j < steps[None, :n], tables[np.arange(n)[None, :], p // block_size]
+                            * block_size + p % block_size, 0)
+    return ids, pos, steps, AttentionMetadata(qsl, seq_lens, tables, slots[0]), slots
+
+
 def step_arrays(scheduled, T: int, R: int, MB: int, block_size: int,
                 prev_rows: Optional[dict] = None):
     """The step's token and attention arrays for `scheduled` (rows with `request`,
@@ -169,13 +249,7 @@ def step_arrays(scheduled, T: int, R: int, MB: int, block_size: int,
     starts = [s.num_computed_tokens for s in scheduled]
     counts = [s.num_new_tokens for s in scheduled]
     total = sum(counts)
-    tables = np.zeros((R, MB), np.int32)
-    block_lists = [req.block_ids[:MB] for req in reqs]
-    num_blocks = np.fromiter(map(len, block_lists), np.int64, num_reqs)
-    row_of_block = np.repeat(np.arange(num_reqs), num_blocks)
-    tables[row_of_block, np.arange(len(row_of_block)) - np.repeat(
-        np.cumsum(num_blocks) - num_blocks, num_blocks)] = np.fromiter(
-        itertools.chain.from_iterable(block_lists), np.int32, len(row_of_block))
+    tables = _block_tables(reqs, R, MB)
 
     counts_np = np.asarray(counts, np.int64)
     qsl = np.full(R + 1, total, np.int32)
@@ -227,7 +301,7 @@ class PendingStep:
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int,
                  max_num_batched_tokens: int, max_num_seqs: int, mesh=None, kv_dtype=None,
-                 fine_decode_buckets: bool = False):
+                 fine_decode_buckets: bool = False, num_scheduler_steps: int = 1):
         self.cfg = model.cfg
         self.mesh = mesh  # tensor parallel: the model's shards live on this mesh
         self.graphdef, self.state = nnx.split(model)
@@ -243,6 +317,8 @@ class ModelRunner:
         # time grows with its tokens (the CPU's matmuls: 16 rows cost ~5x one), at the price
         # of more programs.
         self.fine_decode_buckets = fine_decode_buckets
+        # the most decode steps of one multi-step program (1: none)
+        self.num_scheduler_steps = num_scheduler_steps
         variant = get_variant(resolve_attention_backend(model.attention_backend)[0])
         # the StepPlanner of an attention variant that works from a host-built plan
         self.planner = variant.plan
@@ -320,8 +396,13 @@ class ModelRunner:
         if self.mesh is None:
             buffer, layout = pack(args[3:])
             args = (*args[:3], buffer)
-        step = functools.partial(_step_fn, self.graphdef, self._state_def, key.sampler_paths,
-                                 key.num_logprobs, key.num_prompt_logprobs, layout)
+        if key.num_steps > 1:
+            step = functools.partial(_multi_step_fn, self.graphdef, self._state_def,
+                                     key.sampler_paths, key.num_steps, layout)
+        else:
+            step = functools.partial(_step_fn, self.graphdef, self._state_def,
+                                     key.sampler_paths, key.num_logprobs,
+                                     key.num_prompt_logprobs, layout)
         if self.mesh is None:
             fn = jax.jit(step, donate_argnums=(1,))
         else:  # outputs replicated, the cache stays sharded by KV head
@@ -340,8 +421,10 @@ class ModelRunner:
         or nearly, when the batch first reaches them. A step that needs one still being
         compiled runs on a compiled program that does more (see `execute_async`) meanwhile,
         else waits for it; from now on a step whose program is missing has it compiled in
-        these threads too. Not for planned variants (their plan sizes are in the key) or
-        tensor parallel runners."""
+        these threads too. With multi-step decoding the decode batches' programs compiled
+        are the multi-step ones (a single decode step, needed only while prompts are
+        waiting, is compiled when first met). Not for planned variants (their plan sizes are
+        in the key) or tensor parallel runners."""
         if self.planner is not None or self.mesh is not None:
             raise ValueError("precompile needs an unplanned attention variant on one device")
         if self._compile_pool is None:
@@ -350,9 +433,16 @@ class ModelRunner:
         largest_decode = min(self.max_reqs_bucket, self.max_tokens_bucket)
         decode = sorted({self.token_bucket(n) for n in range(1, largest_decode + 1)},
                         reverse=True)
-        for T in [self.max_tokens_bucket, *decode]:
-            key, args = self._dummy_step(vocab_size, T, min(self.max_reqs_bucket, T),
-                                         self.min_table_width)
+        key, args = self._dummy_step(vocab_size, self.max_tokens_bucket,
+                                     min(self.max_reqs_bucket, self.max_tokens_bucket),
+                                     self.min_table_width)
+        self._compile_in_background(key, args)
+        for T in decode:
+            if self.num_scheduler_steps > 1:
+                key, args = self._dummy_multi_step(vocab_size, T, self.min_table_width)
+            else:
+                key, args = self._dummy_step(vocab_size, T, min(self.max_reqs_bucket, T),
+                                             self.min_table_width)
             self._compile_in_background(key, args)
 
     def _compile_in_background(self, key: ProgramKey, args) -> None:
@@ -383,6 +473,34 @@ class ModelRunner:
         feed = np.full(T, -1, np.int32)
         return key, (self.weights, self.kv, self._last_tokens, zeros(T), feed, zeros(T), meta,
                      zeros(R), sampling, zeros(1), zeros(1))
+
+    def _dummy_multi_step(self, vocab_size: int, T: int, MB: int,
+                          paths: SamplerPaths = PLAIN_RANDOM_PATHS):
+        """(key, args) of a multi-step decode of T rows of `num_scheduler_steps` steps that
+        touches only the null block, as `_dummy_step`."""
+        K = self.num_scheduler_steps
+        zeros = lambda *shape: np.zeros(shape, np.int32)
+        meta = AttentionMetadata(np.arange(T + 1, dtype=np.int32), np.ones(T, np.int32),
+                                 zeros(T, MB), zeros(T))
+        sampling, _ = build_sampling_metadata([], vocab_size, pad_rows_to=T, device_put=False)
+        key = ProgramKey(sampling.shape_key, paths, T, T, MB, None, 1, None, None, K)
+        return key, (self.weights, self.kv, self._last_tokens, zeros(T), zeros(T),
+                     np.ones(T, np.int32), meta, zeros(K, T), sampling)
+
+    def multi_step_token_bucket(self, num_rows: int) -> Optional[int]:
+        """The rows T a multi-step decode of `num_rows` requests runs padded to, if it can
+        run now: decode-sized, and (with a background compile pool) its program, or a larger
+        one to pad to, compiled; None otherwise (then the batch takes single steps)."""
+        if self.num_scheduler_steps <= 1 or num_rows > self.max_reqs_bucket:
+            return None
+        T = self.token_bucket(num_rows)
+        if T > self.max_reqs_bucket:
+            return None
+        if self._compile_pool is None:
+            return T
+        ready = [k.num_tokens for k in self._ready_keys()
+                 if k.num_steps == self.num_scheduler_steps and k.num_tokens >= T]
+        return min(ready, default=None)
 
     def resize_kv_cache(self, num_blocks: int) -> None:
         for future in self._compiling.values():
@@ -432,12 +550,15 @@ class ModelRunner:
         order."""
         return self.execute_async(scheduled, vocab_size).result()
 
-    def execute_async(self, scheduled, vocab_size: int) -> "PendingStep":
+    def execute_async(self, scheduled, vocab_size: int, num_steps: int = 1) -> "PendingStep":
         """Dispatch one step and return at once; its `result()` waits for the device. In
         between, the engine may finish, add or schedule requests (and fold in an earlier
         step): `result()` reads only the rows' request ids and `do_sample`. A row may compute
         a token the previous step dispatched samples (asynchronous scheduling): it is read on
-        the device."""
+        the device. `num_steps` > 1: a multi-step decode (each row's `num_new_tokens` steps,
+        at most `num_steps`); its result holds each row's list of tokens."""
+        if num_steps > 1:
+            return self._execute_multi_step(scheduled, vocab_size, num_steps)
         started = time.perf_counter()
         bs = self.block_size
         total = sum(s.num_new_tokens for s in scheduled)
@@ -477,6 +598,44 @@ class ModelRunner:
         return PendingStep(functools.partial(self._finish, scheduled, out, prompt_out,
                                              prompt_spans, num_logprobs, total, T,
                                              launched - started, launched))
+
+    def _execute_multi_step(self, scheduled, vocab_size: int, num_steps: int) -> "PendingStep":
+        if num_steps != self.num_scheduler_steps:
+            raise ValueError(f"a multi-step decode of {num_steps} steps; this runner's programs "
+                             f"run {self.num_scheduler_steps}")
+        started = time.perf_counter()
+        T = self.multi_step_token_bucket(len(scheduled))
+        if T is None:  # its program compiles in the background meanwhile: wait for it
+            T = self.token_bucket(len(scheduled))
+        widest = max(-(-(s.num_computed_tokens + s.num_new_tokens) // self.block_size)
+                     for s in scheduled)
+        MB = bucket(widest, self.min_table_width, self.max_table_width)
+        ids, pos, steps, meta, slots = multi_step_arrays(scheduled, T, num_steps, MB,
+                                                         self.block_size)
+        sampling, _ = build_sampling_metadata([s.request for s in scheduled], vocab_size,
+                                              pad_rows_to=T, device_put=False)
+        key = ProgramKey(sampling.shape_key, SamplerPaths.of(sampling), T, T, MB, None, 1,
+                         None, None, num_steps)
+        args = (self.weights, self.kv, self._last_tokens, ids, pos, steps, meta, slots,
+                sampling)
+        if self._compile_pool is not None and not self._ready(key):
+            self._compile_in_background(key, args)
+            if (covering := self._ready_covering(key)) is not None:
+                key = covering
+        program = self._program(key, args)
+        launched = time.perf_counter()
+        tokens, self.kv, self._last_tokens = program(*args)
+        self._last_rows = {s.request: i for i, s in enumerate(scheduled)}
+        tokens.copy_to_host_async()
+        total = int(steps.sum())
+
+        def finish() -> StepResult:
+            rows = np.asarray(tokens)  # waits for the device
+            self.counters.record(total, T * num_steps, launched - started,
+                                 time.perf_counter() - launched, multi_step=True)
+            return StepResult({s.request.request_id: rows[:s.num_new_tokens, i].tolist()
+                               for i, s in enumerate(scheduled)}, {}, {})
+        return PendingStep(finish)
 
     def _step_inputs(self, scheduled, vocab_size: int, T: int, MB: int):
         """(key, args, prompt_spans, num_logprobs) of a step of `scheduled` padded to T tokens

@@ -18,6 +18,13 @@ output each in-flight row samples (`num_pending_outputs`) as a token whose id th
 from the device; a request that its pending outputs bring to max_tokens or max_model_len is
 not scheduled again. `update_from_output` folds each step in, in order.
 
+Multi-step decoding (`schedule(num_steps=K)`, vLLM's multi-step scheduling): when every
+running request is decoding, nothing else could join the batch and every row's params need
+no token history on the host, one step runs up to K decode steps on the device, each
+sampling the next one's input. A row gets up to K steps (fewer when max_tokens or
+max_model_len come first) and the blocks for them ahead; `update_from_output` appends its
+tokens in order up to the first that stops it.
+
 Running requests go first, in admission order; then waiting ones (FCFS, or by priority).
 When the KV cache runs out of blocks, the scheduler preempts from the tail of the running
 list (the newest, or the lowest priority) by recompute: the victim drops its blocks and goes
@@ -35,6 +42,7 @@ from typing import Optional, Union
 
 from jaxvllm.engine.kv_cache import KVCacheManager
 from jaxvllm.engine.request import Request, RequestStatus
+from jaxvllm.engine.sampler import plain_params
 
 
 # The runner pads a step's token count up to a power of two, at least this.
@@ -86,6 +94,8 @@ class ScheduledRequest:
     request: Request
     # Tokens to compute this step: all_token_ids[num_computed_tokens:][:num_new_tokens], the
     # last one possibly not on the host yet (sampled by the step in flight; see token_ids).
+    # In a multi-step decode (SchedulerOutput.num_steps > 1): the decode steps this row runs,
+    # the first on its last known token, each later one on the token the one before sampled.
     num_new_tokens: int
     # Position of the first new token; the request's own field moves on in update_from_output.
     num_computed_tokens: int
@@ -117,6 +127,8 @@ class SchedulerOutput:
     preempted_req_ids: list[str] = field(default_factory=list)
     # Requests finished or aborted since the previous schedule(): likewise dropped by the runner.
     finished_req_ids: set[str] = field(default_factory=set)
+    # > 1: a multi-step decode of at most this many steps per row (see the module docstring)
+    num_steps: int = 1
 
     @property
     def is_empty(self) -> bool:
@@ -237,7 +249,11 @@ class Scheduler:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, num_steps: int = 1) -> SchedulerOutput:
+        """The next step's batch: a multi-step decode of up to `num_steps` steps per row where
+        the batch allows one (see the module docstring), else one step."""
+        if num_steps > 1 and (out := self._schedule_multi_step(num_steps)) is not None:
+            return out
         cfg = self.config
         budget = cfg.max_num_batched_tokens
         num_new: dict[Request, int] = {}  # scheduled this step, in batch order
@@ -307,25 +323,73 @@ class Scheduler:
             req.num_pending_outputs += do_sample
         return out
 
+    def _schedule_multi_step(self, num_steps: int) -> Optional[SchedulerOutput]:
+        """A multi-step decode of every running request, or None where the batch does not
+        allow one: a request not decoding (a prompt, steps in flight), params that need
+        token history on the host, a waiting request that could be admitted, too few free
+        blocks for the steps ahead."""
+        cfg = self.config
+        if not self.running or (self.waiting and len(self.running) < cfg.max_num_seqs):
+            return None
+        plain: dict[int, bool] = {}  # by params object: a batch often shares one
+        steps = []
+        for req in self.running:
+            params = req.sampling_params
+            ok = plain.get(id(params))
+            if ok is None:
+                ok = plain[id(params)] = plain_params(params)
+            if (not ok or req.num_inflight_tokens or req.num_pending_outputs
+                    or req.num_computed_tokens != req.num_tokens - 1):
+                return None
+            left = cfg.max_model_len - req.num_tokens
+            if req.max_tokens is not None:
+                left = min(left, req.max_tokens - req.num_output_tokens)
+            steps.append(max(min(num_steps, left), 1))
+        bs = self.kv_manager.block_size
+        wanted = sum(max(-(-(req.num_computed_tokens + n) // bs) - len(req.block_ids), 0)
+                     for req, n in zip(self.running, steps))
+        if wanted > self.kv_manager.num_free_blocks:
+            return None
+        out = SchedulerOutput(finished_req_ids=self._finished_req_ids, num_steps=num_steps)
+        self._finished_req_ids = set()
+        for req, n in zip(self.running, steps):
+            if self.kv_manager.allocate_slots(req, n) is None:  # counted above: cannot fail
+                raise RuntimeError(f"no blocks for {req.request_id!r}'s steps ahead")
+            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens,
+                                                  list(req.block_ids), True))
+            out.num_scheduled_tokens += n
+            req.num_inflight_tokens += n
+            req.num_pending_outputs += 1  # the step's first output: its sampling position
+        return out
+
     def update_from_output(self, output: SchedulerOutput,
-                           sampled_token_ids: dict[str, int]) -> list[Request]:
+                           sampled_token_ids: dict[str, Union[int, list[int]]]) -> list[Request]:
         """Fold a step's results back in; returns the requests this step finished.
 
         `sampled_token_ids` maps request id -> the sampled token, for the rows with
-        `do_sample`; other entries are ignored.
+        `do_sample` (in a multi-step decode, the list of the row's tokens: they are appended
+        in order up to the first that stops the request); other entries are ignored.
         """
         finished = []
         for s in output.scheduled:
             req = s.request
             if req.status != RequestStatus.RUNNING:
                 continue  # aborted or preempted since schedule(): its blocks are gone
-            req.num_computed_tokens += s.num_new_tokens
             req.num_inflight_tokens -= s.num_new_tokens
             stopped = False
-            if s.do_sample:
+            if output.num_steps > 1:
                 req.num_pending_outputs -= 1
-                req.append_output_token(sampled_token_ids[req.request_id])
-                stopped = self._check_stop(req)
+                for token in sampled_token_ids[req.request_id][:s.num_new_tokens]:
+                    req.num_computed_tokens += 1
+                    req.append_output_token(token)
+                    if stopped := self._check_stop(req):
+                        break
+            else:
+                req.num_computed_tokens += s.num_new_tokens
+                if s.do_sample:
+                    req.num_pending_outputs -= 1
+                    req.append_output_token(sampled_token_ids[req.request_id])
+                    stopped = self._check_stop(req)
             self.kv_manager.cache_blocks(req, req.num_computed_tokens)
             if stopped:
                 self.running.remove(req)

@@ -1,0 +1,193 @@
+"""Multi-step decoding with the real runner: when every running request decodes, one device
+call runs up to `num_scheduler_steps` decode steps, each sampling the next one's input.
+
+Outputs must be those of single steps (greedy: each prompt run alone; seeded sampling, stop
+strings, stop token ids, eos and max_tokens: the engine with one step per call), whatever
+the batch, and every block must be free again afterwards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxvllm import LLM, SamplingParams
+from jaxvllm.engine.request import Request
+from jaxvllm.engine.runner import multi_step_arrays
+from jaxvllm.engine.scheduler import ScheduledRequest
+from jaxvllm.simple_generate import SimpleGenerator
+from tests.test_async_scheduling import (CASE, assert_idle, generate, greedy, make_llm,
+                                         random_prompt)
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def folder(zoo) -> str:
+    return str(zoo.case(CASE).path)
+
+
+@pytest.fixture(scope="module")
+def multi(folder) -> LLM:
+    return make_llm(folder, num_scheduler_steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def single(folder) -> LLM:
+    return make_llm(folder, num_scheduler_steps=1)
+
+
+def multi_steps(llm: LLM) -> int:
+    """Device calls so far that ran several decode steps."""
+    counters = llm.llm_engine.runner.counters
+    return counters.multi_steps
+
+
+def test_greedy_outputs_match_each_prompt_alone(zoo, multi):
+    rs = np.random.RandomState(0)
+    lengths, max_tokens = [5, 40, 17, 3, 60, 33], [16, 5, 21, 9, 12, 17]
+    prompts = [random_prompt(rs, n) for n in lengths]
+    before = multi_steps(multi)
+    got = generate(multi, prompts, [greedy(m) for m in max_tokens])
+    assert multi_steps(multi) - before >= 3
+    gen = SimpleGenerator(zoo.loaded(CASE).model)
+    for prompt, m, outs in zip(prompts, max_tokens, got):
+        ((tokens, _, reason, _),) = outs
+        assert tokens == gen.generate([prompt], m)[0] and reason == "length"
+    assert_idle(multi)
+
+
+def test_seeded_sampling_and_stops_match_single_steps(multi, single):
+    """Seeded random sampling draws the same tokens; a stop string (found in the middle of
+    a call's tokens: the later ones are dropped), a stop token id, eos and max_tokens end
+    each request where single steps end it."""
+    rs = np.random.RandomState(1)
+    prompts = [random_prompt(rs, n) for n in (9, 30, 14, 22, 6)]
+    prompts.append(prompts[0])  # the stop string again, kept in the output
+    free = generate(single, prompts[:1], SamplingParams(temperature=1.0, seed=5,
+                                                          max_tokens=20, ignore_eos=True))
+    text, tokens = free[0][0][1], free[0][0][0]
+    eos_engine = multi.llm_engine
+    params = [SamplingParams(temperature=1.0, seed=5, max_tokens=20, ignore_eos=True,
+                             stop=[text[5:7]]),
+              SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=3, max_tokens=15),
+              SamplingParams(temperature=1.0, seed=7, max_tokens=12,
+                             stop_token_ids=[tokens[6]]),
+              greedy(10, stop_token_ids=[7, 8, 9]),
+              SamplingParams(n=2, temperature=1.0, seed=9, max_tokens=11),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=20, ignore_eos=True,
+                             stop=[text[5:7]], include_stop_str_in_output=True)]
+    assert eos_engine.tokenizer.eos_token_id is None
+    want = generate(single, prompts, params)
+    before = multi_steps(multi)
+    got = generate(multi, prompts, params)
+    assert multi_steps(multi) - before >= 3
+    assert got == want
+    assert want[0][0][2:] == ("stop", text[5:7])  # the stop string did cut it
+    end = text.index(text[5:7]) + 2  # one letter per token: the stop string's last token
+    assert want[0][0][0] == tokens[:end] and want[5][0][1] == text[:end]
+    assert_idle(multi)
+
+
+def test_eos_mid_call_ends_the_request(zoo, multi):
+    """An eos sampled by a step in the middle of a call ends the request there: the call's
+    later tokens for it are dropped and its blocks freed."""
+    rs = np.random.RandomState(2)
+    prompt = random_prompt(rs, 12)
+    alone = SimpleGenerator(zoo.loaded(CASE).model).generate([prompt], 24)[0]
+    eos = alone[9]  # greedy: the 10th output, mid-call for 4-step calls after the prompt
+    first = alone.index(eos)
+    engine = multi.llm_engine
+    engine._eos_ids = [eos]
+    try:
+        before = multi_steps(multi)
+        got = generate(multi, [prompt], SamplingParams(temperature=0, max_tokens=24))
+    finally:
+        engine._eos_ids = []
+    assert multi_steps(multi) > before
+    ((tokens, _, reason, stop_reason),) = got[0]
+    assert tokens == alone[:first + 1] and (reason, stop_reason) == ("stop", None)
+    assert_idle(multi)
+
+
+def test_waiting_prompts_and_history_params_take_single_steps(folder, single):
+    """A waiting request that could join the batch, or params needing the host's token
+    history (penalties, logprobs), keep single steps (tests/test_scheduler.py): outputs
+    are unchanged."""
+    llm = make_llm(folder, num_scheduler_steps=STEPS, max_num_seqs=2)
+    rs = np.random.RandomState(3)
+    prompts = [random_prompt(rs, n) for n in (8, 12, 16, 5)]
+    params = [greedy(12), greedy(9, repetition_penalty=1.5), greedy(7, logprobs=2),
+              greedy(14)]
+    got = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    want = single.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for a, b in zip(got, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        if b.outputs[0].logprobs is not None:  # other batches: float rounding may differ
+            for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+                assert x.keys() == y.keys()
+                assert [v.rank for v in x.values()] == [v.rank for v in y.values()]
+                np.testing.assert_allclose([v.logprob for v in x.values()],
+                                           [v.logprob for v in y.values()], rtol=1e-5)
+    assert_idle(llm)
+
+    # rows full (max_num_seqs 2) with a request waiting: the running pair may go multi-step
+    before = multi_steps(llm)
+    got = generate(llm, prompts, greedy(20))
+    assert multi_steps(llm) > before
+    assert got == generate(single, prompts, greedy(20))
+    assert_idle(llm)
+
+
+def test_preemption_free_blocks_and_abort(folder, zoo):
+    """A small KV cache: calls whose steps ahead do not fit take single steps (preempting
+    as usual), and an abort between calls frees everything."""
+    llm = make_llm(folder, num_scheduler_steps=STEPS, num_gpu_blocks_override=40)
+    rs = np.random.RandomState(4)
+    prompts = [random_prompt(rs, n) for n in (30, 25, 20, 28)]
+    got = generate(llm, prompts, greedy(40))
+    gen = SimpleGenerator(zoo.loaded(CASE).model)
+    for prompt, ((tokens, *_),) in zip(prompts, got):
+        assert tokens == gen.generate([prompt], 40)[0]
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert_idle(llm)
+
+    engine = llm.llm_engine
+    for rid, n in (("x", 10), ("y", 14)):
+        engine.add_request(rid, random_prompt(rs, n), greedy(30))
+    outputs = {}
+    for _ in range(4):
+        for out in engine.step():
+            outputs[out.request_id] = out
+    engine.abort_request("x")
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    assert outputs["y"].finished and len(outputs["y"].outputs[0].token_ids) == 30
+    assert_idle(llm)
+
+
+def test_multi_step_arrays_slots_and_padding():
+    """Each row's slot per step (the null block past its own steps), padded rows empty."""
+    bs = 4
+    a = Request("a", [1, 2, 3, 4, 5], None)
+    a.block_ids = [7, 9]
+    a.num_computed_tokens = 4
+    b = Request("b", [6, 7], None)
+    b.block_ids = [3]
+    b.num_computed_tokens = 1
+    rows = [ScheduledRequest(a, 3, 4, a.block_ids, True), ScheduledRequest(b, 2, 1,
+                                                                          b.block_ids, True)]
+    ids, pos, steps, meta, slots = multi_step_arrays(rows, 4, 3, 2, bs)
+    assert ids.tolist() == [5, 7, 0, 0] and pos.tolist() == [4, 1, 0, 0]
+    assert steps.tolist() == [3, 2, 0, 0]
+    assert meta.query_start_loc.tolist() == [0, 1, 2, 2, 2]
+    assert meta.seq_lens.tolist() == [5, 2, 0, 0]
+    assert meta.block_tables.tolist() == [[7, 9], [3, 0], [0, 0], [0, 0]]
+    # a: positions 4, 5, 6 in block 9; b: positions 1, 2, then the null block
+    assert slots.tolist() == [[36, 13, 0, 0], [37, 14, 0, 0], [38, 0, 0, 0]]
+
+
+def test_num_scheduler_steps_is_checked(folder):
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        LLM(folder, num_scheduler_steps=0)
