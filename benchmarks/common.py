@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from jaxvllm.entrypoints.serve_cmd import (ATTENTION_BACKEND_HELP, ENGINE_SWITCHES,
+from jaxvllm.entrypoints.serve_cmd import (ATTENTION_BACKEND_HELP, ENGINE_OPTIONS,
                                            add_engine_switches)
 
 # -- the machine, the model, the caches ------------------------------------------------------
@@ -79,7 +79,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 _ENGINE_FLAGS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                  "block_size", "gpu_memory_utilization", "num_gpu_blocks_override",
                  "enable_prefix_caching", "attention_backend", "seed", "tensor_parallel_size",
-                 "kv_cache_dtype", *ENGINE_SWITCHES)
+                 "kv_cache_dtype", *ENGINE_OPTIONS)
 
 
 def engine_kwargs(args) -> dict:

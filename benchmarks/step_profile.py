@@ -278,6 +278,11 @@ def _counters(engine) -> dict:
     return out
 
 
+def _generated(engine) -> int:
+    """Output tokens the engine has sampled so far."""
+    return engine.num_generation_tokens
+
+
 def _drain(engine) -> None:
     """Wait for the step in flight (its output KV cache is the last thing it writes)."""
     import jax
@@ -328,20 +333,24 @@ def profile_batch(llm, batch: int, args, params, trace_root: str) -> dict:
                 break
         out["warmup_steps"] = warm
 
-        # timed, without the profiler: the steady pipeline, nothing drained
-        c0, t0 = _counters(engine), time.perf_counter()
+        # timed, without the profiler: the steady pipeline, nothing drained. A call of the
+        # engine may run several decode steps (multi-step decoding): every figure is per
+        # decode step, counted from the tokens generated.
+        c0, t0, g0 = _counters(engine), time.perf_counter(), _generated(engine)
         for _ in range(args.steps):
             engine.step()
         wall = time.perf_counter() - t0
         c1 = _counters(engine)
-        out["wall_ms_per_step"] = common._r(wall / args.steps * 1e3, 4)
+        decode_steps = (_generated(engine) - g0) / batch
+        out["decode_steps_per_call"] = common._r(decode_steps / args.steps, 3)
+        out["wall_ms_per_step"] = common._r(wall / decode_steps * 1e3, 4)
         n = (c1["steps"] - c0["steps"]) if isinstance(c1["steps"], int) else None
         for key, name in (("host_seconds", "runner_host_ms_per_step"),
                           ("device_seconds", "runner_device_ms_per_step")):
             ok = n and isinstance(c1[key], (int, float)) and isinstance(c0[key], (int, float))
-            out[name] = common._r((c1[key] - c0[key]) / n * 1e3, 4) if ok else None
+            out[name] = common._r((c1[key] - c0[key]) / decode_steps * 1e3, 4) if ok else None
         out["compile_s_in_timed_steps"] = common._r(c1["compile_seconds"] - c0["compile_seconds"])
-        out["tokens_per_s"] = common._r(batch * args.steps / wall, 1)
+        out["tokens_per_s"] = common._r(batch * decode_steps / wall, 1)
 
         if args.no_profile:
             return out
@@ -356,19 +365,21 @@ def profile_batch(llm, batch: int, args, params, trace_root: str) -> dict:
                 except (AttributeError, TypeError):
                     pass
             _drain(engine)
-            c0, t0 = _counters(engine), time.perf_counter()
+            c0, t0, g0 = _counters(engine), time.perf_counter(), _generated(engine)
             with jax.profiler.trace(folder, profiler_options=options):
                 for _ in range(args.steps):
                     engine.step()
                 _drain(engine)
                 traced = time.perf_counter() - t0
-            out["profiled_wall_ms_per_step"] = common._r(traced / args.steps * 1e3, 4)
+            # the step in flight when the window closed is in the trace, not yet counted
+            decode_steps = max((_generated(engine) - g0) / batch, 1.0)
+            out["profiled_wall_ms_per_step"] = common._r(traced / decode_steps * 1e3, 4)
             compiled = _counters(engine)["compile_seconds"] - c0["compile_seconds"]
             out["compile_s_in_profiled_steps"] = common._r(compiled)
             if compiled > 0:
                 out["warning"] = "a step compiled inside the trace: its op times are not steady"
             t0 = time.perf_counter()
-            out.update(parse_trace(folder, jax.devices()[0].platform, args.steps, args.top))
+            out.update(parse_trace(folder, jax.devices()[0].platform, decode_steps, args.top))
             out["parse_s"] = common._r(time.perf_counter() - t0)
             if args.keep_trace:
                 out["trace_dir"] = folder
@@ -386,6 +397,15 @@ def profile_batch(llm, batch: int, args, params, trace_root: str) -> dict:
 # -- the run -----------------------------------------------------------------------------------
 
 
+def check_model_len(args, calls: int, steps_per_call: int) -> None:
+    """The requests must outlive `calls` engine steps of up to `steps_per_call` decode steps
+    each (the warm-up, up to 20 more steps while one compiles, both windows)."""
+    needed = args.context + calls * steps_per_call
+    if needed > args.max_model_len:
+        raise ValueError(f"--context {args.context} plus the decode steps needs "
+                         f"max_model_len >= {needed}; raise --max-model-len")
+
+
 def run(args) -> dict:
     from jaxvllm import LLM, SamplingParams
 
@@ -395,12 +415,8 @@ def run(args) -> dict:
         raise ValueError(f"--batch-sizes: comma-separated integers, got {args.batch_sizes!r}")
     if not batches or min(batches) < 1 or args.steps < 1 or args.context < 1:
         raise ValueError("--batch-sizes, --steps and --context must be >= 1")
-    # the requests must outlive the warm-up (up to 20 more steps while one compiles) and both
-    # windows of decode steps
-    needed = args.context + args.warmup_steps + 20 + 2 * args.steps + 2
-    if needed > args.max_model_len:
-        raise ValueError(f"--context {args.context} plus the decode steps needs "
-                         f"max_model_len >= {needed}; raise --max-model-len")
+    calls = args.warmup_steps + 20 + 2 * args.steps + 2
+    check_model_len(args, calls, args.num_scheduler_steps or 1)
     if args.max_num_seqs is None:
         args.max_num_seqs = max(batches)
     elif args.max_num_seqs < max(batches):
@@ -410,6 +426,7 @@ def run(args) -> dict:
     llm = LLM(args.model, **common.engine_kwargs(args))
     load_s = time.perf_counter() - start
     engine = llm.llm_engine
+    check_model_len(args, calls, engine.runner.num_scheduler_steps)
     params = SamplingParams(max_tokens=args.max_model_len - args.context, ignore_eos=True,
                             temperature=1.0, top_p=1.0)
     result = {"benchmark": "step_profile", **common.describe_model(llm),

@@ -12,7 +12,9 @@
 #   COMPARE_HF=0 ATTENTION_BACKEND=pallas:triton_splitk scripts/gpu_check.sh
 #
 # Phases (PHASES, run in the order given; model first): model, throughput, eager (the same
-# without the background precompile), athroughput (the same with asynchronous scheduling), profile (where a decode step's device time goes), scan
+# without the background precompile), wthroughput (the same again, warm compilation cache,
+# no HF), sthroughput (the same with single decode steps, no multi-step), athroughput (the same with asynchronous scheduling), profile (where a decode
+# step's device time goes), scan
 # (the same steps with the layers as a scan instead of unrolled), async (the same steps with
 # asynchronous scheduling), nocb (the same steps with no command buffers), graphs (the same steps with
 # XLA's own command-buffer default, not jaxvllm's), sampler (the engine's sampler against
@@ -32,7 +34,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,profile,throughput,athroughput,latency,tests,sampler,async,nocb,scan,eager,kernels}"
+PHASES="${PHASES:-model,throughput,latency,wthroughput,sthroughput,profile,athroughput,tests,sampler,async,nocb,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -150,6 +152,20 @@ phase_eager() {  # throughput again without the background precompile, no HF bas
         --no-precompile --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
         --output-json "$WORK/throughput_eager.json"
     grep -E "Elapsed|Output tokens|Compile|first token" "$WORK/eager.log"
+}
+
+phase_wthroughput() {  # throughput again, its programs now in the compilation cache, no HF
+    run_phase wthroughput 150 "$PY" benchmarks/throughput.py "${COMMON[@]}" --dataset nano-vllm \
+        --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
+        --output-json "$OUT/throughput_warm.json"
+    grep -E "Elapsed|Output tokens|Compile|first token" "$WORK/wthroughput.log"
+}
+
+phase_sthroughput() {  # throughput again with single decode steps (no multi-step), no HF
+    run_phase sthroughput 150 "$PY" benchmarks/throughput.py "${COMMON[@]}" --dataset nano-vllm \
+        --num-scheduler-steps 1 --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
+        --output-json "$OUT/throughput_single.json"
+    grep -E "Elapsed|Output tokens|Compile|first token" "$WORK/sthroughput.log"
 }
 
 phase_athroughput() {  # throughput again with asynchronous scheduling, no HF baseline

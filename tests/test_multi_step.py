@@ -191,3 +191,24 @@ def test_multi_step_arrays_slots_and_padding():
 def test_num_scheduler_steps_is_checked(folder):
     with pytest.raises(ValueError, match="num_scheduler_steps"):
         LLM(folder, num_scheduler_steps=0)
+
+
+def test_precompiled_multi_step_programs(folder, single):
+    """With the background precompile (a GPU's default) the decode batches' programs are the
+    multi-step ones; a batch runs single steps until one is ready, then multi-step calls,
+    padded to a larger program if its own is not: outputs are unchanged."""
+    llm = make_llm(folder, num_scheduler_steps=STEPS, precompile=True)
+    runner = llm.llm_engine.runner
+    keys = list(runner._compiling)
+    assert {k.num_steps for k in keys} == {1, STEPS}
+    assert [k.num_tokens for k in keys if k.num_steps == 1] == [runner.max_tokens_bucket]
+    for future in list(runner._compiling.values()):
+        future.result()
+    rs = np.random.RandomState(5)
+    prompts = [random_prompt(rs, n) for n in (7, 19, 4)]
+    params = [greedy(13), SamplingParams(temperature=1.0, seed=2, max_tokens=17),
+              greedy(6)]
+    got = generate(llm, prompts, params)
+    assert runner.counters.multi_steps >= 3
+    assert got == generate(single, prompts, params)
+    assert_idle(llm)

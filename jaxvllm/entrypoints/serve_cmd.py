@@ -105,11 +105,19 @@ ENGINE_SWITCHES = {
 }
 
 
+# the flags add_engine_switches adds, by EngineConfig field (unset: the engine's default)
+ENGINE_OPTIONS = (*ENGINE_SWITCHES, "num_scheduler_steps")
+
+
 def add_engine_switches(group) -> None:
-    """--async-scheduling / --no-async-scheduling and the other ENGINE_SWITCHES."""
+    """--async-scheduling / --no-async-scheduling and the other ENGINE_SWITCHES, and
+    --num-scheduler-steps."""
     for name, text in ENGINE_SWITCHES.items():
         group.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
                            default=None, help=text)
+    group.add_argument("--num-scheduler-steps", type=int, default=None,
+                       help="decode steps one device call may run when every running request "
+                            "decodes and nothing could join (default: 8 on a GPU, 1 on the CPU)")
 
 
 def engine_kwargs(args) -> dict:
@@ -125,7 +133,7 @@ def engine_kwargs(args) -> dict:
                   attention_backend=args.attention_backend)
     if args.cpu_kv_cache_bytes is not None:
         kwargs["cpu_kv_cache_bytes"] = args.cpu_kv_cache_bytes
-    for name in ENGINE_SWITCHES:
+    for name in ENGINE_OPTIONS:
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     return kwargs
