@@ -88,8 +88,8 @@ class ScheduleRecorder:
     def __enter__(self):
         original = self.scheduler.schedule
 
-        def schedule():
-            out = original()
+        def schedule(**kwargs):
+            out = original(**kwargs)
             self.outputs.append(out)
             return out
 

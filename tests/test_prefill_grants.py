@@ -246,8 +246,8 @@ def test_greedy_outputs_equal_unchunked(zoo, prompts, unchunked, budget):
     schedules = []
     original = engine.scheduler.schedule
 
-    def schedule():
-        schedules.append(original())
+    def schedule(**kwargs):
+        schedules.append(original(**kwargs))
         return schedules[-1]
 
     engine.scheduler.schedule = schedule

@@ -98,8 +98,8 @@ class SampleRowCounter:
     def __enter__(self):
         original = self.scheduler.schedule
 
-        def schedule():
-            out = original()
+        def schedule(**kwargs):
+            out = original(**kwargs)
             for s in out.scheduled:
                 if s.do_sample:
                     self.counts[s.request_id] = self.counts.get(s.request_id, 0) + 1
