@@ -257,14 +257,18 @@ if (p := load("step_profile")) is not None:
                                for b, r in p.get("per_batch", {}).items()}
 if (s := load("sampler")) is not None:
     summary["sampler"] = s.get("rows")
-for label, name in (("throughput_no_precompile", "throughput_eager"),
+for label, name in (("throughput_warm_cache", "throughput_warm"),
+                    ("throughput_single_steps", "throughput_single"),
+                    ("throughput_no_precompile", "throughput_eager"),
                     ("throughput_async_scheduling", "throughput_async")):
-    if not os.path.exists(path := os.path.join(work, f"{name}.json")):
+    t = load(name)
+    if t is None and os.path.exists(path := os.path.join(work, f"{name}.json")):
+        t = json.load(open(path))
+    if t is None:
         continue
-    t = json.load(open(path))
     summary[label] = {k: t.get(k) for k in (
         "output_tokens_per_second", "output_tokens_per_second_excl_compile", "elapsed_time",
-        "first_token_s")}
+        "first_token_s")} | {"steps": t.get("steps")}
 for label, name in (("step_profile_xla_default_command_buffers", "step_profile_graphs"),
                     ("step_profile_scan", "step_profile_scan"),
                     ("step_profile_no_command_buffers", "step_profile_nocb"),
