@@ -76,11 +76,11 @@ def _batch(args, vocab_size: int, iteration: int) -> list[list[int]]:
 
 def _first_token(args, vocab_size: int) -> dict:
     """In this (fresh) process: LLM(...) then one batch to its first token."""
-    from jaxvllm import LLM, SamplingParams
+    from jaxvllm import SamplingParams
 
     cache = common.compilation_cache_state()
     origin = time.perf_counter()
-    llm = LLM(args.model, **common.engine_kwargs(args))
+    llm = common.build_llm(args)
     load_s = time.perf_counter() - origin
     params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=1)
     with common.StepProbe(llm.llm_engine, origin) as probe:
@@ -113,7 +113,7 @@ def cold_start(argv: list[str]) -> dict:
 
 
 def run(args, argv: list[str]) -> dict:
-    from jaxvllm import LLM, SamplingParams
+    from jaxvllm import SamplingParams
 
     if args.num_iters < 1 or args.batch_size < 1 or args.output_len < 1 or args.input_len < 1:
         raise ValueError("--num-iters, --batch-size, --input-len and --output-len must be >= 1")
@@ -135,7 +135,7 @@ def run(args, argv: list[str]) -> dict:
 
     cache = common.compilation_cache_state()
     origin = time.perf_counter()
-    llm = LLM(args.model, **common.engine_kwargs(args))
+    llm = common.build_llm(args)
     load_s = time.perf_counter() - origin
     engine = llm.llm_engine
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=1.0, ignore_eos=True,

@@ -322,6 +322,9 @@ def profile_batch(llm, batch: int, args, params, trace_root: str) -> dict:
         if running != batch:
             out["warning"] = f"{running} requests running, not {batch} (KV cache too small?)"
 
+        # no compilation in the background beside the timed steps (it would take the host's
+        # time, and on a GPU the device's: its compiler times kernels there)
+        engine.wait_for_compiles()
         # warm-up: at least --warmup-steps, then until a step compiles nothing
         warm = 0
         while True:
@@ -407,7 +410,7 @@ def check_model_len(args, calls: int, steps_per_call: int) -> None:
 
 
 def run(args) -> dict:
-    from jaxvllm import LLM, SamplingParams
+    from jaxvllm import SamplingParams
 
     try:
         batches = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
@@ -423,7 +426,7 @@ def run(args) -> dict:
         raise ValueError(f"--max-num-seqs {args.max_num_seqs} < batch size {max(batches)}")
 
     start = time.perf_counter()
-    llm = LLM(args.model, **common.engine_kwargs(args))
+    llm = common.build_llm(args)
     load_s = time.perf_counter() - start
     engine = llm.llm_engine
     check_model_len(args, calls, engine.runner.num_scheduler_steps)

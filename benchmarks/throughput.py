@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from jaxvllm import LLM, SamplingParams
+    from jaxvllm import SamplingParams
 
     if args.compare_hf and args.n != 1:
         raise ValueError("--compare-hf compares one completion per prompt; use --n 1")
@@ -76,7 +76,7 @@ def run(args) -> dict:
 
     cache = common.compilation_cache_state()
     origin = time.perf_counter()
-    llm = LLM(args.model, **common.engine_kwargs(args))
+    llm = common.build_llm(args)
     load_s = time.perf_counter() - origin
     engine = llm.llm_engine
     common.check_fits(requests, engine.max_model_len)

@@ -10,16 +10,25 @@
 #                                  workloads, kernels interpreted; gpu-marked tests skip)
 #   PHASES=model,profile,throughput scripts/gpu_check.sh   these phases, in this order
 #   COMPARE_HF=0 ATTENTION_BACKEND=pallas:triton_splitk scripts/gpu_check.sh
+#   ENGINE_EXTRA="--wait-for-precompile" scripts/gpu_check.sh   engine flags for every phase
 #
-# Phases (PHASES, run in the order given; model first): model, throughput, eager (the same
-# without the background precompile), wthroughput (the same again, warm compilation cache,
-# no HF), sthroughput (the same with single decode steps, no multi-step), athroughput (the same with asynchronous scheduling), profile (where a decode
-# step's device time goes), scan
-# (the same steps with the layers as a scan instead of unrolled), async (the same steps with
-# asynchronous scheduling), nocb (the same steps with no command buffers), graphs (the same steps with
-# XLA's own command-buffer default, not jaxvllm's), sampler (the engine's sampler against
-# jax.random.categorical / jnp.argmax at the model's vocabulary), latency, tests, kernels,
-# sweep. The whole
+# Phases (PHASES, run in the order given; model first):
+#   model        the random-weight model
+#   throughput   nano-vllm throughput (with HF unless COMPARE_HF=0)
+#   wthroughput  the same again, its programs now in the compilation cache, no HF
+#   sthroughput  the same with single decode steps (no multi-step), no HF
+#   athroughput  the same with asynchronous scheduling, no HF
+#   eager        the same without the background precompile, no HF
+#   latency      batch 1 (with HF unless COMPARE_HF=0)
+#   profile      where a decode step's device time goes (step_profile.py)
+#   scan, async, nocb, graphs   the profile's steps with the layers as a scan, with
+#                asynchronous scheduling, with no command buffers, with XLA's own
+#                command-buffer default
+#   sampler      the engine's sampler against jax.random.categorical / jnp.argmax
+#   mtests       tests/test_multi_step.py on the Pallas kernels
+#   tests        tests/test_kernels.py compiled on the GPU
+#   kernels, sweep   benchmarks/kernels.py
+# The whole
 # run ends by DEADLINE seconds (default 450): each phase gets its own limit, cut to what is
 # left, and a failing phase does not stop the next.
 # COMPARE_HF=0 leaves out the HF baselines (the nano-vllm one alone takes ~110 s on an H200).
@@ -85,6 +94,9 @@ else
     PROF_ARGS=(--batch-sizes 1,256 --context 512 --steps 5)
 fi
 COMMON=(--model "$MODEL_DIR" --dtype "$DTYPE" --max-model-len 2048)
+# ENGINE_EXTRA="--wait-for-precompile": more flags for every engine the phases build
+read -r -a EXTRA <<< "${ENGINE_EXTRA:-}"
+COMMON+=("${EXTRA[@]}")
 
 HF=(); [ "${COMPARE_HF:-1}" = 1 ] && HF=(--compare-hf)
 BACKEND="${ATTENTION_BACKEND:-pallas}"
@@ -180,6 +192,11 @@ phase_latency() {
         --temperature 0 "${HF[@]}" --attention-backend "$BACKEND" "${LAT_ARGS[@]}" \
         --output-json "$OUT/latency.json"
     grep -v '^{' "$WORK/latency.log" | tail -n 30
+}
+
+phase_mtests() {  # multi-step decoding against single steps, on the Pallas kernels
+    run_phase mtests 120 "$PY" -m pytest tests/test_multi_step.py -q -rfs -p no:cacheprovider
+    grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$WORK/mtests.log" | tail -n 12
 }
 
 phase_tests() {

@@ -8,6 +8,7 @@ the batch, and every block must be free again afterwards.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -16,10 +17,16 @@ from jaxvllm.engine.request import Request
 from jaxvllm.engine.runner import multi_step_arrays
 from jaxvllm.engine.scheduler import ScheduledRequest
 from jaxvllm.simple_generate import SimpleGenerator
-from tests.test_async_scheduling import (CASE, assert_idle, generate, greedy, make_llm,
-                                         random_prompt)
+from tests import test_async_scheduling
+from tests.test_async_scheduling import CASE, assert_idle, generate, greedy, random_prompt
 
 STEPS = 4
+# on a GPU the loop runs the Pallas kernels (scripts/gpu_check.sh runs this file there)
+BACKEND = "pallas" if jax.default_backend() == "gpu" else "reference"
+
+
+def make_llm(folder, **kwargs) -> LLM:
+    return test_async_scheduling.make_llm(folder, attention_backend=BACKEND, **kwargs)
 
 
 @pytest.fixture(scope="module")

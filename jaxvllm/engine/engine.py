@@ -568,6 +568,15 @@ class LLMEngine:
                             num_cached_tokens=max(first.num_cached_tokens, 0))
         return out if parent.delta is None else parent.delta(out)
 
+    def wait_for_compiles(self) -> None:
+        """Return once the programs compiling in the background (`precompile`'s, and those of
+        steps that met a missing one) are ready, as vLLM's engine compiles before it serves:
+        no compilation then competes with the steps for the host or the device (a GPU's
+        compiler times kernels on it)."""
+        wait = getattr(self.runner, "wait_for_compiles", None)
+        if wait is not None:
+            wait()
+
     # -- introspection ------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:

@@ -445,6 +445,10 @@ class ModelRunner:
                                              self.min_table_width)
             self._compile_in_background(key, args)
 
+    def wait_for_compiles(self) -> None:
+        """Wait until every background compilation started so far is done."""
+        concurrent.futures.wait(list(self._compiling.values()))
+
     def _compile_in_background(self, key: ProgramKey, args) -> None:
         if key in self._programs or key in self._compiling:
             return
