@@ -21,12 +21,17 @@ from tests import test_async_scheduling
 from tests.test_async_scheduling import CASE, assert_idle, generate, greedy, random_prompt
 
 STEPS = 4
-# on a GPU the loop runs the Pallas kernels (scripts/gpu_check.sh runs this file there)
-BACKEND = "pallas" if jax.default_backend() == "gpu" else "reference"
+ON_GPU = jax.default_backend() == "gpu"
+# On a GPU (scripts/gpu_check.sh runs this file there) the loop runs the Pallas kernels;
+# the engines of this module share the device (a cache each, not sized from free memory)
+# and compile on the step's path unless a test asks for the background precompile.
+GPU_CONFIG = dict(attention_backend="pallas", num_gpu_blocks_override=256, precompile=False)
 
 
 def make_llm(folder, **kwargs) -> LLM:
-    return test_async_scheduling.make_llm(folder, attention_backend=BACKEND, **kwargs)
+    if ON_GPU:
+        kwargs = {**GPU_CONFIG, **kwargs}
+    return test_async_scheduling.make_llm(folder, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +122,12 @@ def test_eos_mid_call_ends_the_request(zoo, multi):
     assert_idle(multi)
 
 
-def test_waiting_prompts_and_history_params_take_single_steps(folder, single):
+def test_waiting_prompts_and_history_params_take_single_steps(folder):
     """A waiting request that could join the batch, or params needing the host's token
     history (penalties, logprobs), keep single steps (tests/test_scheduler.py): outputs
-    are unchanged."""
+    are those of single steps in the same batches."""
     llm = make_llm(folder, num_scheduler_steps=STEPS, max_num_seqs=2)
+    single = make_llm(folder, num_scheduler_steps=1, max_num_seqs=2)
     rs = np.random.RandomState(3)
     prompts = [random_prompt(rs, n) for n in (8, 12, 16, 5)]
     params = [greedy(12), greedy(9, repetition_penalty=1.5), greedy(7, logprobs=2),
@@ -130,7 +136,7 @@ def test_waiting_prompts_and_history_params_take_single_steps(folder, single):
     want = single.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for a, b in zip(got, want):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        if b.outputs[0].logprobs is not None:  # other batches: float rounding may differ
+        if b.outputs[0].logprobs is not None:  # other programs: float rounding may differ
             for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
                 assert x.keys() == y.keys()
                 assert [v.rank for v in x.values()] == [v.rank for v in y.values()]
