@@ -57,6 +57,32 @@ def assert_idle(llm: LLM) -> None:
     assert engine.kv_manager.num_free_blocks == engine.num_blocks - 1
 
 
+def assert_each_alone(zoo, prompts, max_tokens, got) -> None:
+    """Greedy outputs `got` (from `generate`) are those of each prompt run alone."""
+    gen = SimpleGenerator(zoo.loaded(CASE).model)
+    for prompt, m, ((tokens, _, reason, _),) in zip(prompts, max_tokens, got, strict=True):
+        assert tokens == gen.generate([prompt], m)[0] and reason == "length"
+
+
+def abort_one_of_two(llm: LLM, rs: np.random.RandomState, steps_before_abort: int) -> dict:
+    """Two greedy requests of 30 tokens, "x" aborted after a few steps: "y" still gets all
+    its tokens. Returns the last output of each."""
+    engine = llm.llm_engine
+    for rid, n in (("x", 10), ("y", 14)):
+        engine.add_request(rid, random_prompt(rs, n), greedy(30))
+    outputs = {}
+    for _ in range(steps_before_abort):
+        for out in engine.step():
+            outputs[out.request_id] = out
+    engine.abort_request("x")
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    assert outputs["y"].finished and len(outputs["y"].outputs[0].token_ids) == 30
+    assert_idle(llm)
+    return outputs
+
+
 @pytest.fixture(scope="module")
 def folder(zoo) -> str:
     return str(zoo.case(CASE).path)
@@ -83,10 +109,7 @@ def test_greedy_outputs_match_each_prompt_alone(zoo, ahead):
     before = scheduled_ahead(ahead)
     got = generate(ahead, prompts, [greedy(m) for m in max_tokens])
     assert scheduled_ahead(ahead) - before > 20
-    gen = SimpleGenerator(zoo.loaded(CASE).model)
-    for prompt, m, outs in zip(prompts, max_tokens, got):
-        ((tokens, _, reason, _),) = outs
-        assert tokens == gen.generate([prompt], m)[0] and reason == "length"
+    assert_each_alone(zoo, prompts, max_tokens, got)
     assert_idle(ahead)
 
 
@@ -147,21 +170,8 @@ def test_params_needing_token_history_fall_back_to_in_order(ahead, in_order):
 
 
 def test_abort_with_two_steps_in_flight(ahead):
-    engine = ahead.llm_engine
-    rs = np.random.RandomState(4)
-    for rid, n in (("x", 10), ("y", 14)):
-        engine.add_request(rid, random_prompt(rs, n), greedy(30))
-    outputs = {}
-    for _ in range(6):
-        for out in engine.step():
-            outputs[out.request_id] = out
-    engine.abort_request("x")
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            outputs[out.request_id] = out
-    assert outputs["y"].finished and len(outputs["y"].outputs[0].token_ids) == 30
+    outputs = abort_one_of_two(ahead, np.random.RandomState(4), steps_before_abort=6)
     assert len(outputs["x"].outputs[0].token_ids) < 30
-    assert_idle(ahead)
 
 
 

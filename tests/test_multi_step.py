@@ -18,7 +18,8 @@ from jaxvllm.engine.runner import multi_step_arrays
 from jaxvllm.engine.scheduler import ScheduledRequest
 from jaxvllm.simple_generate import SimpleGenerator
 from tests import test_async_scheduling
-from tests.test_async_scheduling import CASE, assert_idle, generate, greedy, random_prompt
+from tests.test_async_scheduling import (CASE, abort_one_of_two, assert_each_alone, assert_idle,
+                                         generate, greedy, random_prompt)
 
 STEPS = 4
 ON_GPU = jax.default_backend() == "gpu"
@@ -62,10 +63,7 @@ def test_greedy_outputs_match_each_prompt_alone(zoo, multi):
     before = multi_steps(multi)
     got = generate(multi, prompts, [greedy(m) for m in max_tokens])
     assert multi_steps(multi) - before >= 3
-    gen = SimpleGenerator(zoo.loaded(CASE).model)
-    for prompt, m, outs in zip(prompts, max_tokens, got):
-        ((tokens, _, reason, _),) = outs
-        assert tokens == gen.generate([prompt], m)[0] and reason == "length"
+    assert_each_alone(zoo, prompts, max_tokens, got)
     assert_idle(multi)
 
 
@@ -159,25 +157,12 @@ def test_preemption_free_blocks_and_abort(folder, zoo):
     rs = np.random.RandomState(4)
     prompts = [random_prompt(rs, n) for n in (30, 25, 20, 28)]
     got = generate(llm, prompts, greedy(40))
-    gen = SimpleGenerator(zoo.loaded(CASE).model)
-    for prompt, ((tokens, *_),) in zip(prompts, got):
-        assert tokens == gen.generate([prompt], 40)[0]
+    assert_each_alone(zoo, prompts, [40] * len(prompts), got)
     assert llm.llm_engine.scheduler.num_preemptions > 0
     assert_idle(llm)
-
-    engine = llm.llm_engine
-    for rid, n in (("x", 10), ("y", 14)):
-        engine.add_request(rid, random_prompt(rs, n), greedy(30))
-    outputs = {}
-    for _ in range(4):
-        for out in engine.step():
-            outputs[out.request_id] = out
-    engine.abort_request("x")
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            outputs[out.request_id] = out
-    assert outputs["y"].finished and len(outputs["y"].outputs[0].token_ids) == 30
-    assert_idle(llm)
+    before = multi_steps(llm)
+    abort_one_of_two(llm, rs, steps_before_abort=4)
+    assert multi_steps(llm) > before
 
 
 def test_multi_step_arrays_slots_and_padding():
