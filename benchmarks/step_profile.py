@@ -345,6 +345,8 @@ def profile_batch(llm, batch: int, args, params, trace_root: str) -> dict:
         wall = time.perf_counter() - t0
         c1 = _counters(engine)
         decode_steps = (_generated(engine) - g0) / batch
+        if not decode_steps:
+            raise RuntimeError(f"the {args.steps} timed steps generated no token")
         out["decode_steps_per_call"] = common._r(decode_steps / args.steps, 3)
         out["wall_ms_per_step"] = common._r(wall / decode_steps * 1e3, 4)
         n = (c1["steps"] - c0["steps"]) if isinstance(c1["steps"], int) else None

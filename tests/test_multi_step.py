@@ -95,6 +95,7 @@ def test_seeded_sampling_and_stops_match_single_steps(multi, single):
     assert got == want
     assert want[0][0][2:] == ("stop", text[5:7])  # the stop string did cut it
     end = text.index(text[5:7]) + 2  # one letter per token: the stop string's last token
+    assert (end - 1) % STEPS  # not the last token of a call (the first came with the prompt)
     assert want[0][0][0] == tokens[:end] and want[5][0][1] == text[:end]
     assert_idle(multi)
 
@@ -210,3 +211,34 @@ def test_precompiled_multi_step_programs(folder, single):
     assert runner.counters.multi_steps >= 3
     assert got == generate(single, prompts, params)
     assert_idle(llm)
+
+
+def test_with_async_scheduling(folder, single):
+    """With asynchronous scheduling too: steps are scheduled ahead while a long prompt is
+    prefilled in chunks beside decoding rows, never ahead of a batch that may take a
+    multi-step decode once the step in flight is collected (it would keep its rows in
+    flight for good); outputs are those of single steps."""
+    llm = make_llm(folder, num_scheduler_steps=STEPS, async_scheduling=True)
+    rs = np.random.RandomState(6)
+    prompts = [random_prompt(rs, n) for n in (9, 70, 6, 11)]
+    params = [greedy(15), SamplingParams(temperature=1.0, seed=4, max_tokens=13), greedy(9),
+              greedy(17)]
+    got = generate(llm, prompts, params)
+    stats = llm.llm_engine.stats()
+    assert stats["multi_steps"] >= 3 and stats["steps_scheduled_ahead"] >= 1
+    assert got == generate(single, prompts, params)
+    assert_idle(llm)
+
+
+def test_multi_step_rows_with_a_gpus_token_buckets(multi):
+    """A GPU pads steps to at least 16 tokens: a multi-step decode pads its rows only up to
+    the engine's rows (here 4), which its programs and the fed-token buffer hold."""
+    runner = multi.llm_engine.runner
+    fine = runner.fine_decode_buckets
+    runner.fine_decode_buckets = False
+    try:
+        assert runner.token_bucket(3) == 16 and runner.max_reqs_bucket == 4
+        assert [runner.multi_step_token_bucket(n) for n in (1, 3, 4)] == [4, 4, 4]
+        assert runner.multi_step_token_bucket(5) is None
+    finally:
+        runner.fine_decode_buckets = fine

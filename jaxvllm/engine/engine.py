@@ -31,7 +31,7 @@ from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.engine.kv_cache import KVCacheManager
 from jaxvllm.engine.request import Request, RequestStatus
 from jaxvllm.engine.runner import ModelRunner, StepResult
-from jaxvllm.engine.sampler import plain_params
+from jaxvllm.engine.sampler import all_plain
 from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxvllm.models.attention import kv_cache_bytes_per_block, resolve_attention_backend
 from jaxvllm.models.config import resolve_dtype
@@ -411,18 +411,21 @@ class LLMEngine:
 
     def _schedules_ahead(self, previous: _InFlight) -> bool:
         """Whether the next step may be scheduled before `previous` is collected: the runner
-        dispatches asynchronously, every row that samples in `previous` has params that
-        need no token history on the host (no penalties, bad words, min_tokens or logprobs),
-        since the next step's sampling inputs are built without its token, and a block is
-        free for each of its rows (the requests `previous` finishes still hold theirs: with
-        fewer, scheduling ahead could preempt what scheduling in order would not)."""
+        dispatches asynchronously, `previous` is a single step and the batch could not take
+        a multi-step decode once it is collected (that does more for the host), every row
+        that samples in `previous` has params that need no token history on the host (no
+        penalties, bad words, min_tokens or logprobs), since the next step's sampling inputs
+        are built without its token, and a block is free for each of its rows (the requests
+        `previous` finishes still hold theirs: with fewer, scheduling ahead could preempt
+        what scheduling in order would not)."""
         if not (self._async_scheduling and previous.asynchronous
                 and previous.scheduler_output.num_steps == 1):
             return False
+        if self._multi_steps() > 1 and self.scheduler.multi_step_batch():
+            return False
         if self.kv_manager.num_free_blocks < len(previous.scheduler_output.scheduled):
             return False
-        return all(plain_params(s.request.sampling_params)
-                   for s in previous.scheduler_output.scheduled if s.do_sample)
+        return all_plain(s.request for s in previous.scheduler_output.scheduled if s.do_sample)
 
     def _dispatch(self, out: SchedulerOutput) -> _InFlight:
         execute_async = getattr(self.runner, "execute_async", None)

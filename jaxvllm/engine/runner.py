@@ -152,6 +152,12 @@ def _multi_step_fn(graphdef, state_def, sampler_paths, num_steps, layout, weight
     return tokens, kv, next_tokens
 
 
+def _compiled(future: concurrent.futures.Future) -> bool:
+    """Whether a background compilation is done and did not fail (a failed one is compiled
+    again on the step's path, where its error surfaces)."""
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
 def _shape_of(x: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
@@ -360,10 +366,10 @@ class ModelRunner:
     def _ready(self, key: ProgramKey) -> bool:
         """Whether `key`'s program is compiled (here, or in the background and done)."""
         future = self._compiling.get(key)
-        return key in self._programs or (future is not None and future.done())
+        return key in self._programs or (future is not None and _compiled(future))
 
     def _ready_keys(self) -> list[ProgramKey]:
-        return [*self._programs, *(k for k, f in self._compiling.items() if f.done())]
+        return [*self._programs, *(k for k, f in self._compiling.items() if _compiled(f))]
 
     def _ready_covering(self, key: ProgramKey) -> Optional[ProgramKey]:
         """The key of a compiled program that differs from `key` only by sampler paths that
@@ -422,23 +428,25 @@ class ModelRunner:
         compiled runs on a compiled program that does more (see `execute_async`) meanwhile,
         else waits for it; from now on a step whose program is missing has it compiled in
         these threads too. With multi-step decoding the decode batches' programs compiled
-        are the multi-step ones (a single decode step, needed only while prompts are
-        waiting, is compiled when first met). Not for planned variants (their plan sizes are
-        in the key) or tensor parallel runners."""
+        are the multi-step ones; a single decode step (prompts waiting, params that need the
+        host's token history, too few free blocks for the steps ahead) has its program
+        compiled when first met. Not for planned variants (their plan sizes are in the key)
+        or tensor parallel runners."""
         if self.planner is not None or self.mesh is not None:
             raise ValueError("precompile needs an unplanned attention variant on one device")
         if self._compile_pool is None:
             self._compile_pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=workers, thread_name_prefix="jaxvllm-compile")
+        multi = self.num_scheduler_steps > 1
+        rows = self.multi_step_rows if multi else self.token_bucket
         largest_decode = min(self.max_reqs_bucket, self.max_tokens_bucket)
-        decode = sorted({self.token_bucket(n) for n in range(1, largest_decode + 1)},
-                        reverse=True)
+        decode = sorted({rows(n) for n in range(1, largest_decode + 1)}, reverse=True)
         key, args = self._dummy_step(vocab_size, self.max_tokens_bucket,
                                      min(self.max_reqs_bucket, self.max_tokens_bucket),
                                      self.min_table_width)
         self._compile_in_background(key, args)
         for T in decode:
-            if self.num_scheduler_steps > 1:
+            if multi:
                 key, args = self._dummy_multi_step(vocab_size, T, self.min_table_width)
             else:
                 key, args = self._dummy_step(vocab_size, T, min(self.max_reqs_bucket, T),
@@ -491,14 +499,22 @@ class ModelRunner:
         return key, (self.weights, self.kv, self._last_tokens, zeros(T), zeros(T),
                      np.ones(T, np.int32), meta, zeros(K, T), sampling)
 
+    def multi_step_rows(self, num_rows: int) -> int:
+        """The rows T (one token each) a multi-step decode of `num_rows` requests is padded
+        to: a decode step's token bucket, but never more rows than the engine runs."""
+        return min(self.token_bucket(num_rows), self.max_reqs_bucket)
+
     def multi_step_token_bucket(self, num_rows: int) -> Optional[int]:
         """The rows T a multi-step decode of `num_rows` requests runs padded to, if it can
-        run now: decode-sized, and (with a background compile pool) its program, or a larger
-        one to pad to, compiled; None otherwise (then the batch takes single steps)."""
+        run now: no larger than a step's token budget (the profile run's peak), and (with a
+        background compile pool) its program, or one of more rows, compiled for the default
+        sampling; None otherwise (then the batch takes single steps). A batch whose table
+        width or sampler paths that program does not cover compiles its own on the step's
+        path."""
         if self.num_scheduler_steps <= 1 or num_rows > self.max_reqs_bucket:
             return None
-        T = self.token_bucket(num_rows)
-        if T > self.max_reqs_bucket:
+        T = self.multi_step_rows(num_rows)
+        if T > self.max_tokens_bucket:
             return None
         if self._compile_pool is None:
             return T
@@ -564,13 +580,9 @@ class ModelRunner:
         if num_steps > 1:
             return self._execute_multi_step(scheduled, vocab_size, num_steps)
         started = time.perf_counter()
-        bs = self.block_size
         total = sum(s.num_new_tokens for s in scheduled)
-        widest = max(-(-(s.num_computed_tokens + s.num_new_tokens) // bs) for s in scheduled)
         T = self.token_bucket(total)
-        # A planned variant gets its blocks from the plan, not a bucketed table on the device.
-        MB = widest if self.planner else bucket(widest, self.min_table_width,
-                                                 self.max_table_width)
+        MB = self._table_width(scheduled)
 
         key, args, prompt_spans, num_logprobs = self._step_inputs(scheduled, vocab_size, T, MB)
         if self._compile_pool is not None and not self._ready(key):
@@ -610,10 +622,8 @@ class ModelRunner:
         started = time.perf_counter()
         T = self.multi_step_token_bucket(len(scheduled))
         if T is None:  # its program compiles in the background meanwhile: wait for it
-            T = self.token_bucket(len(scheduled))
-        widest = max(-(-(s.num_computed_tokens + s.num_new_tokens) // self.block_size)
-                     for s in scheduled)
-        MB = bucket(widest, self.min_table_width, self.max_table_width)
+            T = self.multi_step_rows(len(scheduled))
+        MB = self._table_width(scheduled)
         ids, pos, steps, meta, slots = multi_step_arrays(scheduled, T, num_steps, MB,
                                                          self.block_size)
         sampling, _ = build_sampling_metadata([s.request for s in scheduled], vocab_size,
@@ -629,7 +639,9 @@ class ModelRunner:
         program = self._program(key, args)
         launched = time.perf_counter()
         tokens, self.kv, self._last_tokens = program(*args)
-        self._last_rows = {s.request: i for i, s in enumerate(scheduled)}
+        # nothing is scheduled ahead of a multi-step call (a row's last token is not in a
+        # fixed output row): no feed from it
+        self._last_rows = {}
         tokens.copy_to_host_async()
         total = int(steps.sum())
 
@@ -640,6 +652,16 @@ class ModelRunner:
             return StepResult({s.request.request_id: rows[:s.num_new_tokens, i].tolist()
                                for i, s in enumerate(scheduled)}, {}, {})
         return PendingStep(finish)
+
+    def _table_width(self, scheduled) -> int:
+        """The block-table width MB of a step: enough blocks for every row's new tokens,
+        bucketed (a planned variant gets its blocks from the plan, not a table on the
+        device: the widest row's count)."""
+        widest = max(-(-(s.num_computed_tokens + s.num_new_tokens) // self.block_size)
+                     for s in scheduled)
+        if self.planner:
+            return widest
+        return bucket(widest, self.min_table_width, self.max_table_width)
 
     def _step_inputs(self, scheduled, vocab_size: int, T: int, MB: int):
         """(key, args, prompt_spans, num_logprobs) of a step of `scheduled` padded to T tokens

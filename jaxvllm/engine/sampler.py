@@ -530,6 +530,20 @@ def plain_params(params: Any) -> bool:
             and not getattr(params, "bad_words_token_ids", None))
 
 
+def all_plain(requests: Iterable[Any]) -> bool:
+    """Whether every request's `sampling_params` are plain (each params object checked
+    once: a batch often shares one)."""
+    plain: dict[int, bool] = {}
+    for r in requests:
+        p = r.sampling_params
+        ok = plain.get(id(p))
+        if ok is None:
+            ok = plain[id(p)] = plain_params(p)
+        if not ok:
+            return False
+    return True
+
+
 def _outputs_before_step(request: Any) -> int:
     """Outputs a request has before the one this step samples, counting those that steps in
     flight sample (`num_pending_outputs` includes this step's own)."""
@@ -540,18 +554,10 @@ def _plain_requests_metadata(rows: Sequence[Any], vocab_size: int, num_rows: int
                              fresh_seeds: list[int]) -> SamplingMetadata | None:
     """`build_sampling_metadata` of engine requests whose params are all plain (the usual
     batch), column by column without a RowSpec per row; None if a row is not plain."""
-    if not rows or isinstance(rows[0], RowSpec):
+    if not rows or isinstance(rows[0], RowSpec) or not all_plain(rows):
         return None
-    plain: dict[int, bool] = {}  # by params object: a batch often shares one
-    params = []
-    for r in rows:
-        p = r.sampling_params
-        ok = plain.get(id(p))
-        if ok is None:
-            ok = plain[id(p)] = plain_params(p)
-        if not ok:
-            return None
-        params.append(p)
+    params = [r.sampling_params for r in rows]
+
     def col(values, dtype, fill):
         return _column(values, num_rows, dtype, fill)
 

@@ -42,7 +42,7 @@ from typing import Optional, Union
 
 from jaxvllm.engine.kv_cache import KVCacheManager
 from jaxvllm.engine.request import Request, RequestStatus
-from jaxvllm.engine.sampler import plain_params
+from jaxvllm.engine.sampler import all_plain
 
 
 # The runner pads a step's token count up to a power of two, at least this.
@@ -323,22 +323,28 @@ class Scheduler:
             req.num_pending_outputs += do_sample
         return out
 
+    def multi_step_batch(self) -> bool:
+        """Whether the running batch may take a multi-step decode once its steps in flight
+        are folded in: some request runs, every one will then be decoding (its prompt
+        computed, only its last token not), none waiting could join, and every one's params
+        need no token history on the host."""
+        if not self.running or (self.waiting and len(self.running) < self.config.max_num_seqs):
+            return False
+        return all(req.num_computed_tokens + req.num_inflight_tokens
+                   == req.num_tokens + req.num_pending_outputs - 1
+                   for req in self.running) and all_plain(self.running)
+
     def _schedule_multi_step(self, num_steps: int) -> Optional[SchedulerOutput]:
         """A multi-step decode of every running request, or None where the batch does not
         allow one: a request not decoding (a prompt, steps in flight), params that need
         token history on the host, a waiting request that could be admitted, too few free
         blocks for the steps ahead."""
         cfg = self.config
-        if not self.running or (self.waiting and len(self.running) < cfg.max_num_seqs):
+        if not self.multi_step_batch():
             return None
-        plain: dict[int, bool] = {}  # by params object: a batch often shares one
         steps = []
         for req in self.running:
-            params = req.sampling_params
-            ok = plain.get(id(params))
-            if ok is None:
-                ok = plain[id(params)] = plain_params(params)
-            if (not ok or req.num_inflight_tokens or req.num_pending_outputs
+            if (req.num_inflight_tokens or req.num_pending_outputs
                     or req.num_computed_tokens != req.num_tokens - 1):
                 return None
             left = cfg.max_model_len - req.num_tokens
