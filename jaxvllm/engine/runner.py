@@ -153,8 +153,7 @@ def _multi_step_fn(graphdef, state_def, sampler_paths, num_steps, layout, weight
 
 
 def _compiled(future: concurrent.futures.Future) -> bool:
-    """Whether a background compilation is done and did not fail (a failed one is compiled
-    again on the step's path, where its error surfaces)."""
+    """Whether a background compilation is done and did not fail."""
     return future.done() and not future.cancelled() and future.exception() is None
 
 
@@ -364,11 +363,15 @@ class ModelRunner:
         return len(self._programs)
 
     def _ready(self, key: ProgramKey) -> bool:
-        """Whether `key`'s program is compiled (here, or in the background and done)."""
+        """Whether `key`'s program is to be had without waiting: compiled, or its background
+        compilation done (one that failed is compiled again on the step's path, where its
+        error surfaces)."""
         future = self._compiling.get(key)
-        return key in self._programs or (future is not None and _compiled(future))
+        return key in self._programs or (future is not None and future.done())
 
     def _ready_keys(self) -> list[ProgramKey]:
+        """The keys of the programs compiled, here or in the background, that a step may
+        run on instead of its own."""
         return [*self._programs, *(k for k, f in self._compiling.items() if _compiled(f))]
 
     def _ready_covering(self, key: ProgramKey) -> Optional[ProgramKey]:
