@@ -3,8 +3,9 @@
 A request owns no device memory. It records how far its KV cache has been computed
 (`num_computed_tokens`), which blocks hold that cache (`block_ids`, filled by the
 `KVCacheManager`), and the chained hashes of its full blocks (`block_hashes`, for prefix
-caching). `sampling_params` is duck-typed: the scheduler reads only `max_tokens`,
-`min_tokens`, `stop_token_ids` and `ignore_eos`.
+caching). `sampling_params` is duck-typed: the scheduler reads `max_tokens`, `min_tokens`,
+`stop_token_ids` and `ignore_eos`, and for multi-step decoding the fields
+`sampler.plain_params` reads.
 """
 
 from __future__ import annotations
