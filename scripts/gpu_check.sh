@@ -43,7 +43,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,throughput,latency,wthroughput,sthroughput,profile,athroughput,tests,sampler,async,nocb,scan,eager,kernels}"
+PHASES="${PHASES:-model,mtests,throughput,latency,wthroughput,sthroughput,profile,athroughput,tests,sampler,async,nocb,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
