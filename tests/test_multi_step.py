@@ -190,6 +190,10 @@ def test_multi_step_arrays_slots_and_padding():
 def test_num_scheduler_steps_is_checked(folder):
     with pytest.raises(ValueError, match="num_scheduler_steps"):
         LLM(folder, num_scheduler_steps=0)
+    with pytest.raises(ValueError, match="without a host plan"):  # block pairs plan on the host
+        LLM(folder, num_scheduler_steps=2, attention_backend="xla", max_model_len=64)
+    llm = LLM(folder, attention_backend="xla", max_model_len=64)
+    assert llm.llm_engine.runner.num_scheduler_steps == 1  # the default where it cannot run
 
 
 def test_precompiled_multi_step_programs(folder, single):

@@ -33,12 +33,11 @@ from jaxvllm.engine.request import Request, RequestStatus
 from jaxvllm.engine.runner import ModelRunner, StepResult
 from jaxvllm.engine.sampler import all_plain
 from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from jaxvllm.models.attention import kv_cache_bytes_per_block, resolve_attention_backend
+from jaxvllm.models.attention import kv_cache_bytes_per_block
 from jaxvllm.models.config import resolve_dtype
 from jaxvllm.models.loader import load_model
 from jaxvllm.outputs import CompletionOutput, DeltaTracker, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
-from pallas_kernels.variants import get_variant
 
 MAX_LOGPROBS = 20
 
@@ -134,7 +133,6 @@ class LLMEngine:
         if not config.enable_chunked_prefill:
             budget = max(budget, self.max_model_len)
         self.kv_dtype = self._kv_cache_dtype()
-        num_scheduler_steps = self._num_scheduler_steps()
         self.num_blocks = distributed.from_process_zero(self._num_blocks(max_num_seqs))
         profile = self.num_blocks < 0
         if profile:  # a minimal cache for the profile run, resized right after
@@ -143,8 +141,8 @@ class LLMEngine:
                                   block_size=config.block_size, max_model_len=self.max_model_len,
                                   max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
                                   mesh=self.mesh, kv_dtype=self.kv_dtype,
-                                  fine_decode_buckets=config.on_cpu,
-                                  num_scheduler_steps=num_scheduler_steps)
+                                  fine_decode_buckets=config.on_cpu)
+        self.runner.num_scheduler_steps = self._num_scheduler_steps()
         if profile:
             self.num_blocks = distributed.from_process_zero(self._profile_num_blocks())
             self.runner.resize_kv_cache(self.num_blocks)
@@ -219,10 +217,11 @@ class LLMEngine:
                             "tensor_parallel_size=1 on one process", default=False)
 
     def _num_scheduler_steps(self) -> int:
+        """`num_scheduler_steps`, or its default (8 on a GPU, 1 on the CPU); more than 1 only
+        on one device and with an attention variant that needs no host plan (like
+        `_option`, which is for on/off options)."""
         wanted = self.config.num_scheduler_steps
-        planned = get_variant(resolve_attention_backend(
-            self.config.resolved_attention_backend())[0]).plan is not None
-        possible = self.mesh is None and not planned
+        possible = self.mesh is None and self.runner.planner is None
         if wanted is not None and wanted > 1 and not possible:
             raise ValueError(f"num_scheduler_steps={wanted} needs tensor_parallel_size=1 on one "
                              "process and an attention backend without a host plan")

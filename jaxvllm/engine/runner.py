@@ -306,7 +306,7 @@ class PendingStep:
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_model_len: int,
                  max_num_batched_tokens: int, max_num_seqs: int, mesh=None, kv_dtype=None,
-                 fine_decode_buckets: bool = False, num_scheduler_steps: int = 1):
+                 fine_decode_buckets: bool = False):
         self.cfg = model.cfg
         self.mesh = mesh  # tensor parallel: the model's shards live on this mesh
         self.graphdef, self.state = nnx.split(model)
@@ -322,8 +322,9 @@ class ModelRunner:
         # time grows with its tokens (the CPU's matmuls: 16 rows cost ~5x one), at the price
         # of more programs.
         self.fine_decode_buckets = fine_decode_buckets
-        # the most decode steps of one multi-step program (1: none)
-        self.num_scheduler_steps = num_scheduler_steps
+        # the most decode steps of one multi-step program (1: none); the engine sets it once
+        # the runner is built (it depends on the attention variant's planner)
+        self.num_scheduler_steps = 1
         variant = get_variant(resolve_attention_backend(model.attention_backend)[0])
         # the StepPlanner of an attention variant that works from a host-built plan
         self.planner = variant.plan
