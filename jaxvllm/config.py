@@ -42,8 +42,9 @@ class EngineConfig:
     # stacked ones (None: on a GPU, on one device; see jaxvllm/models/transformer.py)
     unroll_layers: Optional[bool] = None
     # schedule and dispatch the next step before the one in flight is collected (vLLM's
-    # async scheduling, off by default as there; not with tensor parallelism)
-    async_scheduling: bool = False
+    # async scheduling; not with tensor parallelism). None: only a multi-step decode after
+    # another (pipelined); False: never; True: every step where the batch allows it
+    async_scheduling: Optional[bool] = None
     # decode steps one device call may run when every running request decodes and nothing
     # could join the batch (vLLM's multi-step scheduling; None: 8 on a GPU, 1 on the CPU,
     # whose steps outweigh the host's work)

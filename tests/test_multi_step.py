@@ -56,6 +56,11 @@ def multi_steps(llm: LLM) -> int:
     return counters.multi_steps
 
 
+def steps_ahead(llm: LLM) -> int:
+    """Steps so far dispatched before the one in flight was collected."""
+    return llm.llm_engine.stats()["steps_scheduled_ahead"]
+
+
 def test_greedy_outputs_match_each_prompt_alone(zoo, multi):
     rs = np.random.RandomState(0)
     lengths, max_tokens = [5, 40, 17, 3, 60, 33], [16, 5, 21, 9, 12, 17]
@@ -89,9 +94,10 @@ def test_seeded_sampling_and_stops_match_single_steps(multi, single):
                              stop=[text[5:7]], include_stop_str_in_output=True)]
     assert eos_engine.tokenizer.eos_token_id is None
     want = generate(single, prompts, params)
-    before = multi_steps(multi)
+    before, ahead = multi_steps(multi), steps_ahead(multi)
     got = generate(multi, prompts, params)
     assert multi_steps(multi) - before >= 3
+    assert steps_ahead(multi) - ahead >= 2  # calls pipelined: the stops found one call late
     assert got == want
     assert want[0][0][2:] == ("stop", text[5:7])  # the stop string did cut it
     end = text.index(text[5:7]) + 2  # one letter per token: the stop string's last token
@@ -111,11 +117,12 @@ def test_eos_mid_call_ends_the_request(zoo, multi):
     engine = multi.llm_engine
     engine._eos_ids = [eos]
     try:
-        before = multi_steps(multi)
+        before, ahead = multi_steps(multi), steps_ahead(multi)
         got = generate(multi, [prompt], SamplingParams(temperature=0, max_tokens=24))
     finally:
         engine._eos_ids = []
     assert multi_steps(multi) > before
+    assert steps_ahead(multi) > ahead  # the call after the eos was in flight already
     ((tokens, _, reason, stop_reason),) = got[0]
     assert tokens == alone[:first + 1] and (reason, stop_reason) == ("stop", None)
     assert_idle(multi)
@@ -177,14 +184,30 @@ def test_multi_step_arrays_slots_and_padding():
     b.num_computed_tokens = 1
     rows = [ScheduledRequest(a, 3, 4, a.block_ids, True), ScheduledRequest(b, 2, 1,
                                                                           b.block_ids, True)]
-    ids, pos, steps, meta, slots = multi_step_arrays(rows, 4, 3, 2, bs)
+    ids, feed, pos, steps, meta, slots = multi_step_arrays(rows, 4, 3, 2, bs)
     assert ids.tolist() == [5, 7, 0, 0] and pos.tolist() == [4, 1, 0, 0]
+    assert feed.tolist() == [-1, -1, -1, -1]
     assert steps.tolist() == [3, 2, 0, 0]
     assert meta.query_start_loc.tolist() == [0, 1, 2, 2, 2]
     assert meta.seq_lens.tolist() == [5, 2, 0, 0]
     assert meta.block_tables.tolist() == [[7, 9], [3, 0], [0, 0], [0, 0]]
     # a: positions 4, 5, 6 in block 9; b: positions 1, 2, then the null block
     assert slots.tolist() == [[36, 13, 0, 0], [37, 14, 0, 0], [38, 0, 0, 0]]
+
+
+def test_multi_step_arrays_feed_rows_in_flight():
+    """A row scheduled past its known tokens (after a call in flight) reads its first input
+    from that call's output row; one that no call in flight samples for is an error."""
+    a = Request("a", [1, 2, 3], None)
+    a.block_ids = [5, 6]
+    b = Request("b", [4, 5], None)
+    b.block_ids = [8]
+    rows = [ScheduledRequest(a, 2, 5, a.block_ids, True),  # 3 tokens known, 2 in flight
+            ScheduledRequest(b, 1, 1, b.block_ids, True)]
+    ids, feed, pos, *_ = multi_step_arrays(rows, 2, 2, 2, 4, prev_rows={a: 3, b: 0})
+    assert feed.tolist() == [3, -1] and ids.tolist() == [0, 5] and pos.tolist() == [5, 1]
+    with pytest.raises(RuntimeError, match="no step in flight"):
+        multi_step_arrays(rows, 2, 2, 2, 4, prev_rows={b: 0})
 
 
 def test_num_scheduler_steps_is_checked(folder):
@@ -213,6 +236,19 @@ def test_precompiled_multi_step_programs(folder, single):
               greedy(6)]
     got = generate(llm, prompts, params)
     assert runner.counters.multi_steps >= 3
+    assert got == generate(single, prompts, params)
+    assert_idle(llm)
+
+
+def test_not_pipelined_with_async_scheduling_off(folder, single):
+    """`async_scheduling=False`: each multi-step call is collected before the next is
+    scheduled; outputs are the same."""
+    llm = make_llm(folder, num_scheduler_steps=STEPS, async_scheduling=False)
+    rs = np.random.RandomState(7)
+    prompts = [random_prompt(rs, n) for n in (5, 13, 8)]
+    params = [greedy(14), SamplingParams(temperature=1.0, seed=8, max_tokens=18), greedy(11)]
+    got = generate(llm, prompts, params)
+    assert multi_steps(llm) >= 3 and steps_ahead(llm) == 0
     assert got == generate(single, prompts, params)
     assert_idle(llm)
 

@@ -152,28 +152,40 @@ def run_ahead(sched: Scheduler, model: AheadModel, on_step=None,
 
 class MultiStepModel(FakeModel):
     """The fake model for multi-step decodes as well: a row of a multi-step output runs its
-    `num_new_tokens` decode steps, each writing the token the one before sampled."""
+    `num_new_tokens` decode steps, each writing the token the one before sampled. A row
+    scheduled past its known tokens (ahead of the call in flight) starts on that call's
+    last token for it, as the runner reads it on the device."""
 
     def __init__(self, block_size: int):
         super().__init__(block_size)
         self.num_fed = 0  # tokens fed from the same call's previous step
+        self.num_fed_ahead = 0  # first tokens fed from the previous call
+        self.last: dict[str, int] = {}  # the previous call's last token of each row
 
     def step(self, out: SchedulerOutput) -> dict:
         if out.num_steps == 1:
+            self.last = {}
             return super().step(out)
         bs = self.block_size
         sampled = {}
         for s in out.scheduled:
             req, start = s.request, s.num_computed_tokens
-            assert s.do_sample and start == req.num_tokens - 1 and s.num_new_tokens <= out.num_steps
+            assert s.do_sample and s.num_new_tokens <= out.num_steps
             assert len(s.block_ids) * bs >= start + s.num_new_tokens
-            token, tokens = req.all_token_ids[start], []
+            if start < req.num_tokens:
+                assert start == req.num_tokens - 1
+                token = req.all_token_ids[start]
+            else:
+                token = self.last[s.request_id]
+                self.num_fed_ahead += 1
+            tokens = []
             for p in range(start, start + s.num_new_tokens):
                 self.kv[s.block_ids[p // bs], p % bs] = token
                 token = next_token([self.kv[s.block_ids[q // bs], q % bs] for q in range(p + 1)])
                 tokens.append(token)
             self.num_fed += len(tokens) - 1
             sampled[s.request_id] = tokens
+        self.last = {rid: tokens[-1] for rid, tokens in sampled.items()}
         return sampled
 
 
@@ -192,8 +204,35 @@ def run_multi(sched: Scheduler, model: MultiStepModel, on_step=None,
     raise AssertionError("did not finish")
 
 
+def run_multi_pipelined(sched: Scheduler, model: MultiStepModel, on_step=None,
+                        max_steps=5000) -> list[Request]:
+    """`run_multi` with each multi-step decode that follows another scheduled (and run)
+    before that one is folded in, where `schedule_multi_step` allows it (as the engine)."""
+    finished, in_flight = [], None
+    for step in range(max_steps):
+        if not sched.has_unfinished_requests() and in_flight is None:
+            return finished
+        out = None
+        if in_flight is not None and in_flight[0].num_steps > 1:
+            out = sched.schedule_multi_step(3)
+        if out is None:
+            if in_flight is not None:
+                finished += sched.update_from_output(*in_flight)
+                in_flight = None
+            out = sched.schedule(num_steps=3)
+        check_step(sched, out)
+        if on_step is not None:
+            on_step(step, out)
+        result = model.step(out)
+        if in_flight is not None:
+            finished += sched.update_from_output(*in_flight)
+        in_flight = (out, result) if out.scheduled else None
+    raise AssertionError("did not finish")
+
+
 RUNNERS = {"in_order": (run, FakeModel), "ahead": (run_ahead, AheadModel),
-           "multi": (run_multi, MultiStepModel)}
+           "multi": (run_multi, MultiStepModel),
+           "multi_pipelined": (run_multi_pipelined, MultiStepModel)}
 
 
 def assert_no_leaks(sched: Scheduler) -> None:
@@ -284,7 +323,9 @@ def test_preemption_recomputes_and_gives_the_same_tokens(policy, prefix_caching,
     model = model_type(4)
     drive(sched, model, lambda i, out: preempted.extend(out.preempted_req_ids))
     assert sched.num_preemptions == len(preempted) > 0
-    assert mode == "in_order" or model.num_fed > {"ahead": 100, "multi": 10}[mode]
+    assert mode == "in_order" or model.num_fed > {"ahead": 100, "multi": 10,
+                                                   "multi_pipelined": 10}[mode]
+    assert mode != "multi_pipelined" or model.num_fed_ahead > 0
     for p, r in zip(prompts, reqs):
         assert r.output_token_ids == reference_output(p, 30)
         assert r.status == RequestStatus.FINISHED_LENGTH_CAPPED
@@ -414,7 +455,8 @@ def scripted(sched: Scheduler, req: Request, tokens: list[int], ahead: bool = Fa
     return req.output_token_ids
 
 
-@pytest.mark.parametrize("mode", [{}, {"ahead": True}, {"num_steps": 3}])
+@pytest.mark.parametrize("mode", [{}, {"ahead": True}, {"num_steps": 3},
+                                  {"num_steps": 3, "ahead": True}])
 def test_stop_conditions(mode):
     eos = 2
     r = make_request(range(5), max_tokens=10, eos=eos)
@@ -556,5 +598,5 @@ def test_random_workload_matches_running_alone(seed, mode):
     for r in finished:
         assert r.output_token_ids == expected[r.request_id]
         assert r.status == RequestStatus.FINISHED_LENGTH_CAPPED
-    assert mode != "multi" or model.num_fed > 0
+    assert not mode.startswith("multi") or model.num_fed > 0
     assert_no_leaks(sched)

@@ -163,6 +163,8 @@ class LLMEngine:
                          if i is not None]
         self._in_flight: Optional[_InFlight] = None
         self._async_scheduling = self._resolve_async_scheduling()
+        # multi-step decodes pipelined (see _schedule_ahead) unless async_scheduling=False
+        self._pipelines_multi_step = self.config.async_scheduling is not False
         self._steps_scheduled_ahead = 0  # dispatched before the step in flight was collected
         self._output_steps = 0
         # output tokens sampled for requests still tracked, all steps together (whatever their
@@ -383,14 +385,17 @@ class LLMEngine:
         """Collect the step in flight, dispatch the next one, then return the outputs of the
         collected step (the first call after an idle period dispatches and returns []).
 
-        With asynchronous scheduling the next step is scheduled and dispatched before the one
-        in flight is collected, so the device never waits for the host's scheduling and input
-        building: its rows compute the tokens the step in flight samples by reading them on
-        the device (see `_schedules_ahead` for when)."""
+        The next step may be scheduled and dispatched before the one in flight is collected
+        (`_schedule_ahead`: a multi-step decode after one, by default; every step with
+        `async_scheduling=True`), so the device need not wait for the host's scheduling and
+        input building: its rows compute the tokens the step in flight samples by reading
+        them on the device."""
         previous, self._in_flight = self._in_flight, None
-        ahead = previous is not None and self._schedules_ahead(previous)
+        out = self._schedule_ahead(previous)
+        ahead = out is not None
         collected = None if ahead else self._collect(previous)
-        out = self.scheduler.schedule(num_steps=self._multi_steps())
+        if out is None:
+            out = self.scheduler.schedule(num_steps=self._multi_steps())
         if out.scheduled:
             self._in_flight = self._dispatch(out)
             self._steps_scheduled_ahead += ahead
@@ -408,23 +413,40 @@ class LLMEngine:
             return 1
         return self.runner.num_scheduler_steps
 
-    def _schedules_ahead(self, previous: _InFlight) -> bool:
-        """Whether the next step may be scheduled before `previous` is collected: the runner
-        dispatches asynchronously, `previous` is a single step and the batch could not take
-        a multi-step decode once it is collected (that does more for the host), every row
-        that samples in `previous` has params that need no token history on the host (no
-        penalties, bad words, min_tokens or logprobs), since the next step's sampling inputs
-        are built without its token, and a block is free for each of its rows (the requests
-        `previous` finishes still hold theirs: with fewer, scheduling ahead could preempt
-        what scheduling in order would not)."""
-        if not (self._async_scheduling and previous.asynchronous
-                and previous.scheduler_output.num_steps == 1):
-            return False
+    def _schedule_ahead(self, previous: Optional[_InFlight]) -> Optional[SchedulerOutput]:
+        """The next step, scheduled before `previous` is collected, or None where it must
+        wait for it (then nothing has been scheduled).
+
+        After a multi-step decode (unless `async_scheduling=False`): the next multi-step
+        decode, where the batch would take one anyway (every row decoding with plain params,
+        nothing waiting that could join, a program ready) and the blocks for its steps are
+        free. Its rows start after the tokens in flight; a row that a token in flight stops
+        (eos, a stop token or string) has its next call's tokens dropped. Pipelined so, the
+        host's work for a call (folding in, scheduling, inputs, launch) overlaps the
+        device's work on the one before.
+
+        After a single step (with `async_scheduling=True`): a single step, where the batch
+        could not take a multi-step decode once `previous` is collected (that does more for
+        the host), every row that samples in `previous` has params that need no token
+        history on the host (no penalties, bad words, min_tokens or logprobs), since the
+        next step's sampling inputs are built without its token, and a block is free for
+        each of its rows (the requests `previous` finishes still hold theirs: with fewer,
+        scheduling ahead could preempt what scheduling in order would not)."""
+        if previous is None or not previous.asynchronous:
+            return None
+        if previous.scheduler_output.num_steps > 1:
+            if not self._pipelines_multi_step or self._multi_steps() == 1:
+                return None
+            return self.scheduler.schedule_multi_step(self.runner.num_scheduler_steps)
+        if not self._async_scheduling:
+            return None
         if self._multi_steps() > 1 and self.scheduler.multi_step_batch():
-            return False
+            return None
         if self.kv_manager.num_free_blocks < len(previous.scheduler_output.scheduled):
-            return False
-        return all_plain(s.request for s in previous.scheduler_output.scheduled if s.do_sample)
+            return None
+        if not all_plain(s.request for s in previous.scheduler_output.scheduled if s.do_sample):
+            return None
+        return self.scheduler.schedule()
 
     def _dispatch(self, out: SchedulerOutput) -> _InFlight:
         execute_async = getattr(self.runner, "execute_async", None)

@@ -127,10 +127,12 @@ def _multi_step_fn(graphdef, state_def, sampler_paths, num_steps, layout, weight
     runs on the tokens step j - 1 sampled, at the next position, and samples at the next
     output index (so a seeded row draws what single steps would). A row of `steps` s < j + 1
     repeats its last step writing to the null block instead: its later tokens are dropped.
-    Returns the tokens [num_steps, R], the cache and the last step's tokens (as `_step_fn`)."""
+    Returns the tokens [num_steps, R], the cache and each row's last token (as `_step_fn`:
+    the first input of a call dispatched before this one is collected, read through `feed`)."""
     if layout is not None:
         inputs = unpack(inputs[0], layout)
-    input_ids, positions, steps, meta, slots, sampling = inputs
+    input_ids, feed, positions, steps, meta, slots, sampling = inputs
+    input_ids = jnp.where(feed >= 0, prev_tokens[jnp.maximum(feed, 0)], input_ids)
     model = nnx.merge(graphdef, jax.tree.unflatten(state_def, weights))
     R = sampling.num_rows
 
@@ -148,7 +150,8 @@ def _multi_step_fn(graphdef, state_def, sampler_paths, num_steps, layout, weight
 
     tokens = jnp.zeros((num_steps, R), jnp.int32)
     _, kv, tokens = jax.lax.fori_loop(0, num_steps, one_step, (input_ids, kv, tokens))
-    next_tokens = jnp.zeros_like(prev_tokens).at[:R].set(tokens[-1])
+    last = tokens[jnp.maximum(steps, 1) - 1, jnp.arange(R)]
+    next_tokens = jnp.zeros_like(prev_tokens).at[:R].set(last)
     return tokens, kv, next_tokens
 
 
@@ -212,11 +215,14 @@ def _block_tables(reqs, R: int, MB: int) -> np.ndarray:
     return tables
 
 
-def multi_step_arrays(scheduled, T: int, K: int, MB: int, block_size: int):
+def multi_step_arrays(scheduled, T: int, K: int, MB: int, block_size: int,
+                      prev_rows: Optional[dict] = None):
     """The inputs of a multi-step decode of `scheduled` (rows whose `num_new_tokens` is
-    their number of steps, at most K) padded to T rows: each row's last known token and its
-    position, its steps, the attention metadata of the first step and the KV slot of every
-    step [K, T] (the null block's for a row's steps past its own)."""
+    their number of steps, at most K) padded to T rows: each row's first input token, feed
+    (as `step_arrays`': the output row of the call in flight that samples that token, where
+    the host does not know it yet; else -1) and position, its steps, the attention metadata
+    of the first step and the KV slot of every step [K, T] (the null block's for a row's
+    steps past its own)."""
     n = len(scheduled)
     reqs = [s.request for s in scheduled]
     starts = np.fromiter((s.num_computed_tokens for s in scheduled), np.int64, n)
@@ -224,7 +230,15 @@ def multi_step_arrays(scheduled, T: int, K: int, MB: int, block_size: int):
     steps[:n] = [s.num_new_tokens for s in scheduled]
     tables = _block_tables(reqs, T, MB)
     ids = np.zeros(T, np.int32)
-    ids[:n] = [req.all_token_ids[s] for req, s in zip(reqs, starts.tolist())]
+    feed = np.full(T, -1, np.int32)
+    prev_rows = prev_rows or {}
+    for i, (req, start) in enumerate(zip(reqs, starts.tolist())):
+        if start < req.num_tokens:
+            ids[i] = req.all_token_ids[start]
+        elif (row := prev_rows.get(req)) is not None:
+            feed[i] = row
+        else:
+            raise RuntimeError(f"no step in flight samples the next token of {req.request_id!r}")
     pos = np.zeros(T, np.int32)
     pos[:n] = starts
     seq_lens = np.zeros(T, np.int32)
@@ -235,7 +249,7 @@ def multi_step_arrays(scheduled, T: int, K: int, MB: int, block_size: int):
     slots = np.zeros((K, T), np.int32)
     slots[:, :n] = np.where(j < steps[None, :n], tables[np.arange(n)[None, :], p // block_size]
                             * block_size + p % block_size, 0)
-    return ids, pos, steps, AttentionMetadata(qsl, seq_lens, tables, slots[0]), slots
+    return ids, feed, pos, steps, AttentionMetadata(qsl, seq_lens, tables, slots[0]), slots
 
 
 def step_arrays(scheduled, T: int, R: int, MB: int, block_size: int,
@@ -500,8 +514,8 @@ class ModelRunner:
                                  zeros(T, MB), zeros(T))
         sampling, _ = build_sampling_metadata([], vocab_size, pad_rows_to=T, device_put=False)
         key = ProgramKey(sampling.shape_key, paths, T, T, MB, None, 1, None, None, K)
-        return key, (self.weights, self.kv, self._last_tokens, zeros(T), zeros(T),
-                     np.ones(T, np.int32), meta, zeros(K, T), sampling)
+        return key, (self.weights, self.kv, self._last_tokens, zeros(T), np.full(T, -1, np.int32),
+                     zeros(T), np.ones(T, np.int32), meta, zeros(K, T), sampling)
 
     def multi_step_rows(self, num_rows: int) -> int:
         """The rows T (one token each) a multi-step decode of `num_rows` requests is padded
@@ -628,13 +642,19 @@ class ModelRunner:
         if T is None:  # its program compiles in the background meanwhile: wait for it
             T = self.multi_step_rows(len(scheduled))
         MB = self._table_width(scheduled)
-        ids, pos, steps, meta, slots = multi_step_arrays(scheduled, T, num_steps, MB,
-                                                         self.block_size)
+        ids, feed, pos, steps, meta, slots = multi_step_arrays(scheduled, T, num_steps, MB,
+                                                               self.block_size, self._last_rows)
         sampling, _ = build_sampling_metadata([s.request for s in scheduled], vocab_size,
                                               pad_rows_to=T, device_put=False)
+        # a row samples its first token after those in flight: its pending outputs less its own
+        first_output = sampling.step_positions.copy()
+        first_output[:len(scheduled)] = [
+            s.request.num_output_tokens + s.request.num_pending_outputs - s.num_new_tokens
+            for s in scheduled]
+        sampling = dataclasses.replace(sampling, step_positions=first_output)
         key = ProgramKey(sampling.shape_key, SamplerPaths.of(sampling), T, T, MB, None, 1,
                          None, None, num_steps)
-        args = (self.weights, self.kv, self._last_tokens, ids, pos, steps, meta, slots,
+        args = (self.weights, self.kv, self._last_tokens, ids, feed, pos, steps, meta, slots,
                 sampling)
         if self._compile_pool is not None and not self._ready(key):
             self._compile_in_background(key, args)
@@ -643,9 +663,7 @@ class ModelRunner:
         program = self._program(key, args)
         launched = time.perf_counter()
         tokens, self.kv, self._last_tokens = program(*args)
-        # nothing is scheduled ahead of a multi-step call (a row's last token is not in a
-        # fixed output row): no feed from it
-        self._last_rows = {}
+        self._last_rows = {s.request: i for i, s in enumerate(scheduled)}
         tokens.copy_to_host_async()
         total = int(steps.sum())
 

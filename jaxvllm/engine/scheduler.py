@@ -23,7 +23,8 @@ running request is decoding, nothing else could join the batch and every row's p
 no token history on the host, one step runs up to K decode steps on the device, each
 sampling the next one's input. A row gets up to K steps (fewer when max_tokens or
 max_model_len come first) and the blocks for them ahead; `update_from_output` appends its
-tokens in order up to the first that stops it.
+tokens in order up to the first that stops it. The next multi-step decode may be scheduled
+while one is in flight (`schedule_multi_step`): its rows start past the tokens in flight.
 
 Running requests go first, in admission order; then waiting ones (FCFS, or by priority).
 When the KV cache runs out of blocks, the scheduler preempts from the tail of the running
@@ -252,7 +253,7 @@ class Scheduler:
     def schedule(self, num_steps: int = 1) -> SchedulerOutput:
         """The next step's batch: a multi-step decode of up to `num_steps` steps per row where
         the batch allows one (see the module docstring), else one step."""
-        if num_steps > 1 and (out := self._schedule_multi_step(num_steps)) is not None:
+        if num_steps > 1 and (out := self.schedule_multi_step(num_steps)) is not None:
             return out
         cfg = self.config
         budget = cfg.max_num_batched_tokens
@@ -334,38 +335,46 @@ class Scheduler:
                    == req.num_tokens + req.num_pending_outputs - 1
                    for req in self.running) and all_plain(self.running)
 
-    def _schedule_multi_step(self, num_steps: int) -> Optional[SchedulerOutput]:
+    def schedule_multi_step(self, num_steps: int) -> Optional[SchedulerOutput]:
         """A multi-step decode of every running request, or None where the batch does not
-        allow one: a request not decoding (a prompt, steps in flight), params that need
-        token history on the host, a waiting request that could be admitted, too few free
-        blocks for the steps ahead."""
+        allow one: a request not decoding (a prompt, a prompt chunk in flight), params that
+        need token history on the host, a waiting request that could be admitted, too few
+        free blocks for the steps ahead.
+
+        A multi-step decode in flight may be followed by the next before it is collected
+        (pipelined): each row then starts past the tokens in flight, on the last one (which
+        the runner reads on the device), and a row they bring to max_tokens or max_model_len
+        is left out."""
         cfg = self.config
         if not self.multi_step_batch():
             return None
-        steps = []
+        rows = []
         for req in self.running:
-            if (req.num_inflight_tokens or req.num_pending_outputs
-                    or req.num_computed_tokens != req.num_tokens - 1):
-                return None
-            left = cfg.max_model_len - req.num_tokens
+            if req.num_pending_outputs and self._finishes_on_length(req):
+                continue  # its last token is being sampled
+            ahead = req.num_tokens + req.num_pending_outputs  # once the steps in flight are in
+            left = cfg.max_model_len - ahead
             if req.max_tokens is not None:
-                left = min(left, req.max_tokens - req.num_output_tokens)
-            steps.append(max(min(num_steps, left), 1))
+                left = min(left, req.max_tokens - req.num_output_tokens - req.num_pending_outputs)
+            rows.append((req, max(min(num_steps, left), 1)))
+        if not rows:
+            return None
         bs = self.kv_manager.block_size
-        wanted = sum(max(-(-(req.num_computed_tokens + n) // bs) - len(req.block_ids), 0)
-                     for req, n in zip(self.running, steps))
+        wanted = sum(max(-(-(req.num_tokens + req.num_pending_outputs - 1 + n) // bs)
+                         - len(req.block_ids), 0) for req, n in rows)
         if wanted > self.kv_manager.num_free_blocks:
             return None
         out = SchedulerOutput(finished_req_ids=self._finished_req_ids, num_steps=num_steps)
         self._finished_req_ids = set()
-        for req, n in zip(self.running, steps):
-            if self.kv_manager.allocate_slots(req, n) is None:  # counted above: cannot fail
-                raise RuntimeError(f"no blocks for {req.request_id!r}'s steps ahead")
-            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens,
+        for req, n in rows:
+            if self.kv_manager.allocate_slots(req, req.num_inflight_tokens + n) is None:
+                raise RuntimeError(f"no blocks for {req.request_id!r}'s steps ahead")  # counted
+            out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens
+                                                  + req.num_inflight_tokens,
                                                   list(req.block_ids), True))
             out.num_scheduled_tokens += n
             req.num_inflight_tokens += n
-            req.num_pending_outputs += 1  # the step's first output: its sampling position
+            req.num_pending_outputs += n  # a token sampled per step
         return out
 
     def update_from_output(self, output: SchedulerOutput,
@@ -384,7 +393,7 @@ class Scheduler:
             req.num_inflight_tokens -= s.num_new_tokens
             stopped = False
             if output.num_steps > 1:
-                req.num_pending_outputs -= 1
+                req.num_pending_outputs -= s.num_new_tokens
                 for token in sampled_token_ids[req.request_id][:s.num_new_tokens]:
                     req.num_computed_tokens += 1
                     req.append_output_token(token)

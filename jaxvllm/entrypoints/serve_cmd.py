@@ -98,7 +98,8 @@ ATTENTION_BACKEND_HELP = ("cpu, xla, reference, pallas, pallas_triton, pallas_mo
 # On/off engine options whose default depends on the machine (None: the engine decides).
 ENGINE_SWITCHES = {
     "async_scheduling": "schedule each step before the one in flight is collected "
-                        "(default: off)",
+                        "(default: only a multi-step decode after another; "
+                        "--no-async-scheduling: never)",
     "unroll_layers": "run the layers unrolled on per-layer fused weights (default: on one GPU)",
     "precompile": "compile the decode steps in background threads at start-up "
                   "(default: on a GPU)",
