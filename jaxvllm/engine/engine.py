@@ -510,6 +510,9 @@ class LLMEngine:
             touched[parent.request_id] = parent
             if seq.logprobs is not None and rid in collected.logprobs:
                 self._append_logprobs(seq, *collected.logprobs[rid])  # single steps only
+            if not seq.detokenizer.enabled:  # no text, so no stop strings
+                self.num_generation_tokens += len(tokens)
+                continue
             for i, token in enumerate(tokens, start=1):
                 self.num_generation_tokens += 1
                 stopped_on_token = (i == len(tokens)

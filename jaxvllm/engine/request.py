@@ -113,3 +113,8 @@ class Request:
         token_id = int(token_id)
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)
+
+    def append_output_tokens(self, token_ids: list[int]) -> None:
+        """Append several output tokens (Python ints, as a device result's `tolist()`)."""
+        self.output_token_ids.extend(token_ids)
+        self._all_token_ids.extend(token_ids)

@@ -24,6 +24,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import itertools
+import operator
 import threading
 import time
 from typing import Callable, NamedTuple, Optional
@@ -357,6 +358,7 @@ class ModelRunner:
         # reads the tokens the host does not know yet from there (`step_arrays` feed)
         self._last_tokens = self._zeros_on_device(self.max_reqs_bucket)
         self._last_rows: dict = {}
+        self._last_multi_step_sampling = None  # (T, requests, metadata) of the last such call
         self._programs: dict[ProgramKey, StepProgram] = {}
         self._compiling: dict[ProgramKey, concurrent.futures.Future] = {}
         self._compile_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -644,8 +646,7 @@ class ModelRunner:
         MB = self._table_width(scheduled)
         ids, feed, pos, steps, meta, slots = multi_step_arrays(scheduled, T, num_steps, MB,
                                                                self.block_size, self._last_rows)
-        sampling, _ = build_sampling_metadata([s.request for s in scheduled], vocab_size,
-                                              pad_rows_to=T, device_put=False)
+        sampling = self._multi_step_sampling([s.request for s in scheduled], vocab_size, T)
         # a row samples its first token after those in flight: its pending outputs less its own
         first_output = sampling.step_positions.copy()
         first_output[:len(scheduled)] = [
@@ -674,6 +675,18 @@ class ModelRunner:
             return StepResult({s.request.request_id: rows[:s.num_new_tokens, i].tolist()
                                for i, s in enumerate(scheduled)}, {}, {})
         return PendingStep(finish)
+
+    def _multi_step_sampling(self, reqs: list, vocab_size: int, T: int):
+        """The sampling metadata of a multi-step decode of `reqs` padded to T rows: the last
+        call's when it had the same requests in the same order (a decode batch's usual case:
+        a request's params do not change; the caller sets the positions)."""
+        cached = self._last_multi_step_sampling
+        if (cached is not None and cached[0] == T and len(cached[1]) == len(reqs)
+                and all(map(operator.is_, cached[1], reqs))):
+            return cached[2]
+        sampling, _ = build_sampling_metadata(reqs, vocab_size, pad_rows_to=T, device_put=False)
+        self._last_multi_step_sampling = (T, reqs, sampling)
+        return sampling
 
     def _table_width(self, scheduled) -> int:
         """The block-table width MB of a step: enough blocks for every row's new tokens,

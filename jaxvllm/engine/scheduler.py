@@ -394,11 +394,8 @@ class Scheduler:
             stopped = False
             if output.num_steps > 1:
                 req.num_pending_outputs -= s.num_new_tokens
-                for token in sampled_token_ids[req.request_id][:s.num_new_tokens]:
-                    req.num_computed_tokens += 1
-                    req.append_output_token(token)
-                    if stopped := self._check_stop(req):
-                        break
+                stopped = self._append_until_stop(
+                    req, sampled_token_ids[req.request_id][:s.num_new_tokens])
             else:
                 req.num_computed_tokens += s.num_new_tokens
                 if s.do_sample:
@@ -431,6 +428,32 @@ class Scheduler:
         return (req.num_tokens + req.num_pending_outputs >= self.config.max_model_len
                 or (max_tokens is not None
                     and req.num_output_tokens + req.num_pending_outputs >= max_tokens))
+
+    def _append_until_stop(self, req: Request, tokens: list[int]) -> bool:
+        """Append a multi-step row's tokens (their KV computed) up to the first that stops
+        the request; whether one did. As `_check_stop` after each token, in one go where no
+        token could stop it but by length."""
+        params = req.sampling_params
+        stops = set(getattr(params, "stop_token_ids", None) or ())
+        if not getattr(params, "ignore_eos", False) and req.eos_token_id is not None:
+            stops.add(req.eos_token_id)
+        if (stops and not stops.isdisjoint(tokens)) or getattr(params, "min_tokens", 0):
+            for token in tokens:
+                req.num_computed_tokens += 1
+                req.append_output_token(token)
+                if self._check_stop(req):
+                    return True
+            return False
+        room = self.config.max_model_len - req.num_tokens
+        if req.max_tokens is not None:
+            room = min(room, req.max_tokens - req.num_output_tokens)
+        kept = tokens[:room]
+        req.append_output_tokens(kept)
+        req.num_computed_tokens += len(kept)
+        if len(kept) < room:
+            return False
+        req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        return True
 
     def _check_stop(self, req: Request) -> bool:
         """Stop conditions after appending a sampled token, in vLLM V1's order (check_stop).
