@@ -128,6 +128,7 @@ def _multi_step_fn(graphdef, state_def, sampler_paths, num_steps, layout, weight
     runs on the tokens step j - 1 sampled, at the next position, and samples at the next
     output index (so a seeded row draws what single steps would). A row of `steps` s < j + 1
     repeats its last step writing to the null block instead: its later tokens are dropped.
+    The loop stops after the most steps of a row.
     Returns the tokens [num_steps, R], the cache and each row's last token (as `_step_fn`:
     the first input of a call dispatched before this one is collected, read through `feed`)."""
     if layout is not None:
@@ -150,7 +151,8 @@ def _multi_step_fn(graphdef, state_def, sampler_paths, num_steps, layout, weight
         return new, kv, tokens.at[j].set(new)
 
     tokens = jnp.zeros((num_steps, R), jnp.int32)
-    _, kv, tokens = jax.lax.fori_loop(0, num_steps, one_step, (input_ids, kv, tokens))
+    # as many iterations as the row with the most steps needs (fewer near max_tokens)
+    _, kv, tokens = jax.lax.fori_loop(0, jnp.max(steps), one_step, (input_ids, kv, tokens))
     last = tokens[jnp.maximum(steps, 1) - 1, jnp.arange(R)]
     next_tokens = jnp.zeros_like(prev_tokens).at[:R].set(last)
     return tokens, kv, next_tokens
