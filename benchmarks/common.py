@@ -72,12 +72,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpu-blocks-override", type=int, default=None)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--attention-backend", default=None, help=ATTENTION_BACKEND_HELP)
-    add_engine_switches(g)
+    add_engine_switches(g)  # --wait-for-precompile among them: counted in LLM(...) time
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--wait-for-precompile", action="store_true",
-                   help="let LLM(...) return only once its background precompile is done (as "
-                        "vLLM compiles at start-up), so that no compilation runs beside the "
-                        "timed steps; counted in LLM(...) construction")
 
 
 _ENGINE_FLAGS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
@@ -91,14 +87,10 @@ def engine_kwargs(args) -> dict:
 
 
 def build_llm(args):
-    """`LLM(...)` from the engine flags; with --wait-for-precompile, once its programs are
-    compiled."""
+    """`LLM(...)` from the engine flags."""
     from jaxvllm import LLM
 
-    llm = LLM(args.model, **engine_kwargs(args))
-    if getattr(args, "wait_for_precompile", False):
-        llm.llm_engine.wait_for_compiles()
-    return llm
+    return LLM(args.model, **engine_kwargs(args))
 
 
 def workload_model_info(model: Optional[str], tokenizer: Optional[str] = None,

@@ -38,6 +38,10 @@ class EngineConfig:
     # compile the decode-step programs in background threads at start-up (None: on a GPU,
     # for attention kernels that need no host plan, on one device)
     precompile: Optional[bool] = None
+    # with precompile, let the engine's constructor return only once those programs are
+    # compiled, as vLLM compiles before it serves (None: on a GPU, where a compilation beside
+    # the steps slows them more than it takes: the compiler times kernels on the device)
+    wait_for_precompile: Optional[bool] = None
     # run the decoder layers unrolled on per-layer, fused weights instead of a scan over the
     # stacked ones (None: on a GPU, on one device; see jaxvllm/models/transformer.py)
     unroll_layers: Optional[bool] = None

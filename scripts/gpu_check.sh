@@ -10,13 +10,16 @@
 #                                  workloads, kernels interpreted; gpu-marked tests skip)
 #   PHASES=model,profile,throughput scripts/gpu_check.sh   these phases, in this order
 #   COMPARE_HF=0 ATTENTION_BACKEND=pallas:triton_splitk scripts/gpu_check.sh
-#   ENGINE_EXTRA="--wait-for-precompile" scripts/gpu_check.sh   engine flags for every phase
+#   ENGINE_EXTRA="--no-wait-for-precompile" scripts/gpu_check.sh   engine flags for every phase
 #
 # Phases (PHASES, run in the order given; model first):
 #   model        the random-weight model
 #   throughput   nano-vllm throughput (with HF unless COMPARE_HF=0)
-#   wthroughput  the same again, its programs now in the compilation cache, no HF
+#   pthroughput  the same, multi-step calls not pipelined (--no-async-scheduling), no HF;
+#                its programs are in the compilation cache by then (a warm start)
+#   wthroughput  the same as throughput, its programs in the compilation cache, no HF
 #   sthroughput  the same with single decode steps (no multi-step), no HF
+#   bthroughput  the same with the precompile beside the steps (--no-wait-for-precompile)
 #   athroughput  the same with asynchronous scheduling, no HF
 #   eager        the same without the background precompile, no HF
 #   latency      batch 1 (with HF unless COMPARE_HF=0)
@@ -43,7 +46,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,mtests,throughput,latency,wthroughput,sthroughput,profile,athroughput,tests,sampler,async,nocb,scan,eager,kernels}"
+PHASES="${PHASES:-model,mtests,throughput,pthroughput,latency,sthroughput,bthroughput,profile,nocb,tests,sampler,athroughput,async,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -94,7 +97,7 @@ else
     PROF_ARGS=(--batch-sizes 1,256 --context 512 --steps 5)
 fi
 COMMON=(--model "$MODEL_DIR" --dtype "$DTYPE" --max-model-len 2048)
-# ENGINE_EXTRA="--wait-for-precompile": more flags for every engine the phases build
+# ENGINE_EXTRA="--no-wait-for-precompile": more flags for every engine the phases build
 read -r -a EXTRA <<< "${ENGINE_EXTRA:-}"
 COMMON+=("${EXTRA[@]}")
 
@@ -171,6 +174,20 @@ phase_wthroughput() {  # throughput again, its programs now in the compilation c
         --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
         --output-json "$OUT/throughput_warm.json"
     grep -E "Elapsed|Output tokens|Compile|first token" "$WORK/wthroughput.log"
+}
+
+phase_pthroughput() {  # throughput again, multi-step calls collected before the next, no HF
+    run_phase pthroughput 150 "$PY" benchmarks/throughput.py "${COMMON[@]}" --dataset nano-vllm \
+        --no-async-scheduling --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
+        --output-json "$OUT/throughput_not_pipelined.json"
+    grep -E "Elapsed|Output tokens|Compile|first token" "$WORK/pthroughput.log"
+}
+
+phase_bthroughput() {  # throughput again, the precompile running beside the steps, no HF
+    run_phase bthroughput 150 "$PY" benchmarks/throughput.py "${COMMON[@]}" --dataset nano-vllm \
+        --no-wait-for-precompile --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
+        --output-json "$OUT/throughput_background.json"
+    grep -E "Elapsed|Output tokens|Compile|first token" "$WORK/bthroughput.log"
 }
 
 phase_sthroughput() {  # throughput again with single decode steps (no multi-step), no HF
@@ -275,6 +292,8 @@ if (p := load("step_profile")) is not None:
 if (s := load("sampler")) is not None:
     summary["sampler"] = s.get("rows")
 for label, name in (("throughput_warm_cache", "throughput_warm"),
+                    ("throughput_not_pipelined", "throughput_not_pipelined"),
+                    ("throughput_background_precompile", "throughput_background"),
                     ("throughput_single_steps", "throughput_single"),
                     ("throughput_no_precompile", "throughput_eager"),
                     ("throughput_async_scheduling", "throughput_async")):
@@ -285,7 +304,7 @@ for label, name in (("throughput_warm_cache", "throughput_warm"),
         continue
     summary[label] = {k: t.get(k) for k in (
         "output_tokens_per_second", "output_tokens_per_second_excl_compile", "elapsed_time",
-        "first_token_s")} | {"steps": t.get("steps")}
+        "first_token_s")} | {"steps": t.get("steps"), "engine": t.get("engine")}
 for label, name in (("step_profile_xla_default_command_buffers", "step_profile_graphs"),
                     ("step_profile_scan", "step_profile_scan"),
                     ("step_profile_no_command_buffers", "step_profile_nocb"),

@@ -217,19 +217,21 @@ def test_num_scheduler_steps_is_checked(folder):
         LLM(folder, num_scheduler_steps=2, attention_backend="xla", max_model_len=64)
     llm = LLM(folder, attention_backend="xla", max_model_len=64)
     assert llm.llm_engine.runner.num_scheduler_steps == 1  # the default where it cannot run
+    with pytest.raises(ValueError, match="wait_for_precompile=True needs precompile"):
+        LLM(folder, max_model_len=64, precompile=False, wait_for_precompile=True)
 
 
 def test_precompiled_multi_step_programs(folder, single):
     """With the background precompile (a GPU's default) the decode batches' programs are the
-    multi-step ones; a batch runs single steps until one is ready, then multi-step calls,
-    padded to a larger program if its own is not: outputs are unchanged."""
-    llm = make_llm(folder, num_scheduler_steps=STEPS, precompile=True)
+    multi-step ones; `wait_for_precompile` (a GPU's default) has them compiled when the
+    engine is built; a batch runs multi-step calls, padded to a larger program if its own is
+    not compiled: outputs are unchanged."""
+    llm = make_llm(folder, num_scheduler_steps=STEPS, precompile=True, wait_for_precompile=True)
     runner = llm.llm_engine.runner
     keys = list(runner._compiling)
     assert {k.num_steps for k in keys} == {1, STEPS}
     assert [k.num_tokens for k in keys if k.num_steps == 1] == [runner.max_tokens_bucket]
-    for future in list(runner._compiling.values()):
-        future.result()
+    assert all(future.done() for future in runner._compiling.values())
     rs = np.random.RandomState(5)
     prompts = [random_prompt(rs, n) for n in (7, 19, 4)]
     params = [greedy(13), SamplingParams(temperature=1.0, seed=2, max_tokens=17),

@@ -146,8 +146,14 @@ class LLMEngine:
         if profile:
             self.num_blocks = distributed.from_process_zero(self._profile_num_blocks())
             self.runner.resize_kv_cache(self.num_blocks)
+        wait = config.wait_for_precompile
         if self._precompile():
             self.runner.precompile(self.vocab_size)
+            if wait if wait is not None else not config.on_cpu:
+                self.runner.wait_for_compiles()
+        elif wait:
+            raise ValueError("wait_for_precompile=True needs precompile (on by default on a "
+                             "GPU; precompile=True elsewhere)")
         self.kv_manager = KVCacheManager(self.num_blocks, config.block_size,
                                          enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(

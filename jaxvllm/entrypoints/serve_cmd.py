@@ -103,6 +103,8 @@ ENGINE_SWITCHES = {
     "unroll_layers": "run the layers unrolled on per-layer fused weights (default: on one GPU)",
     "precompile": "compile the decode steps in background threads at start-up "
                   "(default: on a GPU)",
+    "wait_for_precompile": "start serving only once those are compiled (default: on a GPU; "
+                           "else steps run beside the compilation, padded to compiled ones)",
 }
 
 
