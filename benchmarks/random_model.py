@@ -35,6 +35,14 @@ SHAPES: dict[str, dict] = {
         "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": True,
         "bos_token_id": 128000, "eos_token_id": 128001,
     },
+    # not a published checkpoint: a model whose steps cost little, for host-side benchmarks
+    "tiny-qwen2": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2048,
+        "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+        "hidden_act": "silu", "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 1,
+    },
 }
 
 

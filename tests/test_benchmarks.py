@@ -518,3 +518,26 @@ def test_step_probe_counts_the_tokens_generate_does_not_stream(llama_folder):
     # (a step's tokens may come back with the next step call: collected while it runs)
     assert [s.new_tokens for s in probe.steps if s.new_tokens] == [3, 3, 3, 3, 3]
     assert probe.first_token_at == next(s.end for s in probe.steps if s.new_tokens)
+
+
+def test_host_overhead_benchmark(capsys, tmp_path):
+    """Both modes generate every token, only the pipelined one schedules calls ahead, and
+    the printed ratio is theirs."""
+    from benchmarks import host_overhead
+
+    out = tmp_path / "host.json"
+    host_overhead.main(["--num-prompts", "3", "--input-len", "5", "--output-len", "11",
+                        "--num-scheduler-steps", "4", "--max-num-seqs", "4",
+                        "--max-model-len", "64", "--output-json", str(out)])
+    printed = _last_json(capsys)
+    assert printed == json.loads(out.read_text())
+    pipelined, in_order = printed["pipelined"], printed["in_order"]
+    for r in (pipelined, in_order):
+        assert r["output_tokens"] == 3 * 11
+        assert r["multi_step_calls"] >= 2 and r["compile_seconds_in_run"] == 0
+        assert set(r["host_ms_per_step"]) == set(host_overhead.PARTS)
+    assert pipelined["steps_scheduled_ahead"] >= 1 and in_order["steps_scheduled_ahead"] == 0
+    assert printed["ratio_pipelined_vs_in_order"] == pytest.approx(
+        pipelined["output_tokens_per_second"] / in_order["output_tokens_per_second"], abs=0.01)
+    with pytest.raises(SystemExit, match="host_overhead: error: --output-len"):
+        host_overhead.main(["--output-len", "0"])

@@ -1,4 +1,4 @@
-"""`jaxvllm bench throughput|latency|serve|sampler|cpu_attention ...`: the benchmarks of
+"""`jaxvllm bench throughput|latency|serve|sampler|cpu_attention|host_overhead ...`: the benchmarks of
 `benchmarks/`, with the same flags as `python benchmarks/<name>.py` (`jaxvllm bench NAME
 --help`)."""
 
@@ -13,15 +13,18 @@ BENCHMARKS = {"throughput": "offline LLM.generate over a dataset (requests/s, to
               "latency": "one fixed batch: warm-up, then timed iterations",
               "serve": "streaming client against an OpenAI-compatible server (TTFT, TPOT, ITL)",
               "sampler": "the engine's sampler against jax.random.categorical / jnp.argmax",
-              "cpu_attention": "the native CPU attention against XLA's block pairs and jnp"}
+              "cpu_attention": "the native CPU attention against XLA's block pairs and jnp",
+              "host_overhead": "a decode batch's host time per step, multi-step calls "
+                               "pipelined against in order"}
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "bench", help="run a benchmark (throughput, latency, serve, sampler, cpu_attention)",
+        "bench", help="run a benchmark (throughput, latency, serve, sampler, cpu_attention, "
+                      "host_overhead)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a benchmark. Every benchmark prints a table, then one JSON line.\n\n"
-                    + "\n".join(f"  {name:<11} {text}" for name, text in BENCHMARKS.items()),
+                    + "\n".join(f"  {name:<13} {text}" for name, text in BENCHMARKS.items()),
         epilog="examples:\n"
                "  jaxvllm bench throughput --dataset random --num-prompts 64 --input-len 128 "
                "--output-len 128 --range-ratio 0.75 --compare-hf\n"
