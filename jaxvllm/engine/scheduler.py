@@ -360,14 +360,15 @@ class Scheduler:
         if not rows:
             return None
         bs = self.kv_manager.block_size
-        wanted = sum(max(-(-(req.num_tokens + req.num_pending_outputs - 1 + n) // bs)
-                         - len(req.block_ids), 0) for req, n in rows)
-        if wanted > self.kv_manager.num_free_blocks:
+        # new blocks per row: its last step's position is num_tokens + pending - 2 + n
+        new_blocks = [max(-(-(req.num_tokens + req.num_pending_outputs - 1 + n) // bs)
+                          - len(req.block_ids), 0) for req, n in rows]
+        if sum(new_blocks) > self.kv_manager.num_free_blocks:
             return None
         out = SchedulerOutput(finished_req_ids=self._finished_req_ids, num_steps=num_steps)
         self._finished_req_ids = set()
-        for req, n in rows:
-            if self.kv_manager.allocate_slots(req, req.num_inflight_tokens + n) is None:
+        for (req, n), wanted in zip(rows, new_blocks):
+            if wanted and self.kv_manager.allocate_slots(req, req.num_inflight_tokens + n) is None:
                 raise RuntimeError(f"no blocks for {req.request_id!r}'s steps ahead")  # counted
             out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens
                                                   + req.num_inflight_tokens,
