@@ -8,6 +8,7 @@ block table, a bad prefix-cache hit or a lost recomputation changes the generate
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -132,14 +133,27 @@ class AheadModel(FakeModel):
         return sampled
 
 
-def run_ahead(sched: Scheduler, model: AheadModel, on_step=None,
-              max_steps=5000) -> list[Request]:
-    """`run` with each step scheduled (and run) before the previous one is folded in."""
+def run_ahead(sched: Scheduler, model: FakeModel, on_step=None, max_steps=5000,
+              multi_step: bool = False) -> list[Request]:
+    """`run` with each step scheduled (and run) before the previous one is folded in.
+    `multi_step` (a MultiStepModel): multi-step decodes of up to 3 steps asked for, and only
+    a multi-step decode scheduled ahead of one in flight, where `schedule_multi_step` allows
+    it (as the engine); other steps fold the one in flight in first."""
     finished, in_flight = [], None
     for step in range(max_steps):
         if not sched.has_unfinished_requests() and in_flight is None:
             return finished
-        out = sched.schedule()
+        if not multi_step:
+            out = sched.schedule()
+        else:
+            out = None
+            if in_flight is not None and in_flight[0].num_steps > 1:
+                out = sched.schedule_multi_step(3)
+            if out is None:
+                if in_flight is not None:
+                    finished += sched.update_from_output(*in_flight)
+                    in_flight = None
+                out = sched.schedule(num_steps=3)
         check_step(sched, out)
         if on_step is not None:
             on_step(step, out)
@@ -204,35 +218,9 @@ def run_multi(sched: Scheduler, model: MultiStepModel, on_step=None,
     raise AssertionError("did not finish")
 
 
-def run_multi_pipelined(sched: Scheduler, model: MultiStepModel, on_step=None,
-                        max_steps=5000) -> list[Request]:
-    """`run_multi` with each multi-step decode that follows another scheduled (and run)
-    before that one is folded in, where `schedule_multi_step` allows it (as the engine)."""
-    finished, in_flight = [], None
-    for step in range(max_steps):
-        if not sched.has_unfinished_requests() and in_flight is None:
-            return finished
-        out = None
-        if in_flight is not None and in_flight[0].num_steps > 1:
-            out = sched.schedule_multi_step(3)
-        if out is None:
-            if in_flight is not None:
-                finished += sched.update_from_output(*in_flight)
-                in_flight = None
-            out = sched.schedule(num_steps=3)
-        check_step(sched, out)
-        if on_step is not None:
-            on_step(step, out)
-        result = model.step(out)
-        if in_flight is not None:
-            finished += sched.update_from_output(*in_flight)
-        in_flight = (out, result) if out.scheduled else None
-    raise AssertionError("did not finish")
-
-
 RUNNERS = {"in_order": (run, FakeModel), "ahead": (run_ahead, AheadModel),
            "multi": (run_multi, MultiStepModel),
-           "multi_pipelined": (run_multi_pipelined, MultiStepModel)}
+           "multi_pipelined": (functools.partial(run_ahead, multi_step=True), MultiStepModel)}
 
 
 def assert_no_leaks(sched: Scheduler) -> None:
