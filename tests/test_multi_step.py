@@ -8,11 +8,14 @@ the batch, and every block must be free again afterwards.
 
 from __future__ import annotations
 
+import asyncio
+
 import jax
 import numpy as np
 import pytest
 
 from jaxvllm import LLM, SamplingParams
+from jaxvllm.engine.async_engine import AsyncLLMEngine
 from jaxvllm.engine.request import Request
 from jaxvllm.engine.runner import multi_step_arrays
 from jaxvllm.engine.scheduler import ScheduledRequest
@@ -269,6 +272,44 @@ def test_with_async_scheduling(folder, single):
     stats = llm.llm_engine.stats()
     assert stats["multi_steps"] >= 3 and stats["steps_scheduled_ahead"] >= 1
     assert got == generate(single, prompts, params)
+    assert_idle(llm)
+
+
+def test_streams_of_the_server_engine(folder, single):
+    """The server's engine thread: concurrent streams over pipelined multi-step calls grow
+    to the single-step outputs; a stream closed mid-way aborts its request, the others go
+    on, and every block is free at the end."""
+    llm = make_llm(folder, num_scheduler_steps=STEPS)
+    rs = np.random.RandomState(8)
+    prompts = [random_prompt(rs, n) for n in (6, 11, 9)]
+    params = [greedy(30), SamplingParams(temperature=1.0, seed=3, max_tokens=25,
+                                         ignore_eos=True), greedy(40, stop_token_ids=[5])]
+    want = generate(single, prompts, params)
+    engine = AsyncLLMEngine(llm.llm_engine, log_stats=False)
+
+    async def stream(i):
+        outputs = [o async for o in engine.generate({"prompt_token_ids": prompts[i]},
+                                                     params[i], f"s{i}")]
+        return [len(o.outputs[0].token_ids) for o in outputs], outputs[-1].outputs[0]
+
+    async def closed_early():
+        async for o in engine.generate({"prompt_token_ids": prompts[0]}, greedy(60), "gone"):
+            if len(o.outputs[0].token_ids) >= 2 * STEPS:
+                return len(o.outputs[0].token_ids)  # closes the stream: an abort
+
+    async def run():
+        return await asyncio.gather(*(stream(i) for i in range(3)), closed_early())
+
+    try:
+        *streams, seen = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    for (lengths, final), (expected,) in zip(streams, want):
+        assert lengths == sorted(set(lengths))
+        assert (final.token_ids, final.text, final.finish_reason, final.stop_reason) == expected
+    assert seen < 60
+    stats = llm.llm_engine.stats()
+    assert stats["multi_steps"] >= 3 and stats["steps_scheduled_ahead"] >= 1
     assert_idle(llm)
 
 
