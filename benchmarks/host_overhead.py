@@ -5,14 +5,14 @@ multi-step calls saves against collecting each call before scheduling the next.
     python benchmarks/host_overhead.py --model /tmp/qwen-0.5b --dtype bfloat16   # on a GPU
     jaxvllm bench host_overhead ...                           # the same
 
-One engine per mode runs the same batch twice (`--num-prompts` random prompts of
-`--input-len` tokens, `--output-len` tokens each, ignore_eos, temperature 0.6), the first
-time to compile: `pipelined` (the default: a multi-step call scheduled and dispatched before
-the one in flight is collected) and `in_order` (`async_scheduling=False`). The second run
-is timed: output tok/s, wall ms per engine step, and per step the host's time in
+One engine per mode, one after the other (the second with the first's KV cache size), runs
+the same batches (`--num-prompts` random prompts of `--input-len` tokens, `--output-len`
+tokens each, ignore_eos, temperature 0.6), the first to compile: `pipelined` (the default:
+a multi-step call scheduled and dispatched before the one in flight is collected) and
+`in_order` (`async_scheduling=False`). The second batch is timed: output tok/s, wall ms per engine step, and per step the host's time in
 scheduling, building and launching the step (the runner), folding its tokens into the
 scheduler, and the outputs (detokenizing, stop strings); `wait` is the time `step()` spent
-waiting for the device. With no `--model` a tiny random model (2 layers, hidden size 64,
+waiting for the device (also for the step left in flight when the batch ends). With no `--model` a tiny random model (2 layers, hidden size 64,
 vocabulary 2,048) keeps the device's share small, so that the host's shows. The ratio
 pipelined / in order is the gain; on a CPU, whose cores also run the steps, expect little.
 The last line is one JSON object.
@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a file: import `benchmarks` from the rep
 
 import argparse
 import collections
+import gc
 import tempfile
 import time
 
@@ -63,6 +64,7 @@ class _PartTimer:
 
     def __init__(self, engine):
         self.seconds: collections.Counter = collections.Counter()
+        self._wrapped: list[tuple[object, str]] = []
         scheduler = engine.scheduler
         self._wrap(engine, "_schedule_ahead", "schedule")
         self._wrap(scheduler, "schedule", "schedule")
@@ -82,6 +84,13 @@ class _PartTimer:
                 self.seconds[part] += time.perf_counter() - start
 
         setattr(obj, name, timed)
+        self._wrapped.append((obj, name))
+
+    def restore(self) -> None:
+        """Unwrap (the wrappers hold the engine's bound methods: a reference cycle)."""
+        for obj, name in self._wrapped:
+            delattr(obj, name)
+        self._wrapped.clear()
 
     def per_step_ms(self, steps: int) -> dict:
         parts = dict(self.seconds)
@@ -103,18 +112,23 @@ def run(args) -> dict:
     for name in ("num_prompts", "input_len", "output_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.async_scheduling is not None:
+        raise ValueError("--async-scheduling: this benchmark runs both modes itself")
     rng = np.random.default_rng(0)
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.6)
     with tempfile.TemporaryDirectory() as tmp:
         model, dtype = _model(args, tmp)
         kwargs = {**common.engine_kwargs(args), "dtype": dtype}
-        kwargs.pop("async_scheduling", None)
-        results = {}
+        results, prompts = {}, None
         for mode, async_scheduling in MODES.items():
             llm = LLM(model, **kwargs, async_scheduling=async_scheduling)
-            vocab = llm.llm_engine.vocab_size
-            prompts = [{"prompt_token_ids": rng.integers(0, vocab, args.input_len).tolist()}
-                       for _ in range(2 * args.num_prompts)]
-            params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.6)
+            # on a GPU the next engine could not size its cache from free memory (the peak
+            # counts this one's): it gets the same number of blocks
+            kwargs.setdefault("num_gpu_blocks_override", llm.llm_engine.num_blocks)
+            if prompts is None:
+                vocab = llm.llm_engine.vocab_size
+                prompts = [{"prompt_token_ids": rng.integers(0, vocab, args.input_len).tolist()}
+                           for _ in range(2 * args.num_prompts)]
             llm.generate(prompts[:args.num_prompts], params, use_tqdm=False)  # compiles
             engine = llm.llm_engine
             timer = _PartTimer(engine)
@@ -123,6 +137,7 @@ def run(args) -> dict:
             outputs = llm.generate(prompts[args.num_prompts:], params, use_tqdm=False)
             elapsed = time.perf_counter() - start
             after = engine.stats()
+            timer.restore()
             steps = after["steps"] - before["steps"]
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
             results[mode] = {
@@ -135,7 +150,8 @@ def run(args) -> dict:
                 "host_ms_per_step": timer.per_step_ms(steps),
                 "compile_seconds_in_run": round(after["compile_seconds"]
                                                 - before["compile_seconds"], 3)}
-            del llm, engine
+            del llm, engine, outputs
+            gc.collect()  # the engine's device memory, before the next one is built
     return {"benchmark": "host_overhead", "model": args.model or "random tiny-qwen2",
             "device": common.device_name(), "num_scheduler_steps": args.num_scheduler_steps,
             "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,

@@ -541,3 +541,5 @@ def test_host_overhead_benchmark(capsys, tmp_path):
         pipelined["output_tokens_per_second"] / in_order["output_tokens_per_second"], abs=0.01)
     with pytest.raises(SystemExit, match="host_overhead: error: --output-len"):
         host_overhead.main(["--output-len", "0"])
+    with pytest.raises(SystemExit, match="host_overhead: error: --async-scheduling"):
+        host_overhead.main(["--no-async-scheduling"])

@@ -220,7 +220,7 @@ def test_num_scheduler_steps_is_checked(folder):
         LLM(folder, num_scheduler_steps=2, attention_backend="xla", max_model_len=64)
     llm = LLM(folder, attention_backend="xla", max_model_len=64)
     assert llm.llm_engine.runner.num_scheduler_steps == 1  # the default where it cannot run
-    with pytest.raises(ValueError, match="wait_for_precompile=True needs precompile"):
+    with pytest.raises(ValueError, match="wait_for_precompile=True needs the precompile"):
         LLM(folder, max_model_len=64, precompile=False, wait_for_precompile=True)
 
 

@@ -152,8 +152,9 @@ class LLMEngine:
             if wait if wait is not None else not config.on_cpu:
                 self.runner.wait_for_compiles()
         elif wait:
-            raise ValueError("wait_for_precompile=True needs precompile (on by default on a "
-                             "GPU; precompile=True elsewhere)")
+            raise ValueError("wait_for_precompile=True needs the precompile, which is off for "
+                             "this engine (precompile=False, the CPU's default, or not "
+                             "possible with this attention backend or tensor parallelism)")
         self.kv_manager = KVCacheManager(self.num_blocks, config.block_size,
                                          enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(

@@ -128,7 +128,6 @@ def _multi_step_fn(graphdef, state_def, sampler_paths, num_steps, layout, weight
     runs on the tokens step j - 1 sampled, at the next position, and samples at the next
     output index (so a seeded row draws what single steps would). A row of `steps` s < j + 1
     repeats its last step writing to the null block instead: its later tokens are dropped.
-    The loop stops after the most steps of a row.
     Returns the tokens [num_steps, R], the cache and each row's last token (as `_step_fn`:
     the first input of a call dispatched before this one is collected, read through `feed`)."""
     if layout is not None:
@@ -151,8 +150,9 @@ def _multi_step_fn(graphdef, state_def, sampler_paths, num_steps, layout, weight
         return new, kv, tokens.at[j].set(new)
 
     tokens = jnp.zeros((num_steps, R), jnp.int32)
-    # as many iterations as the row with the most steps needs (fewer near max_tokens)
-    _, kv, tokens = jax.lax.fori_loop(0, jnp.max(steps), one_step, (input_ids, kv, tokens))
+    # a fixed trip count (a loop bounded by the rows' steps would skip the idle iterations
+    # of a call near max_tokens, but is a while loop XLA cannot count: not measured on a GPU)
+    _, kv, tokens = jax.lax.fori_loop(0, num_steps, one_step, (input_ids, kv, tokens))
     last = tokens[jnp.maximum(steps, 1) - 1, jnp.arange(R)]
     next_tokens = jnp.zeros_like(prev_tokens).at[:R].set(last)
     return tokens, kv, next_tokens
