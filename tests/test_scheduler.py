@@ -588,3 +588,41 @@ def test_random_workload_matches_running_alone(seed, mode):
         assert r.status == RequestStatus.FINISHED_LENGTH_CAPPED
     assert not mode.startswith("multi") or model.num_fed > 0
     assert_no_leaks(sched)
+
+
+def test_multi_step_append_equals_a_stop_check_per_token():
+    """`_append_until_stop` (a multi-step row's tokens at once) ends a request where
+    appending them one by one with `_check_stop` after each does: same tokens, status,
+    stop reason and computed count, whatever the limits, eos, stop ids and min_tokens."""
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(3000):
+        max_model_len = rng.randint(8, 40)
+        sched = make_scheduler(max_model_len=max_model_len)
+        params = dict(max_tokens=rng.choice([None, rng.randint(1, 30)]),
+                      min_tokens=rng.choice([0, 0, rng.randint(1, 6)]),
+                      stop_token_ids=rng.sample(range(10), rng.randint(0, 2)),
+                      ignore_eos=rng.random() < 0.3)
+        eos = rng.choice([None, 3])
+        prompt = [7] * rng.randint(1, max_model_len - 1)
+        earlier = [rng.randrange(10) for _ in range(rng.randint(0, 5))]
+        one, bulk = (make_request(prompt, eos=eos, **params) for _ in range(2))
+        for req in (one, bulk):
+            for token in earlier:
+                req.append_output_token(token)
+            req.num_computed_tokens = req.num_tokens - 1
+            req.status = RequestStatus.RUNNING
+        if sched._finishes_on_length(one):
+            continue  # it would have finished already
+        tokens = [rng.randrange(10) for _ in range(rng.randint(1, 6))]
+        stopped = False
+        for token in tokens:
+            one.num_computed_tokens += 1
+            one.append_output_token(token)
+            if stopped := sched._check_stop(one):
+                break
+        assert sched._append_until_stop(bulk, tokens) == stopped
+        assert (bulk.output_token_ids, bulk.status, bulk.stop_reason, bulk.num_computed_tokens) \
+            == (one.output_token_ids, one.status, one.stop_reason, one.num_computed_tokens)
+        checked += 1
+    assert checked > 2000

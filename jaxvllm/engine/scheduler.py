@@ -432,13 +432,14 @@ class Scheduler:
 
     def _append_until_stop(self, req: Request, tokens: list[int]) -> bool:
         """Append a multi-step row's tokens (their KV computed) up to the first that stops
-        the request; whether one did. As `_check_stop` after each token, in one go where no
-        token could stop it but by length."""
+        the request; whether one did. As `_check_stop` after each token, in one go where
+        none is an eos or stop token id (then only length can stop it; min_tokens holds
+        back only those)."""
         params = req.sampling_params
         stops = set(getattr(params, "stop_token_ids", None) or ())
         if not getattr(params, "ignore_eos", False) and req.eos_token_id is not None:
             stops.add(req.eos_token_id)
-        if (stops and not stops.isdisjoint(tokens)) or getattr(params, "min_tokens", 0):
+        if stops and not stops.isdisjoint(tokens):
             for token in tokens:
                 req.num_computed_tokens += 1
                 req.append_output_token(token)
