@@ -109,6 +109,44 @@ def test_seeded_sampling_and_stops_match_single_steps(multi, single):
     assert_idle(multi)
 
 
+def random_params(rs: np.random.RandomState, stops: list[str]) -> SamplingParams:
+    """Greedy or seeded sampling, with random limits, stop token ids, stop strings and n."""
+    kw = dict(max_tokens=int(rs.randint(1, 40)), ignore_eos=bool(rs.randint(2)))
+    if rs.randint(3) == 0:
+        kw["stop_token_ids"] = [int(t) for t in rs.randint(3, 256, 3)]
+    if rs.randint(4) == 0:
+        kw["stop"] = [stops[rs.randint(len(stops))]]
+    if rs.randint(3) == 0:
+        return SamplingParams(temperature=0, **kw)
+    if rs.randint(4) == 0:
+        kw["n"] = int(rs.randint(2, 4))
+    return SamplingParams(temperature=float(rs.uniform(0.5, 1.2)), seed=int(rs.randint(1000)),
+                          top_k=int(rs.choice([0, 20])), **kw)
+
+
+@pytest.mark.parametrize("config", [{}, dict(max_num_seqs=3, num_gpu_blocks_override=30)],
+                         ids=["default", "small-cache"])
+def test_random_batches_match_single_steps(folder, multi, single, config):
+    """Random prompts (some repeated: prefix-cache hits) and params; with few rows and
+    blocks, waiting requests and preemptions too: pipelined multi-step calls give what
+    single steps give."""
+    if config:
+        multi = make_llm(folder, num_scheduler_steps=STEPS, **config)
+        single = make_llm(folder, num_scheduler_steps=1, **config)
+    rs = np.random.RandomState(11 + len(config))
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    stops = [letters[rs.randint(26)] + letters[rs.randint(26)] for _ in range(20)]
+    prompts = [random_prompt(rs, int(rs.randint(2, 50))) for _ in range(10)]
+    prompts += prompts[:3]
+    params = [random_params(rs, stops) for _ in prompts]
+    before, ahead = multi_steps(multi), steps_ahead(multi)
+    assert generate(multi, prompts, params) == generate(single, prompts, params)
+    assert multi_steps(multi) - before >= 5 and steps_ahead(multi) - ahead >= 2
+    if config:
+        assert multi.llm_engine.scheduler.num_preemptions > 0
+    assert_idle(multi)
+
+
 def test_eos_mid_call_ends_the_request(zoo, multi):
     """An eos sampled by a step in the middle of a call ends the request there: the call's
     later tokens for it are dropped and its blocks freed."""
