@@ -9,13 +9,14 @@ One engine per mode, one after the other (the second with the first's KV cache s
 the same batches (`--num-prompts` random prompts of `--input-len` tokens, `--output-len`
 tokens each, ignore_eos, temperature 0.6), the first to compile: `pipelined` (the default:
 a multi-step call scheduled and dispatched before the one in flight is collected) and
-`in_order` (`async_scheduling=False`). The second batch is timed: output tok/s, wall ms per engine step, and per step the host's time in
-scheduling, building and launching the step (the runner), folding its tokens into the
-scheduler, and the outputs (detokenizing, stop strings); `wait` is the time `step()` spent
-waiting for the device (also for the step left in flight when the batch ends). With no `--model` a tiny random model (2 layers, hidden size 64,
-vocabulary 2,048) keeps the device's share small, so that the host's shows. The ratio
-pipelined / in order is the gain; on a CPU, whose cores also run the steps, expect little.
-The last line is one JSON object.
+`in_order` (`async_scheduling=False`). The second batch is timed: output tok/s, wall ms per
+engine step, and per step the host's time in scheduling, building and launching the step
+(the runner), folding its tokens into the scheduler, and the outputs (detokenizing, stop
+strings); `wait` is the time `step()` spent waiting for the device (also for the step left
+in flight when the batch ends). With no `--model` a tiny random model (2 layers, hidden
+size 64, vocabulary 2,048) keeps the device's share small, so that the host's shows. The
+ratio pipelined / in order is the gain; on a CPU, whose cores also run the steps, expect
+little. The last line is one JSON object.
 """
 
 from __future__ import annotations
