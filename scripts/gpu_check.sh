@@ -212,7 +212,7 @@ phase_latency() {
 }
 
 phase_mtests() {  # multi-step decoding against single steps, on the Pallas kernels
-    run_phase mtests 120 "$PY" -m pytest tests/test_multi_step.py -q -rfs -p no:cacheprovider
+    run_phase mtests 150 "$PY" -m pytest tests/test_multi_step.py -q -rfs -p no:cacheprovider
     grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$WORK/mtests.log" | tail -n 12
 }
 
