@@ -96,3 +96,21 @@ def test_stop_strings_cut_alike(tokenizer, include):
     assert other == (got, found, n)
     end = text.index(stop) + (len(stop) if include else 0)
     assert found == stop and got == text[:end] and n < len(output)
+
+
+@pytest.mark.parametrize("stop", [None, ["テキ"], ["zzz"]], ids=["no-stop", "stop", "no-match"])
+def test_append_tokens_equals_appending_one_by_one(tokenizer, stop):
+    """`append_tokens` (a multi-step call's tokens at once) leaves the text, the stop string
+    and the tokens taken as appending them one by one does."""
+    output = output_ids(tokenizer, TEXTS[1], special=True)
+    for tok in (tokenizer, WindowOnly(tokenizer)):
+        want = detokenize(tok, [1], output, stop=stop, min_tokens=3)
+        detok = IncrementalDetokenizer(tok, [1], SamplingParams(stop=stop, min_tokens=3))
+        found, n = None, 0
+        for chunk in (output[:5], output[5:13], output[13:]):
+            found, taken = detok.append_tokens(chunk)
+            n += taken
+            if found is not None:
+                break
+        assert (detok.text, found, n) == want
+        assert detok.num_output_tokens == n

@@ -70,6 +70,20 @@ class IncrementalDetokenizer:
             return None  # as vLLM: stop strings count only after min_tokens
         return self._check_stop(start)
 
+    def append_tokens(self, token_ids: list[int]) -> tuple[str | None, int]:
+        """`append` each token in turn, up to the first that completes a stop string: (that
+        stop string, the tokens appended), else (None, all of them)."""
+        if not self.enabled:
+            return None, len(token_ids)
+        if not self.stop:  # nothing to look for between tokens
+            self.num_output_tokens += len(token_ids)
+            self.text += "".join(filter(None, map(self._new_text, token_ids)))
+            return None, len(token_ids)
+        for n, token_id in enumerate(token_ids, start=1):
+            if (stop := self.append(token_id)) is not None:
+                return stop, n
+        return None, len(token_ids)
+
     def _new_text(self, token_id: int) -> str | None:
         """The text `token_id` completes (None or "" while a character is incomplete)."""
         if self._stream is not None:

@@ -517,29 +517,24 @@ class LLMEngine:
             touched[parent.request_id] = parent
             if seq.logprobs is not None and rid in collected.logprobs:
                 self._append_logprobs(seq, *collected.logprobs[rid])  # single steps only
-            if not seq.detokenizer.enabled:  # no text, so no stop strings
+            # as vLLM: the text of the eos / stop token that ended the request is left out
+            stopped_on_token = (req.status == RequestStatus.FINISHED_STOPPED
+                                and not req.sampling_params.include_stop_str_in_output)
+            stop, i = seq.detokenizer.append_tokens(tokens[:-1] if stopped_on_token else tokens)
+            if stop is None:
                 self.num_generation_tokens += len(tokens)
                 continue
-            for i, token in enumerate(tokens, start=1):
-                self.num_generation_tokens += 1
-                stopped_on_token = (i == len(tokens)
-                                    and req.status == RequestStatus.FINISHED_STOPPED
-                                    and not req.sampling_params.include_stop_str_in_output)
-                # as vLLM: the text of the eos / stop token that ended the request is left out
-                stop = None if stopped_on_token else seq.detokenizer.append(token)
-                if stop is None:
-                    continue
-                if not req.status.is_finished:
-                    seq.stop_reason = stop
-                    stopped.append(rid)
-                elif i < len(tokens) or req.status == RequestStatus.FINISHED_LENGTH_CAPPED:
-                    # the stop string came first (before the token that finished it in a
-                    # multi-step decode), or the last allowed token also completed it: vLLM
-                    # reports the stop
-                    req.status = RequestStatus.FINISHED_STOPPED
-                    seq.stop_reason = stop
-                req.truncate_output(len(tokens) - i)
-                break
+            self.num_generation_tokens += i
+            if not req.status.is_finished:
+                seq.stop_reason = stop
+                stopped.append(rid)
+            elif i < len(tokens) or req.status == RequestStatus.FINISHED_LENGTH_CAPPED:
+                # the stop string came first (before the token that finished it in a
+                # multi-step decode), or the last allowed token also completed it: vLLM
+                # reports the stop
+                req.status = RequestStatus.FINISHED_STOPPED
+                seq.stop_reason = stop
+            req.truncate_output(len(tokens) - i)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         outputs = [out for p in touched.values()
