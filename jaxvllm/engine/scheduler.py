@@ -345,18 +345,14 @@ class Scheduler:
         (pipelined): each row then starts past the tokens in flight, on the last one (which
         the runner reads on the device), and a row they bring to max_tokens or max_model_len
         is left out."""
-        cfg = self.config
         if not self.multi_step_batch():
             return None
         rows = []
         for req in self.running:
-            if req.num_pending_outputs and self._finishes_on_length(req):
+            left = self._room(req, req.num_pending_outputs)
+            if left <= 0:
                 continue  # its last token is being sampled
-            ahead = req.num_tokens + req.num_pending_outputs  # once the steps in flight are in
-            left = cfg.max_model_len - ahead
-            if req.max_tokens is not None:
-                left = min(left, req.max_tokens - req.num_output_tokens - req.num_pending_outputs)
-            rows.append((req, max(min(num_steps, left), 1)))
+            rows.append((req, min(num_steps, left)))
         if not rows:
             return None
         bs = self.kv_manager.block_size
@@ -422,13 +418,18 @@ class Scheduler:
             return wanted, wanted
         return bucket_aligned_grant(budget, self.config.max_num_batched_tokens - budget), budget
 
+    def _room(self, req: Request, pending: int) -> int:
+        """Output tokens `req` may still get after its outputs so far and `pending` more,
+        as max_model_len and max_tokens allow (<= 0: they finish it by length)."""
+        room = self.config.max_model_len - req.num_tokens - pending
+        if req.max_tokens is not None:
+            room = min(room, req.max_tokens - req.num_output_tokens - pending)
+        return room
+
     def _finishes_on_length(self, req: Request) -> bool:
         """Whether the outputs being sampled finish `req` by length (max_tokens or
         max_model_len), whatever their ids."""
-        max_tokens = req.max_tokens
-        return (req.num_tokens + req.num_pending_outputs >= self.config.max_model_len
-                or (max_tokens is not None
-                    and req.num_output_tokens + req.num_pending_outputs >= max_tokens))
+        return self._room(req, req.num_pending_outputs) <= 0
 
     def _append_until_stop(self, req: Request, tokens: list[int]) -> bool:
         """Append a multi-step row's tokens (their KV computed) up to the first that stops
@@ -446,9 +447,7 @@ class Scheduler:
                 if self._check_stop(req):
                     return True
             return False
-        room = self.config.max_model_len - req.num_tokens
-        if req.max_tokens is not None:
-            room = min(room, req.max_tokens - req.num_output_tokens)
+        room = self._room(req, 0)
         kept = tokens[:room]
         req.append_output_tokens(kept)
         req.num_computed_tokens += len(kept)
@@ -464,9 +463,7 @@ class Scheduler:
         Stop strings are the detokenizer's business (it calls finish_requests).
         """
         params = req.sampling_params
-        max_tokens = req.max_tokens
-        if req.num_tokens >= self.config.max_model_len or (
-                max_tokens is not None and req.num_output_tokens >= max_tokens):
+        if self._room(req, 0) <= 0:
             req.status = RequestStatus.FINISHED_LENGTH_CAPPED
             return True
         # The sampler should mask eos and stop tokens before min_tokens; this guards the host side.
