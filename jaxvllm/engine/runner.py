@@ -671,11 +671,11 @@ class ModelRunner:
         total = int(steps.sum())
 
         def finish() -> StepResult:
-            rows = np.asarray(tokens)  # waits for the device
+            columns = np.asarray(tokens).T.tolist()  # waits for the device
             self.counters.record(total, T * num_steps, launched - started,
                                  time.perf_counter() - launched, multi_step=True)
-            return StepResult({s.request.request_id: rows[:s.num_new_tokens, i].tolist()
-                               for i, s in enumerate(scheduled)}, {}, {})
+            return StepResult({s.request.request_id: column[:s.num_new_tokens]
+                               for s, column in zip(scheduled, columns)}, {}, {})
         return PendingStep(finish)
 
     def _multi_step_sampling(self, reqs: list, vocab_size: int, T: int):
