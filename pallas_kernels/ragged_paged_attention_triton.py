@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.decode_attention_triton import decode_attention_triton
 from pallas_kernels.ragged_tiles import (
     LOG2E,
     MASK_VALUE,
@@ -276,8 +277,9 @@ def _supports(case) -> str | None:
 
 register_variant(
     "triton", ragged_paged_attention_triton, lowering="triton", supports=_supports,
+    decode=decode_attention_triton,
     description="Pallas Triton, grid (query tile, KV head), online softmax over block_k keys")
 register_variant(
     "triton_splitk", functools.partial(ragged_paged_attention_triton, kv_splits=4),
-    lowering="triton", supports=_supports,
+    lowering="triton", supports=_supports, decode=decode_attention_triton,
     description="as 'triton' with each tile's keys split over 4 programs (flash-decoding)")

@@ -74,6 +74,11 @@ class Variant:
     # A variant that takes a host-built `plan=` keyword (and then no block table) says how
     # to build it: see `StepPlanner`
     plan: Optional["StepPlanner"] = None
+    # For steps of one new token per request: the KV write and the attention in one call,
+    # `decode(qkv, k_cache, v_cache, layer, seq_lens, block_tables, slot_mapping, *, scale,
+    # sliding_window, soft_cap, num_kv_heads) -> (out, k_cache, v_cache)` (the contract of
+    # decode_attention_triton.py); None: such steps write, then attend
+    decode: Optional[Callable] = None
 
     @property
     def is_pallas(self) -> bool:
@@ -93,13 +98,14 @@ _LOADED = False
 
 def register_variant(name: str, fn: Callable, *, lowering: str, description: str,
                      supports: Optional[Callable[[Case], Optional[str]]] = None,
-                     gpu_verified: bool = False, plan: Optional["StepPlanner"] = None) -> Variant:
+                     gpu_verified: bool = False, plan: Optional["StepPlanner"] = None,
+                     decode: Optional[Callable] = None) -> Variant:
     if lowering not in LOWERINGS:
         raise ValueError(f"variant {name!r}: lowering {lowering!r} is not one of {LOWERINGS}")
     existing = _REGISTRY.get(name)
     if existing is not None and existing.fn is not fn:
         raise ValueError(f"a variant named {name!r} is already registered ({existing.description})")
-    variant = Variant(name, fn, lowering, description, supports, gpu_verified, plan)
+    variant = Variant(name, fn, lowering, description, supports, gpu_verified, plan, decode)
     _REGISTRY[name] = variant
     return variant
 

@@ -247,6 +247,87 @@ def test_kv_writers(writer):
         np.testing.assert_array_equal(got, want)
 
 
+# --- fused decode attention (KV write and attention in one kernel) -------------------------
+
+def _decode_case(seed, tokens=6, heads=14, kv_heads=2, head_dim=64, block_size=16, padding=1,
+                 dtype=np.float32, cache_dtype=None, shared_prefix=False):
+    """One decode token a row: random caches, block tables, the new token's slot at
+    `seq_len - 1`; the last `padding` rows are padding (seq_len 0, null-block slot)."""
+    rng = np.random.default_rng(seed)
+    blocks, width = 40, 5
+    cache_shape = (LAYERS, blocks, block_size, kv_heads, head_dim)
+    cache_dtype = cache_dtype or dtype
+    k_cache = jnp.asarray(rng.standard_normal(cache_shape), cache_dtype)
+    v_cache = jnp.asarray(rng.standard_normal(cache_shape), cache_dtype)
+    qkv = jnp.asarray(rng.standard_normal((tokens, heads + 2 * kv_heads, head_dim)), dtype)
+    real = tokens - padding
+    seq_lens = np.zeros(tokens, np.int32)
+    seq_lens[:real] = rng.integers(1, width * block_size + 1, real)
+    free = iter(rng.permutation(np.arange(1, blocks)))
+    tables = np.zeros((tokens, width), np.int32)
+    prefix = [next(free) for _ in range(2)] if shared_prefix else []
+    for r in range(real):
+        if prefix and seq_lens[r] > 2 * block_size:  # full blocks shared with other rows
+            tables[r, :2] = prefix
+        for b in range(len(prefix) if tables[r, 0] else 0, -(-seq_lens[r] // block_size)):
+            tables[r, b] = next(free)
+    pos = np.maximum(seq_lens - 1, 0)
+    slots = np.where(seq_lens > 0, tables[np.arange(tokens), pos // block_size] * block_size
+                     + pos % block_size, 0).astype(np.int32)
+    return (qkv, k_cache, v_cache, jnp.int32(LAYER), jnp.asarray(seq_lens), jnp.asarray(tables),
+            jnp.asarray(slots))
+
+
+@pytest.mark.parametrize("case", [
+    dict(seed=0),
+    dict(seed=1, heads=4, kv_heads=4, padding=0),  # MHA, no padding row
+    dict(seed=2, heads=8, kv_heads=1, shared_prefix=True, padding=2),
+    dict(seed=3, sliding_window=20),
+    dict(seed=4, soft_cap=5.0),
+    dict(seed=5, dtype=jnp.bfloat16),
+    dict(seed=6, cache_dtype=jnp.bfloat16, block_size=8),  # float32 model, bfloat16 cache
+])
+def test_decode_attention_matches_write_then_attend(case):
+    """The fused decode kernel (interpret mode on CPU) against the scatter KV write followed
+    by the reference attention: the same output, the same caches (the null block aside)."""
+    from pallas_kernels.decode_attention_triton import (decode_attention_reference,
+                                                        decode_attention_triton)
+
+    case = dict(case)
+    knobs = {k: case.pop(k) for k in ("sliding_window", "soft_cap") if k in case}
+    args = _decode_case(**case)
+    kwargs = dict(scale=0.125, num_kv_heads=args[1].shape[3], **knobs)
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(functools.partial(decode_attention_reference, **kwargs))(*args)
+        got = jax.jit(functools.partial(decode_attention_triton, **kwargs))(*args)
+    exact = args[0].dtype == jnp.float32 and args[1].dtype == jnp.float32
+    tol = TOL["float32" if exact else "bfloat16"]
+    out, want_out = np.asarray(got[0], np.float32), np.asarray(want[0], np.float32)
+    np.testing.assert_allclose(out, want_out, atol=tol, rtol=tol)
+    padding = np.asarray(args[4]) == 0
+    assert not out[padding].any() and np.abs(out[~padding]).max() > 0.1
+    for cache, want_cache in zip(got[1:], want[1:]):
+        cache, want_cache = np.asarray(cache, np.float32), np.asarray(want_cache, np.float32)
+        np.testing.assert_array_equal(cache[:, 1:], want_cache[:, 1:])
+
+
+def test_decode_attention_rejects_bad_shapes():
+    from pallas_kernels.decode_attention_triton import decode_attention_triton
+
+    args = list(_decode_case(0))
+    with pytest.raises(ValueError, match="does not fit the caches"):
+        decode_attention_triton(*args, scale=0.1, num_kv_heads=3)
+    args[4] = args[4][:-1]
+    with pytest.raises(ValueError, match="one row per token"):
+        decode_attention_triton(*args, scale=0.1, num_kv_heads=2)
+
+
+def test_triton_variants_fuse_decode_steps():
+    """The Triton variants carry the fused decode kernel; the others write, then attend."""
+    assert all(variants()[name].decode is not None for name in TRITON)
+    assert variants()["reference"].decode is None and variants()["block_pairs"].decode is None
+
+
 # --- host-side validation -------------------------------------------------------------------
 
 GOOD = dict(query_start_loc=[0, 1, 4, 4], seq_lens=[5, 3, 0], block_tables=[[3, 2], [1, 9], [0, 0]])
@@ -338,6 +419,25 @@ def test_lowers_for_an_h100(name):
                   *_gpu_specs(heads=14, kv_heads=2, head_dim=64))
 
 
+def _decode_specs(heads=14, kv_heads=2, head_dim=64, tokens=256):
+    sd = jax.ShapeDtypeStruct
+    cache = sd((2, 64, 16, kv_heads, head_dim), jnp.bfloat16)
+    rows = sd((tokens,), jnp.int32)
+    return (sd((tokens, heads + 2 * kv_heads, head_dim), jnp.bfloat16), cache, cache,
+            sd((), jnp.int32), rows, sd((tokens, 8), jnp.int32), rows)
+
+
+def test_decode_attention_lowers_for_an_h100():
+    from pallas_kernels.decode_attention_triton import decode_attention_triton
+    from pallas_kernels.gpu_lowering import lower_for_gpu
+
+    for heads, kv_heads, head_dim in ((14, 2, 64), (32, 8, 128)):
+        fn = functools.partial(decode_attention_triton, scale=0.1, interpret=False,
+                               num_kv_heads=kv_heads, sliding_window=64, soft_cap=30.0)
+        text = lower_for_gpu(fn, *_decode_specs(heads, kv_heads, head_dim))
+        assert "__gpu$xla.gpu.triton" in text
+
+
 def test_mosaic_p_in_registers_lowers():
     """The Mosaic GPU knob the interpreter cannot run (wgmma with P from registers) lowers."""
     from pallas_kernels.gpu_lowering import lower_for_gpu
@@ -363,6 +463,14 @@ def test_triton_compiles_to_cubin(name):
     builds = compile_triton(functools.partial(KV_WRITERS["triton"], interpret=False),
                             cache, cache, sd((), jnp.int32), kv, kv, sd((64,), jnp.int32))
     assert builds and builds[0].spill_bytes == 0
+    from pallas_kernels.decode_attention_triton import decode_attention_triton
+
+    for heads, kv_heads, head_dim in ((14, 2, 64), (32, 8, 128)):
+        builds = compile_triton(functools.partial(decode_attention_triton, scale=0.1,
+                                                  interpret=False, num_kv_heads=kv_heads),
+                                *_decode_specs(heads, kv_heads, head_dim))
+        assert builds and all(b.shared_bytes <= 227 * 1024 and b.spill_bytes == 0
+                              for b in builds), builds
 
 
 # --- the engine -----------------------------------------------------------------------------
@@ -370,7 +478,7 @@ def test_triton_compiles_to_cubin(name):
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], list(range(30, 60)), [99]]
 
 
-def _greedy(folder, backend, block_size):
+def _greedy(folder, backend, block_size, num_scheduler_steps=1):
     """Greedy tokens in float32 with exact matmuls (on a GPU too), so that only the
     attention backend differs between two runs."""
     from jaxvllm import LLM, SamplingParams
@@ -378,10 +486,11 @@ def _greedy(folder, backend, block_size):
     with jax.default_matmul_precision("highest"):
         llm = LLM(str(folder), attention_backend=backend, block_size=block_size, dtype="float32",
                   max_num_seqs=3, max_num_batched_tokens=16, num_gpu_blocks_override=48,
-                  max_model_len=96)
+                  max_model_len=96, num_scheduler_steps=num_scheduler_steps, precompile=False)
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                             SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                             use_tqdm=False)
+    assert (llm.llm_engine.runner.counters.multi_steps > 0) == (num_scheduler_steps > 1)
     return [o.outputs[0].token_ids for o in outs]
 
 
@@ -396,6 +505,15 @@ def test_engine_kv_kernel_and_sliding_window(zoo):
     """The Pallas KV writer and a sliding-window model (window 12 < the 38-token request)."""
     path = zoo.case("mistral_sliding").path
     assert _greedy(path, "pallas+kv_triton", 8) == _greedy(path, "reference", 8)
+
+
+@pytest.mark.parametrize("case,block_size", [("llama_gqa", 16), ("mistral_sliding", 8)])
+def test_engine_multi_step_fused_decode(zoo, case, block_size):
+    """Multi-step decode calls, whose layers run the fused decode kernel (KV write and
+    attention in one): the same greedy tokens as single reference steps."""
+    path = zoo.case(case).path
+    assert _greedy(path, "pallas", block_size, num_scheduler_steps=4) \
+        == _greedy(path, "reference", block_size)
 
 
 needs_native_cpu = pytest.mark.skipif(

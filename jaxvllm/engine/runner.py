@@ -141,7 +141,7 @@ def _multi_step_fn(graphdef, state_def, sampler_paths, num_steps, layout, weight
         ids, kv, tokens = carry
         ahead = jnp.minimum(j, jnp.maximum(steps, 1) - 1)  # padded rows: 0 tokens, 0 steps
         step_meta = dataclasses.replace(meta, seq_lens=meta.seq_lens + ahead * (steps > 0),
-                                        slot_mapping=slots[j])
+                                        slot_mapping=slots[j], decode_only=True)
         hidden, kv = model(ids, positions + ahead, step_meta, kv)
         logits = parallel.gather_logits(model.compute_logits(hidden))
         step_sampling = dataclasses.replace(sampling,

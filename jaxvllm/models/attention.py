@@ -15,6 +15,10 @@ the engine's `attention_backend`:
 
 and any of these with "+kv_<writer>" to pick the KV writer of pallas_kernels/kv_write.py
 ("+kv_triton": the Pallas kernel; default "scatter"), e.g. "pallas+kv_triton".
+
+`attend` is what a layer calls: the write, then the attention, or, for a step whose metadata
+says every row is one decode token (`decode_only`, the multi-step decode loop) and whose
+variant has a fused decode kernel (`Variant.decode`), both in one kernel.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ def resolve_attention_backend(backend: str) -> tuple[str, str]:
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["query_start_loc", "seq_lens", "block_tables", "slot_mapping",
                                 "plan"],
-                   meta_fields=[])
+                   meta_fields=["decode_only"])
 @dataclasses.dataclass
 class AttentionMetadata:
     """One step's ragged batch layout (see pallas_kernels/ragged_paged_attention.py)."""
@@ -81,6 +85,9 @@ class AttentionMetadata:
     block_tables: jax.Array  # [R, max_blocks] int32
     slot_mapping: jax.Array  # [T] int32, where each token's k/v is written
     plan: Any = None  # the host-built work plan of variants that take one (`Variant.plan`)
+    # static: row r is request r's one new token (T == R, query_start_loc = arange, padding
+    # rows of seq_len 0 at the end), as in a multi-step decode
+    decode_only: bool = False
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
@@ -156,3 +163,21 @@ def paged_attention(q, kv: KVCache, layer, meta: AttentionMetadata, *, scale: fl
                                 out_specs=_HEADS)
         layer = jnp.asarray(layer, jnp.int32)
     return fn(q, kv.k, kv.v, layer, meta.query_start_loc, meta.seq_lens, meta.block_tables)
+
+
+def attend(q, k, v, kv: KVCache, layer, meta: AttentionMetadata, *, scale: float,
+           sliding_window: int | None, backend: str,
+           soft_cap: float | None = None) -> tuple[jax.Array, KVCache]:
+    """Store this step's k, v [T, KVH, D] and attend with q [T, H, D]: (out [T, H, D], cache).
+    One fused kernel for a `decode_only` step where the variant has one (not sharded)."""
+    decode = get_variant(resolve_attention_backend(backend)[0]).decode
+    if meta.decode_only and decode is not None and parallel.active_mesh() is None:
+        qkv = jnp.concatenate([q, k.astype(q.dtype), v.astype(q.dtype)], axis=1)
+        out, k_cache, v_cache = decode(
+            qkv, kv.k, kv.v, layer, meta.seq_lens, meta.block_tables, meta.slot_mapping,
+            scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+            num_kv_heads=k.shape[1])
+        return out, KVCache(k_cache, v_cache)
+    kv = write_kv(kv, layer, k, v, meta, backend)
+    return paged_attention(q, kv, layer, meta, scale=scale, sliding_window=sliding_window,
+                           backend=backend, soft_cap=soft_cap), kv

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxvllm.models import layers as L
-from jaxvllm.models.attention import AttentionMetadata, KVCache, paged_attention, write_kv
+from jaxvllm.models.attention import AttentionMetadata, KVCache, attend
 from jaxvllm.models.config import ModelConfig
 
 
@@ -232,9 +232,8 @@ class CausalLM(nnx.Module):
             q = L.apply_rope(q, positions, inv_freq)
             k = L.apply_rope(k, positions, inv_freq)
 
-        kv = write_kv(kv, layer, k, v, meta, self.attention_backend)
-        o = paged_attention(q, kv, layer, meta, scale=cfg.head_dim ** -0.5,
-                            sliding_window=cfg.sliding_window, backend=self.attention_backend)
+        o, kv = attend(q, k, v, kv, layer, meta, scale=cfg.head_dim ** -0.5,
+                       sliding_window=cfg.sliding_window, backend=self.attention_backend)
         o = o.reshape(t, cfg.q_size) @ p["o_proj"]
         if cfg.o_bias:
             o = o + p["o_bias"]

@@ -1,0 +1,201 @@
+"""Decode attention with the KV write in the same kernel (Pallas Triton), for steps where
+every request has exactly one new token: the engine's multi-step decode loop.
+
+Contract (`decode_attention_reference` below): row `t` of the step is request `t`'s new
+token at position `seq_lens[t] - 1`; its k and v are stored at `slot_mapping[t]` of `layer`
+and its query attends to the request's keys up to and including its own. A row with
+`seq_len == 0` is padding: its k and v still go to its slot (the null block), its output is
+zero. Returns the output `[T, H, D]` and both updated caches.
+
+Why a kernel of its own: the general step runs a scatter for k, one for v, the attention
+kernel and a gather from the kernel's per-tile rows back to tokens, four kernels a layer.
+Here one program per (token, KV head) stores its token's k and v row, walks the keys
+already in the cache `block_k` at a time (the online softmax of
+ragged_paged_attention_triton.py), adds its own key from registers (so no program waits on
+another's store), and writes its group's query heads straight to `[T, H, D]`: one kernel.
+At batch 1 a decode step is a few hundred small kernels, so each one saved per layer counts.
+
+The query, the new key and the new value come in one `[T, H + 2 * KVH, D]` array (q, then
+k, then v, rotary embeddings applied): XLA writes it with one fusion. The caches are
+aliased to the outputs. Keys past a row's own position read block 0 and are masked.
+Padded query rows (the group rounded up to a power of two, at least 16 rows for Triton's
+dot) repeat the group's last head and store the same value to the same place.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.ragged_paged_attention import (
+    ragged_paged_attention_reference,
+    write_kv_reference,
+)
+from pallas_kernels.ragged_tiles import LOG2E, MASK_VALUE, next_power_of_2
+
+MIN_DOT = 16  # Triton's smallest dot dimension
+
+
+def decode_attention_reference(qkv, k_cache, v_cache, layer, seq_lens, block_tables,
+                               slot_mapping, *, scale: float, sliding_window: int | None = None,
+                               soft_cap: float | None = None, num_kv_heads: int):
+    """The contract in plain jnp: the KV write, then ragged attention of one token a row."""
+    q, k, v = split_qkv(qkv, num_kv_heads)
+    k_cache, v_cache = write_kv_reference(k_cache, v_cache, layer, k, v, slot_mapping)
+    # one query token a row; a row of seq_len 0 sees no key (position -1): zeros
+    query_start_loc = jnp.arange(qkv.shape[0] + 1, dtype=jnp.int32)
+    out = ragged_paged_attention_reference(q, k_cache, v_cache, layer, query_start_loc,
+                                           seq_lens, block_tables, scale=scale,
+                                           sliding_window=sliding_window, soft_cap=soft_cap)
+    return out, k_cache, v_cache
+
+
+def split_qkv(qkv: jax.Array, num_kv_heads: int):
+    """[T, H + 2 KVH, D] -> q [T, H, D], k, v [T, KVH, D]."""
+    num_heads = qkv.shape[1] - 2 * num_kv_heads
+    return (qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads],
+            qkv[:, num_heads + num_kv_heads:])
+
+
+def _kernel(
+    seq_lens_ref,  # [T] int32
+    slots_ref,  # [T] int32
+    layer_ref,  # [1] int32
+    block_tables_ref,  # [T, MB] int32
+    qkv_ref,  # [T, H + 2 KVH, D]
+    k_cache_in,  # [L, N, B, KVH, D], aliased to k_cache_ref
+    v_cache_in,
+    o_ref,  # [T, H, D]
+    k_cache_ref,
+    v_cache_ref,
+    *,
+    scale: float,
+    group: int,
+    rows: int,
+    block_k: int,
+    sliding_window: int | None,
+    soft_cap: float | None,
+):
+    tok, head = pl.program_id(0), pl.program_id(1)
+    num_heads, head_dim = o_ref.shape[1], o_ref.shape[2]
+    num_kv_heads = k_cache_ref.shape[3]
+    block_size = k_cache_ref.shape[2]
+    max_blocks = block_tables_ref.shape[1]
+    layer = layer_ref[0]
+    seq_len = seq_lens_ref[tok]
+    pos = seq_len - 1  # this token's position; -1 for padding
+
+    # this token's k and v for this KV head, stored as the cache holds them
+    k_new = qkv_ref[tok, num_heads + head, :].astype(k_cache_ref.dtype)
+    v_new = qkv_ref[tok, num_heads + num_kv_heads + head, :].astype(v_cache_ref.dtype)
+    slot = slots_ref[tok]
+    block, offset = slot // block_size, slot % block_size
+    k_cache_ref[layer, block, offset, head, :] = k_new
+    v_cache_ref[layer, block, offset, head, :] = v_new
+
+    g = jnp.minimum(lax.broadcasted_iota(jnp.int32, (rows,), 0), group - 1)
+    q_head = head * group + g  # [rows]; padded rows repeat the last head of the group
+    q = qkv_ref[jnp.full((rows,), tok, jnp.int32), q_head, :]  # [rows, D]
+
+    qk_scale = (scale if soft_cap is None else scale / soft_cap)
+    dot_precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+    def scores_of(s):
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s)
+        return s * LOG2E  # base 2 from here on: exp(x) = 2^(x log2 e)
+
+    # the keys already in the cache: [kv_lo, pos)
+    kv_lo = 0 if sliding_window is None else jnp.maximum(pos - sliding_window + 1, 0)
+    step_lo = kv_lo // block_k
+    step_hi = jnp.maximum((pos + block_k - 1) // block_k, step_lo)
+
+    def body(step, carry):
+        acc, m_prev, l_prev = carry
+        k_pos = step * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        valid = (k_pos >= kv_lo) & (k_pos < pos)
+        page = block_tables_ref[tok, jnp.minimum(k_pos // block_size, max_blocks - 1)]
+        page = jnp.where(valid, page, 0)
+        k = k_cache_in[layer, page, k_pos % block_size, head, :]  # [block_k, D]
+        v = v_cache_in[layer, page, k_pos % block_size, head, :]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=dot_precision,
+                            preferred_element_type=jnp.float32) * qk_scale
+        s = jnp.where(valid[None, :], scores_of(s), MASK_VALUE)  # [rows, block_k]
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m_prev - m_next)
+        p = jnp.where(valid[None, :], jnp.exp2(s - m_next[:, None]), 0.0)
+        l_next = l_prev * alpha + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             precision=dot_precision, preferred_element_type=jnp.float32)
+        return acc * alpha[:, None] + pv, m_next, l_next
+
+    acc = jnp.zeros((rows, head_dim), jnp.float32)
+    m = jnp.full((rows,), MASK_VALUE, jnp.float32)
+    l = jnp.zeros((rows,), jnp.float32)
+    acc, m, l = lax.fori_loop(step_lo, step_hi, body, (acc, m, l))
+
+    # and its own key, from registers
+    s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1)
+    s_new = scores_of(s_new * qk_scale)
+    m_next = jnp.maximum(m, s_new)
+    alpha = jnp.exp2(m - m_next)
+    p_new = jnp.exp2(s_new - m_next)
+    l = l * alpha + p_new
+    acc = acc * alpha[:, None] + p_new[:, None] * v_new.astype(jnp.float32)[None, :]
+
+    out = jnp.where(seq_len > 0, acc / l[:, None], 0.0)
+    o_ref[jnp.full((rows,), tok, jnp.int32), q_head, :] = out.astype(o_ref.dtype)
+
+
+def decode_attention_triton(qkv, k_cache, v_cache, layer, seq_lens, block_tables,
+                            slot_mapping, *, scale: float, sliding_window: int | None = None,
+                            soft_cap: float | None = None, num_kv_heads: int,
+                            block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                            interpret: bool | None = None):
+    """One decode token a row: KV write and attention in one Pallas Triton kernel. Returns
+    (out [T, H, D], k_cache, v_cache); arguments as `decode_attention_reference`."""
+    num_tokens, qkv_heads, head_dim = qkv.shape
+    num_heads = qkv_heads - 2 * num_kv_heads
+    if num_heads < num_kv_heads or num_heads % num_kv_heads \
+            or k_cache.shape[3:] != (num_kv_heads, head_dim) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"qkv {qkv.shape} with {num_kv_heads} KV heads does not fit the "
+                         f"caches {k_cache.shape}, {v_cache.shape}")
+    if seq_lens.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,) \
+            or block_tables.shape[0] != num_tokens:
+        raise ValueError(f"one row per token: seq_lens {seq_lens.shape}, slot_mapping "
+                         f"{slot_mapping.shape} and block_tables {block_tables.shape} must "
+                         f"have {num_tokens} rows")
+    if block_k & (block_k - 1):
+        raise ValueError(f"block_k={block_k} must be a power of two")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    group = num_heads // num_kv_heads
+    rows = max(next_power_of_2(group), MIN_DOT)
+    kernel = functools.partial(_kernel, scale=scale, group=group, rows=rows, block_k=block_k,
+                               sliding_window=sliding_window, soft_cap=soft_cap)
+    whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+    from jax.experimental.pallas import triton as plgpu
+
+    out, k_cache, v_cache = pl.pallas_call(
+        kernel,
+        grid=(num_tokens, num_kv_heads),
+        in_specs=[whole((num_tokens,)), whole((num_tokens,)), whole((1,)),
+                  whole(block_tables.shape), whole(qkv.shape), whole(k_cache.shape),
+                  whole(v_cache.shape)],
+        out_specs=[whole((num_tokens, num_heads, head_dim)), whole(k_cache.shape),
+                   whole(v_cache.shape)],
+        out_shape=[jax.ShapeDtypeStruct((num_tokens, num_heads, head_dim), qkv.dtype),
+                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
+        input_output_aliases={5: 1, 6: 2},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"decode_attention_bk{block_k}",
+    )(seq_lens.astype(jnp.int32), slot_mapping.astype(jnp.int32),
+      jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), block_tables.astype(jnp.int32),
+      qkv, k_cache, v_cache)
+    return out, k_cache, v_cache
