@@ -11,6 +11,13 @@ of each kernel while lowering and compiles it with the `triton` package (when in
 ships with torch) for sm_90, down to PTX and cubin with the bundled ptxas, reporting shared
 memory and registers. jaxlib carries its own Triton version, so this is a strong check of
 the kernel's shapes and resource use, not proof that XLA's Triton accepts the same IR.
+
+`compile_for_gpu` goes all the way: XLA's own GPU compiler, without a device, for a target
+described by `GPU_TARGETS` (the CUDA plugin, `pip install "jax[cuda12]"`, must be installed;
+run with `JAX_PLATFORMS=cpu`). Its optimized HLO says which kernels a step launches. It
+does not autotune (there is no GPU to time on), so its GEMM configurations, and the
+split-K reductions they bring, may differ from a real compile; the fusions of everything
+else are XLA's real decisions.
 """
 
 from __future__ import annotations
@@ -25,6 +32,34 @@ import tempfile
 import jax
 
 H100 = "NVIDIA H100 80GB HBM3"
+
+# XLA's GpuTargetConfig text for deviceless compiles, from the device's published figures
+GPU_TARGETS = {"h100": """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84929347584
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+runtime_version { major: 12 minor: 8 }
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 7 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""}
 
 
 @contextlib.contextmanager
@@ -110,3 +145,44 @@ def compile_triton(fn, *args, arch: int = 90) -> list[TritonBuild]:
                                       kernel.metadata.shared, int(regs.group(1)) if regs else -1,
                                       int(spill.group(1)) if spill else 0, warps, stages))
     return builds
+
+
+@contextlib.contextmanager
+def _as_if_on_gpu(compute_capability: int):
+    """Trace as on a GPU: kernels compiled, not interpreted (they ask `default_backend`), and
+    Pallas Triton told the target's compute capability (it asks the attached device)."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    info = registration.gpu_info_lib
+    original_info, original_backend = info.get_gpu_info, jax.default_backend
+    target = dataclasses.make_dataclass("Target", [("compute_capability", int)])
+    info.get_gpu_info = lambda *_, **__: target(compute_capability)
+    jax.default_backend = lambda: "gpu"
+    try:
+        yield
+    finally:
+        info.get_gpu_info, jax.default_backend = original_info, original_backend
+
+
+def compile_for_gpu(fn, *args, target: str = "h100", donate_argnums=(),
+                    compiler_options=None) -> str:
+    """The optimized HLO text of `jax.jit(fn)` compiled by XLA for `target` (a key of
+    GPU_TARGETS) without a GPU. `args` are arrays or ShapeDtypeStructs (placed on the
+    target). Needs the CUDA plugin; raises RuntimeError with what to install otherwise."""
+    from jax.experimental import topologies
+
+    config = GPU_TARGETS[target]
+    try:
+        topology = topologies.get_topology_desc(target, "cuda", target_config=config,
+                                                topology="1x1x1")
+    except Exception as e:  # noqa: BLE001 - the plugin missing shows in many ways
+        raise RuntimeError(f"a deviceless GPU compile needs jax's CUDA plugin "
+                           f"(pip install \"jax[cuda12]\"; no GPU needed): {e}") from e
+    sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
+    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    major = int(re.search(r"major: (\d+)", config).group(1))
+    minor = re.search(r"cuda_compute_capability \{[^}]*minor: (\d+)", config)
+    with _as_if_on_gpu(10 * major + (int(minor.group(1)) if minor else 0)):
+        lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(
+            *jax.tree.map(spec, args))
+    return lowered.compile(compiler_options=compiler_options).as_text()

@@ -18,6 +18,7 @@ through `supports`, which returns None or the reason; tests skip such cases with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import pkgutil
@@ -127,6 +128,18 @@ def variants() -> dict[str, Variant]:
     """All registered variants by name (the reference first)."""
     _load_all()
     return dict(_REGISTRY)
+
+
+@contextlib.contextmanager
+def overridden_variant(name: str, **fields):
+    """Within the block, variant `name` has `fields` replaced (e.g. `decode=None`): for
+    benchmarks that compare a variant with and without one of its parts in one run."""
+    original = get_variant(name)
+    _REGISTRY[name] = dataclasses.replace(original, **fields)
+    try:
+        yield _REGISTRY[name]
+    finally:
+        _REGISTRY[name] = original
 
 
 def get_variant(name: str) -> Variant:

@@ -24,9 +24,10 @@
 #   eager        the same without the background precompile, no HF
 #   latency      batch 1 (with HF unless COMPARE_HF=0)
 #   profile      where a decode step's device time goes (step_profile.py)
-#   scan, async, nocb, graphs   the profile's steps with the layers as a scan, with
-#                asynchronous scheduling, with no command buffers, with XLA's own
-#                command-buffer default
+#   scan, async, nocb, graphs, unfused   the profile's steps with the layers as a scan,
+#                with asynchronous scheduling, with no command buffers, with XLA's own
+#                command-buffer default, with the KV write and the attention as separate
+#                kernels in multi-step calls (BACKEND+kv_scatter: no fused decode kernel)
 #   sampler      the engine's sampler against jax.random.categorical / jnp.argmax
 #   mtests       tests/test_multi_step.py on the Pallas kernels
 #   tests        tests/test_kernels.py compiled on the GPU
@@ -46,7 +47,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,mtests,throughput,pthroughput,latency,sthroughput,bthroughput,profile,nocb,tests,sampler,athroughput,async,scan,eager,kernels}"
+PHASES="${PHASES:-model,mtests,throughput,pthroughput,latency,profile,unfused,sthroughput,bthroughput,nocb,tests,sampler,athroughput,async,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -146,6 +147,13 @@ phase_scan() {  # the profile phase's steps timed with the layers as a scan (the
         "$BACKEND" "${PROF_ARGS[@]}" --no-unroll-layers --no-profile \
         --output-json "$WORK/step_profile_scan.json"
     grep -v '^{' "$WORK/scan.log" | tail -n 8
+}
+
+phase_unfused() {  # the profile phase's steps without the fused decode kernel
+    run_phase unfused 90 "$PY" benchmarks/step_profile.py "${COMMON[@]}" --attention-backend \
+        "$BACKEND+kv_scatter" "${PROF_ARGS[@]}" --no-profile \
+        --output-json "$WORK/step_profile_unfused.json"
+    grep -v '^{' "$WORK/unfused.log" | tail -n 8
 }
 
 phase_async() {  # the profile phase's steps timed with each step scheduled ahead of the last
@@ -308,7 +316,8 @@ for label, name in (("throughput_warm_cache", "throughput_warm"),
 for label, name in (("step_profile_xla_default_command_buffers", "step_profile_graphs"),
                     ("step_profile_scan", "step_profile_scan"),
                     ("step_profile_no_command_buffers", "step_profile_nocb"),
-                    ("step_profile_async_scheduling", "step_profile_async")):
+                    ("step_profile_async_scheduling", "step_profile_async"),
+                    ("step_profile_unfused_decode", "step_profile_unfused")):
     if os.path.exists(path := os.path.join(work, f"{name}.json")):
         summary[label] = {
             b: {k: r.get(k) for k in ("wall_ms_per_step", "runner_host_ms_per_step",

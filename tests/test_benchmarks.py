@@ -11,6 +11,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -543,3 +545,92 @@ def test_host_overhead_benchmark(capsys, tmp_path):
         host_overhead.main(["--output-len", "0"])
     with pytest.raises(SystemExit, match="host_overhead: error: --async-scheduling"):
         host_overhead.main(["--no-async-scheduling"])
+
+
+# An optimized GPU program as XLA prints it, cut down: outside the loop two kernels and a
+# copy; the loop body a GEMM fusion, a Triton custom call, an async fusion (counted once) and
+# a called computation holding one more fusion; views and constants launch nothing.
+GPU_HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_rms (p0: bf16[16,896]) -> bf16[16,896] {
+  %p0 = bf16[16,896]{1,0} parameter(0)
+  ROOT %m = bf16[16,896]{1,0} multiply(%p0, %p0)
+}
+
+%inner (q: f32[16]) -> f32[16] {
+  %q = f32[16]{0} parameter(0)
+  ROOT %loop_add_fusion.2 = f32[16]{0} fusion(%q), kind=kLoop, calls=%fused_rms
+}
+
+%region_0.91.clone (arg: (s32[], bf16[16,896])) -> (s32[], bf16[16,896]) {
+  %arg = (s32[], bf16[16,896]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %x = bf16[16,896]{1,0} get-tuple-element(%arg), index=1
+  %gemm_fusion_dot.1 = f32[4,16,1152]{2,1,0} fusion(%x), kind=kCustom, calls=%gemm_fusion_dot.1_computation
+  %pallas_call.30 = (bf16[16,14,64]{2,1,0}) custom-call(%x), custom_call_target="__gpu$xla.gpu.triton"
+  %fusion-start = ((s32[8,16]{1,0}), s32[1,16]{1,0}) fusion-start(%i), kind=kLoop, calls=%fused_dynamic_slice
+  %fusion-done = s32[1,16]{1,0} fusion-done(%fusion-start)
+  %call.3 = f32[16]{0} call(%i), to_apply=%inner
+  %b = bf16[16,896]{1,0} bitcast(%x)
+  ROOT %t = (s32[], bf16[16,896]{1,0}) tuple(%i, %b)
+}
+
+ENTRY %main.5 (w: bf16[16,896]) -> bf16[16,896] {
+  %w = bf16[16,896]{1,0} parameter(0)
+  %c = s32[] constant(0)
+  %wrapped_slice = bf16[16,896]{1,0} fusion(%w), kind=kLoop, calls=%wrapped_slice_computation.3
+  %copy.1 = bf16[16,896]{1,0} copy(%wrapped_slice)
+  %tuple = (s32[], bf16[16,896]{1,0}) tuple(%c, %copy.1)
+  %while = (s32[], bf16[16,896]{1,0}) while(%tuple), condition=%cond, body=%region_0.91.clone
+  %out = bf16[16,896]{1,0} get-tuple-element(%while), index=1
+  ROOT %fused_pad = bf16[16,896]{1,0} fusion(%out), kind=kLoop, calls=%fused_pad.7
+}
+"""
+
+
+def test_kernel_count_reads_optimized_hlo(capsys, tmp_path):
+    from benchmarks import kernel_count
+
+    counts = kernel_count.count_kernels(GPU_HLO)
+    assert counts["entry"] == 3
+    assert counts["entry_by_kind"] == {"fusion kLoop wrapped_slice_computation": 1, "copy": 1,
+                                       "fusion kLoop fused_pad": 1}
+    (loop,) = counts["loops"]
+    assert loop["body"] == "region_0.91.clone" and loop["kernels"] == 4
+    assert loop["by_kind"] == {"fusion kCustom gemm_fusion_dot": 1,
+                               "custom-call __gpu$xla.gpu.triton": 1,
+                               "fusion kLoop fused_dynamic_slice": 1,
+                               "fusion kLoop fused_rms": 1}
+    path = tmp_path / "step.hlo"
+    path.write_text(GPU_HLO)
+    kernel_count.main(["--hlo", str(path)])
+    assert _last_json(capsys)["loops"][0]["kernels"] == 4
+    with pytest.raises(ValueError, match="no ENTRY"):
+        kernel_count.count_kernels("HloModule empty\n")
+    with pytest.raises(SystemExit, match="kernel_count: error: --model"):
+        kernel_count.main([])
+
+
+def test_kernel_count_parses_what_this_jax_prints():
+    """The parser on a program this jax compiled here: a loop of three dependent matmuls
+    and a sine (the CPU's kernels, which XLA prints in the GPU's format)."""
+    from benchmarks import kernel_count
+
+    def body(i, x):
+        return jnp.sin(x @ x @ x @ x) + i
+
+    text = jax.jit(lambda x: jax.lax.fori_loop(0, 3, body, x)).lower(
+        jnp.ones((8, 8))).compile().as_text()
+    counts = kernel_count.count_kernels(text)
+    assert len(counts["loops"]) == 1 and counts["loops"][0]["kernels"] >= 3
+
+
+def test_compile_for_gpu_without_the_cuda_plugin():
+    import importlib.util
+
+    from pallas_kernels.gpu_lowering import compile_for_gpu
+
+    if importlib.util.find_spec("jax_cuda12_plugin") is not None:
+        pytest.skip("the CUDA plugin is installed: a deviceless compile works here")
+    with pytest.raises(RuntimeError, match=r"jax\[cuda12\]"):
+        compile_for_gpu(lambda x: x + 1, jax.ShapeDtypeStruct((4,), jnp.float32))

@@ -322,6 +322,38 @@ def test_decode_attention_rejects_bad_shapes():
         decode_attention_triton(*args, scale=0.1, num_kv_heads=2)
 
 
+@pytest.mark.parametrize("backend,decode_only,fused", [
+    ("pallas_triton", True, True), ("pallas:triton_splitk", True, True),
+    ("pallas_triton", False, False),  # a step that may hold prefills
+    ("pallas_triton+kv_scatter", True, False), ("pallas_triton+kv_triton", True, False),
+    ("reference", True, False)])
+def test_attend_fuses_decode_steps_only_where_asked(backend, decode_only, fused):
+    """`attend` (what a layer calls) takes the fused decode kernel for a decode-only step of
+    a variant that has one, unless the backend names its KV writer."""
+    from jaxvllm.models.attention import AttentionMetadata, KVCache, attend
+
+    qkv, k_cache, v_cache, layer, seq_lens, tables, slots = _decode_case(0)
+    q, k, v = qkv[:, :14], qkv[:, 14:16], qkv[:, 16:]
+    # as the engine lays a decode-only step out: row r is request r, padding rows last
+    query_start_loc = jnp.asarray([0, 1, 2, 3, 4, 5, 5], jnp.int32)
+    meta = AttentionMetadata(query_start_loc, seq_lens, tables, slots, decode_only=decode_only)
+    fn = functools.partial(attend, scale=0.125, sliding_window=None, backend=backend)
+    jaxpr = str(jax.make_jaxpr(fn)(q, k, v, KVCache(k_cache, v_cache), layer, meta))
+    assert ("decode_attention_bk" in jaxpr) == fused
+    out, kv = fn(q, k, v, KVCache(k_cache, v_cache), layer, meta)
+    want = jax.jit(functools.partial(decode_attention_reference_of_parts, num_kv_heads=2))(
+        qkv, k_cache, v_cache, layer, seq_lens, tables, slots)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want[0]), atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(np.asarray(kv.k)[:, 1:], np.asarray(want[1])[:, 1:])
+
+
+def decode_attention_reference_of_parts(*args, num_kv_heads):
+    from pallas_kernels.decode_attention_triton import decode_attention_reference
+
+    with jax.default_matmul_precision("highest"):
+        return decode_attention_reference(*args, scale=0.125, num_kv_heads=num_kv_heads)
+
+
 def test_triton_variants_fuse_decode_steps():
     """The Triton variants carry the fused decode kernel; the others write, then attend."""
     assert all(variants()[name].decode is not None for name in TRITON)

@@ -419,7 +419,9 @@ class ModelRunner:
             self._programs[key] = program
         return program
 
-    def _compile(self, key, args) -> StepProgram:
+    def step_function(self, key: ProgramKey, args):
+        """(the pure step function of `key`, its arguments, their packed layout): what
+        `_compile` jits, for tools that compile it elsewhere (benchmarks/kernel_count.py)."""
         layout = None
         if self.mesh is None:
             buffer, layout = pack(args[3:])
@@ -431,6 +433,10 @@ class ModelRunner:
             step = functools.partial(_step_fn, self.graphdef, self._state_def,
                                      key.sampler_paths, key.num_logprobs,
                                      key.num_prompt_logprobs, layout)
+        return step, args, layout
+
+    def _compile(self, key, args) -> StepProgram:
+        step, args, layout = self.step_function(key, args)
         if self.mesh is None:
             fn = jax.jit(step, donate_argnums=(1,))
         else:  # outputs replicated, the cache stays sharded by KV head
@@ -463,15 +469,15 @@ class ModelRunner:
         rows = self.multi_step_rows if multi else self.token_bucket
         largest_decode = min(self.max_reqs_bucket, self.max_tokens_bucket)
         decode = sorted({rows(n) for n in range(1, largest_decode + 1)}, reverse=True)
-        key, args = self._dummy_step(vocab_size, self.max_tokens_bucket,
+        key, args = self.dummy_step(vocab_size, self.max_tokens_bucket,
                                      min(self.max_reqs_bucket, self.max_tokens_bucket),
                                      self.min_table_width)
         self._compile_in_background(key, args)
         for T in decode:
             if multi:
-                key, args = self._dummy_multi_step(vocab_size, T, self.min_table_width)
+                key, args = self.dummy_multi_step(vocab_size, T, self.min_table_width)
             else:
-                key, args = self._dummy_step(vocab_size, T, min(self.max_reqs_bucket, T),
+                key, args = self.dummy_step(vocab_size, T, min(self.max_reqs_bucket, T),
                                              self.min_table_width)
             self._compile_in_background(key, args)
 
@@ -494,7 +500,7 @@ class ModelRunner:
             self.background_compile_seconds += time.perf_counter() - start
         return program
 
-    def _dummy_step(self, vocab_size: int, T: int, R: int, MB: int,
+    def dummy_step(self, vocab_size: int, T: int, R: int, MB: int,
                     paths: SamplerPaths = PLAIN_RANDOM_PATHS):
         """(key, args) of a step of T tokens and R rows whose inputs touch only the null
         block 0; the key is the one `execute_async` gives such a batch of requests whose
@@ -508,10 +514,10 @@ class ModelRunner:
         return key, (self.weights, self.kv, self._last_tokens, zeros(T), feed, zeros(T), meta,
                      zeros(R), sampling, zeros(1), zeros(1))
 
-    def _dummy_multi_step(self, vocab_size: int, T: int, MB: int,
+    def dummy_multi_step(self, vocab_size: int, T: int, MB: int,
                           paths: SamplerPaths = PLAIN_RANDOM_PATHS):
         """(key, args) of a multi-step decode of T rows of `num_scheduler_steps` steps that
-        touches only the null block, as `_dummy_step`."""
+        touches only the null block, as `dummy_step`."""
         K = self.num_scheduler_steps
         zeros = lambda *shape: np.zeros(shape, np.int32)
         meta = AttentionMetadata(np.arange(T + 1, dtype=np.int32), np.ones(T, np.int32),
@@ -580,7 +586,7 @@ class ModelRunner:
         """Run the largest step (every token and row, the widest block table, all of the
         sampler's work) on dummy inputs that touch only the null block, so that peak device
         memory can be read."""
-        key, args = self._dummy_step(vocab_size, self.max_tokens_bucket, self.max_reqs_bucket,
+        key, args = self.dummy_step(vocab_size, self.max_tokens_bucket, self.max_reqs_bucket,
                                      self.max_table_width, ALL_PATHS)
         if self.mesh is not None:
             args = self._shard_inputs(args)

@@ -18,7 +18,8 @@ and any of these with "+kv_<writer>" to pick the KV writer of pallas_kernels/kv_
 
 `attend` is what a layer calls: the write, then the attention, or, for a step whose metadata
 says every row is one decode token (`decode_only`, the multi-step decode loop) and whose
-variant has a fused decode kernel (`Variant.decode`), both in one kernel.
+variant has a fused decode kernel (`Variant.decode`), both in one kernel. Naming a KV writer
+("+kv_scatter", "+kv_triton") keeps them apart there too.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ class AttentionMetadata:
     block_tables: jax.Array  # [R, max_blocks] int32
     slot_mapping: jax.Array  # [T] int32, where each token's k/v is written
     plan: Any = None  # the host-built work plan of variants that take one (`Variant.plan`)
-    # static: row r is request r's one new token (T == R, query_start_loc = arange, padding
-    # rows of seq_len 0 at the end), as in a multi-step decode
+    # static: row r is request r's one new token (T == R; padding rows, of seq_len 0 and no
+    # query token, at the end), as in a multi-step decode
     decode_only: bool = False
 
 
@@ -169,9 +170,11 @@ def attend(q, k, v, kv: KVCache, layer, meta: AttentionMetadata, *, scale: float
            sliding_window: int | None, backend: str,
            soft_cap: float | None = None) -> tuple[jax.Array, KVCache]:
     """Store this step's k, v [T, KVH, D] and attend with q [T, H, D]: (out [T, H, D], cache).
-    One fused kernel for a `decode_only` step where the variant has one (not sharded)."""
+    One fused kernel for a `decode_only` step where the variant has one, unless the backend
+    names its KV writer (and not sharded)."""
     decode = get_variant(resolve_attention_backend(backend)[0]).decode
-    if meta.decode_only and decode is not None and parallel.active_mesh() is None:
+    if meta.decode_only and decode is not None and "+kv_" not in backend \
+            and parallel.active_mesh() is None:
         qkv = jnp.concatenate([q, k.astype(q.dtype), v.astype(q.dtype)], axis=1)
         out, k_cache, v_cache = decode(
             qkv, kv.k, kv.v, layer, meta.seq_lens, meta.block_tables, meta.slot_mapping,
