@@ -128,7 +128,8 @@ def _build_runner(args, max_rows: int):
     runner = ModelRunner(loaded.model, num_blocks=args.num_blocks, block_size=args.block_size,
                          max_model_len=args.max_model_len,
                          max_num_batched_tokens=args.max_num_batched_tokens,
-                         max_num_seqs=max_rows, fine_decode_buckets=False)
+                         max_num_seqs=max(max_rows, args.max_num_seqs),
+                         fine_decode_buckets=False)
     runner.num_scheduler_steps = args.num_scheduler_steps
     return loaded, runner
 
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-scheduler-steps", type=int, default=8)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="as the engine's (on a GPU 256): it bounds the rows' padding")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=256,
                    help="KV blocks of the compiled cache (its size changes no kernel)")
