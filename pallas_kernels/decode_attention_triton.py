@@ -35,7 +35,12 @@ from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention_reference,
     write_kv_reference,
 )
-from pallas_kernels.ragged_tiles import LOG2E, MASK_VALUE, next_power_of_2
+from pallas_kernels.ragged_tiles import (
+    LOG2E,
+    next_power_of_2,
+    online_softmax_start,
+    online_softmax_step,
+)
 
 MIN_DOT = 16  # Triton's smallest dot dimension
 
@@ -115,7 +120,6 @@ def _kernel(
     step_hi = jnp.maximum((pos + block_k - 1) // block_k, step_lo)
 
     def body(step, carry):
-        acc, m_prev, l_prev = carry
         k_pos = step * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
         valid = (k_pos >= kv_lo) & (k_pos < pos)
         page = block_tables_ref[tok, jnp.minimum(k_pos // block_size, max_blocks - 1)]
@@ -124,19 +128,9 @@ def _kernel(
         v = v_cache_in[layer, page, k_pos % block_size, head, :]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=dot_precision,
                             preferred_element_type=jnp.float32) * qk_scale
-        s = jnp.where(valid[None, :], scores_of(s), MASK_VALUE)  # [rows, block_k]
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.where(valid[None, :], jnp.exp2(s - m_next[:, None]), 0.0)
-        l_next = l_prev * alpha + jnp.sum(p, axis=1)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             precision=dot_precision, preferred_element_type=jnp.float32)
-        return acc * alpha[:, None] + pv, m_next, l_next
+        return online_softmax_step(carry, scores_of(s), valid[None, :], v, dot_precision)
 
-    acc = jnp.zeros((rows, head_dim), jnp.float32)
-    m = jnp.full((rows,), MASK_VALUE, jnp.float32)
-    l = jnp.zeros((rows,), jnp.float32)
-    acc, m, l = lax.fori_loop(step_lo, step_hi, body, (acc, m, l))
+    acc, m, l = lax.fori_loop(step_lo, step_hi, body, online_softmax_start(rows, head_dim))
 
     # and its own key, from registers
     s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1)

@@ -47,6 +47,8 @@ from pallas_kernels.ragged_tiles import (
     TILE_REQ,
     TILE_TOKEN,
     next_power_of_2,
+    online_softmax_start,
+    online_softmax_step,
     plan_query_tiles,
     tile_key_steps,
     tiles_to_tokens,
@@ -107,7 +109,6 @@ def _kernel(
     dot_precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     def body(step, carry):
-        acc, m_prev, l_prev = carry
         k_pos = step * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
         page_idx = jnp.minimum(k_pos // block_size, max_blocks - 1)
         page = block_tables_ref[req, page_idx]  # [block_k]
@@ -125,19 +126,9 @@ def _kernel(
         mask = row_ok[:, None] & (k_pos[None, :] <= q_pos[:, None])
         if sliding_window is not None:
             mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
-        l_next = l_prev * alpha + jnp.sum(p, axis=1)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             precision=dot_precision, preferred_element_type=jnp.float32)
-        return acc * alpha[:, None] + pv, m_next, l_next
+        return online_softmax_step(carry, s, mask, v, dot_precision)
 
-    acc = jnp.zeros((rows, head_dim), jnp.float32)
-    m = jnp.full((rows,), MASK_VALUE, jnp.float32)
-    l = jnp.zeros((rows,), jnp.float32)
-    acc, m, l = lax.fori_loop(start, stop, body, (acc, m, l))
+    acc, m, l = lax.fori_loop(start, stop, body, online_softmax_start(rows, head_dim))
 
     # rows that saw no key (padding, or an empty split) have l == 0: output 0, no NaN
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)

@@ -94,6 +94,28 @@ def tile_key_steps(first_pos, length, sliding_window: int | None, block_k: int):
     return kv_hi, step_lo, step_hi
 
 
+def online_softmax_step(carry, s, mask, v, precision):
+    """One block of keys into a FlashAttention-style running softmax (Dao 2023,
+    FlashAttention-2, section 3.1), inside a kernel: `carry` = (acc [rows, D], m [rows],
+    l [rows]) in float32, `s` [rows, block_k] the scores already in base 2, `mask` where
+    they count, `v` [block_k, D]. The output is acc / l once every block is in."""
+    acc, m_prev, l_prev = carry
+    s = jnp.where(mask, s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m_prev - m_next)
+    p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
+    l_next = l_prev * alpha + jnp.sum(p, axis=1)
+    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             precision=precision, preferred_element_type=jnp.float32)
+    return acc * alpha[:, None] + pv, m_next, l_next
+
+
+def online_softmax_start(rows: int, head_dim: int):
+    """The running softmax's carry before any key."""
+    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
 def tiles_to_tokens(out: jax.Array, tiles: QueryTiles, query_start_loc: jax.Array,
                     seq_lens: jax.Array, num_tokens: int, group: int) -> jax.Array:
     """[num_tiles, KVH, block_q * group_pad, D] per-tile rows -> [T, KVH * group, D].
