@@ -476,8 +476,10 @@ def test_builder_pads_to_powers_of_two_and_neutral_rows():
     assert (meta.token_ids[2] == -1).all()
     assert meta.repetition_penalty[3:].tolist() == [1.0] * 5 and meta.top_p[3:].tolist() == [1.0] * 5
 
+    # no row with any ids: zero-width columns, whose scatters the step does not compile
     none, n = build_sampling_metadata([RowSpec()], V, device_put=False)
-    assert n is None and none.token_ids.shape == (1, 1) and none.bias_ids.shape == (1, 1)
+    assert n is None and none.token_ids.shape == (1, 0) and none.bias_ids.shape == (1, 0)
+    assert none.stop_ids.shape == none.bad_word_ids.shape == none.allowed_ids.shape == (1, 0)
 
 
 def test_builder_errors():

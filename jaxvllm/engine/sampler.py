@@ -490,7 +490,11 @@ def bucket_num_logprobs(n: int | None) -> int | None:
 
 
 def _ragged(lists: Sequence[Sequence[int]], num_rows: int, dtype=np.int32, fill=_PAD) -> np.ndarray:
-    width = pow2_at_least(max((len(x) for x in lists), default=0))
+    """[num_rows, width] of `fill` with row i starting with lists[i]; width a power of two,
+    or 0 when every list is empty: the step then compiles no work for that column (each
+    scatter of ids is a kernel launch in every step, on a GPU)."""
+    longest = max((len(x) for x in lists), default=0)
+    width = pow2_at_least(longest) if longest else 0
     out = np.full((num_rows, width), fill, dtype)
     for i, x in enumerate(lists):
         if len(x):
@@ -562,7 +566,7 @@ def _plain_requests_metadata(rows: Sequence[Any], vocab_size: int, num_rows: int
         return _column(values, num_rows, dtype, fill)
 
     def no_ids(dtype=np.int32, fill=_PAD):
-        return np.full((num_rows, 1), fill, dtype)
+        return np.full((num_rows, 0), fill, dtype)
 
     # a plain row's penalties, lists and flags are the padding rows' neutral values
     return SamplingMetadata(
@@ -588,7 +592,7 @@ def build_sampling_metadata(rows: Sequence[Any], vocab_size: int,
 
     `rows`: `RowSpec`s, or engine requests (anything with `sampling_params`, turned into a
     row by `RowSpec.from_request`). `pad_rows_to`: R (>= len(rows)); padded rows are greedy
-    and neutral. Each ragged width (M, K, A, S, B) is padded to a power of two, >= 1.
+    and neutral. Each ragged width (M, K, A, S, B) is padded to a power of two, or 0 where no row has any.
     Returns (metadata, num_logprobs): the static `num_logprobs` to pass to `sample`, None
     when no row asked for logprobs (see `bucket_num_logprobs`). `device_put=False` keeps
     numpy arrays.
