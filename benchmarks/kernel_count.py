@@ -183,7 +183,9 @@ def run(args) -> dict:
         raise ValueError(f"--rows {args.rows!r}: row counts >= 1, comma-separated")
     loaded, runner = _build_runner(args, max(rows))
     variant = resolve_attention_backend(args.attention_backend)[0]
-    fused = get_variant(variant).decode is not None
+    # as `attend` decides: decode-only steps (the multi-step program), no KV writer named
+    fused = (get_variant(variant).decode is not None and "+kv_" not in args.attention_backend
+             and not args.single)
     modes = [("fused" if fused else "default", contextlib.nullcontext)]
     if args.compare_unfused and fused:
         modes.append(("unfused", lambda: overridden_variant(variant, decode=None)))
