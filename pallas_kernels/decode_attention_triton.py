@@ -10,8 +10,8 @@ zero. Returns the output `[T, H, D]` and both updated caches.
 Why a kernel of its own: the general step runs a scatter for k, one for v, the attention
 kernel and a gather from the kernel's per-tile rows back to tokens, four kernels a layer.
 Here one program per (token, KV head) stores its token's k and v row, walks the keys
-already in the cache `block_k` at a time (the online softmax of
-ragged_paged_attention_triton.py), adds its own key from registers (so no program waits on
+already in the cache `block_k` at a time (the ragged kernel's online softmax,
+`ragged_tiles.online_softmax_step`), adds its own key from registers (so no program waits on
 another's store), and writes its group's query heads straight to `[T, H, D]`: one kernel.
 At batch 1 a decode step is a few hundred small kernels, so each one saved per layer counts.
 
@@ -106,7 +106,7 @@ def _kernel(
     q_head = head * group + g  # [rows]; padded rows repeat the last head of the group
     q = qkv_ref[jnp.full((rows,), tok, jnp.int32), q_head, :]  # [rows, D]
 
-    qk_scale = (scale if soft_cap is None else scale / soft_cap)
+    qk_scale = scale if soft_cap is None else scale / soft_cap
     dot_precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     def scores_of(s):

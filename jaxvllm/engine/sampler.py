@@ -592,7 +592,8 @@ def build_sampling_metadata(rows: Sequence[Any], vocab_size: int,
 
     `rows`: `RowSpec`s, or engine requests (anything with `sampling_params`, turned into a
     row by `RowSpec.from_request`). `pad_rows_to`: R (>= len(rows)); padded rows are greedy
-    and neutral. Each ragged width (M, K, A, S, B) is padded to a power of two, or 0 where no row has any.
+    and neutral. Each ragged width (M, K, A, S, B) is padded to a power of two, or is 0
+    where no row has any.
     Returns (metadata, num_logprobs): the static `num_logprobs` to pass to `sample`, None
     when no row asked for logprobs (see `bucket_num_logprobs`). `device_put=False` keeps
     numpy arrays.
