@@ -28,6 +28,8 @@
 #                with asynchronous scheduling, with no command buffers, with XLA's own
 #                command-buffer default, with the KV write and the attention as separate
 #                kernels in multi-step calls (BACKEND+kv_scatter: no fused decode kernel)
+#   mofusion     the profile's steps with XLA's multi-output Triton fusions (an unsupported
+#                flag; 252 -> 241 kernels a greedy batch-1 step in benchmarks/kernel_count.py)
 #   sampler      the engine's sampler against jax.random.categorical / jnp.argmax
 #   mtests       tests/test_multi_step.py on the Pallas kernels
 #   tests        tests/test_kernels.py compiled on the GPU
@@ -47,7 +49,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,mtests,throughput,pthroughput,latency,profile,unfused,sthroughput,bthroughput,nocb,tests,sampler,athroughput,async,scan,eager,kernels}"
+PHASES="${PHASES:-model,mtests,throughput,pthroughput,latency,profile,unfused,sthroughput,bthroughput,nocb,mofusion,tests,sampler,athroughput,async,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -108,6 +110,7 @@ BACKEND="${ATTENTION_BACKEND:-pallas}"
 # (jaxvllm/xla_flags.py); the graphs phase times the same decode steps as the profile phase
 # with XLA's own command-buffer default instead, to keep that choice measured.
 XLA_OWN_DEFAULT="--xla_gpu_enable_command_buffer=-WHILE,-CONDITIONAL"
+MULTI_OUTPUT_FUSION="--xla_gpu_unsupported_enable_triton_multi_output_fusion=true"
 
 phase_model() {
     run_phase model 120 "$PY" benchmarks/random_model.py qwen2.5-0.5b "$MODEL_DIR" \
@@ -154,6 +157,13 @@ phase_unfused() {  # the profile phase's steps without the fused decode kernel
         "$BACKEND+kv_scatter" "${PROF_ARGS[@]}" --no-profile \
         --output-json "$WORK/step_profile_unfused.json"
     grep -v '^{' "$WORK/unfused.log" | tail -n 8
+}
+
+phase_mofusion() {  # the profile phase's steps with multi-output Triton fusions
+    run_phase mofusion 90 env XLA_FLAGS="${XLA_FLAGS:-} $MULTI_OUTPUT_FUSION" "$PY" \
+        benchmarks/step_profile.py "${COMMON[@]}" --attention-backend "$BACKEND" \
+        "${PROF_ARGS[@]}" --no-profile --output-json "$WORK/step_profile_mofusion.json"
+    grep -v '^{' "$WORK/mofusion.log" | tail -n 8
 }
 
 phase_async() {  # the profile phase's steps timed with each step scheduled ahead of the last
@@ -317,7 +327,8 @@ for label, name in (("step_profile_xla_default_command_buffers", "step_profile_g
                     ("step_profile_scan", "step_profile_scan"),
                     ("step_profile_no_command_buffers", "step_profile_nocb"),
                     ("step_profile_async_scheduling", "step_profile_async"),
-                    ("step_profile_unfused_decode", "step_profile_unfused")):
+                    ("step_profile_unfused_decode", "step_profile_unfused"),
+                    ("step_profile_multi_output_fusion", "step_profile_mofusion")):
     if os.path.exists(path := os.path.join(work, f"{name}.json")):
         summary[label] = {
             b: {k: r.get(k) for k in ("wall_ms_per_step", "runner_host_ms_per_step",
