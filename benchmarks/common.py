@@ -54,6 +54,14 @@ def compilation_cache_state() -> dict:
     return {"compilation_cache_dir": str(path), "compilation_cache_entries": entries}
 
 
+def parser_from_doc(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: `doc`'s first paragraph as the description, the rest (usage
+    examples, what it measures) as the epilog, printed as written."""
+    return argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                   epilog=doc.split("\n\n", 1)[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """vLLM's engine flags (those jaxvllm has); unset ones keep the engine's defaults."""
     g = parser.add_argument_group("engine")

@@ -45,10 +45,7 @@ PARTS = ("schedule", "runner", "fold_in", "outputs", "wait")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxvllm bench host_overhead",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = common.parser_from_doc("jaxvllm bench host_overhead", __doc__)
     common.add_engine_args(p)
     p.set_defaults(num_scheduler_steps=8, max_num_seqs=256, max_model_len=512,
                    max_num_batched_tokens=8192)

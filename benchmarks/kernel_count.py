@@ -44,6 +44,8 @@ import time
 # the CUDA plugin checks for a driver when jax starts unless told not to (there is none here)
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
+from benchmarks import common  # noqa: E402 - after the environment it reads
+
 # Instructions that launch nothing: values, views and the "done" halves of async pairs.
 NOT_LAUNCHED = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
                 "partition-id", "replica-id", "opt-barrier", "add-dependency", "fusion-done",
@@ -162,14 +164,12 @@ def _count_program(runner, vocab: int, rows: int, args) -> dict:
 
 
 def run(args) -> dict:
-    from benchmarks.common import print_table
-
     if args.hlo:
         counts = count_kernels(Path(args.hlo).read_text())
         rows = [("Kernels outside loops", counts["entry"])]
         rows += [(f"Kernels per iteration of {loop['body'][:30]}", loop["kernels"])
                  for loop in counts["loops"]]
-        print_table("Kernel count", rows)
+        common.print_table("Kernel count", rows)
         return {"benchmark": "kernel_count", "hlo": args.hlo, **counts}
     if not args.model:
         raise ValueError("--model (a folder, e.g. from benchmarks/random_model.py) or --hlo")
@@ -210,7 +210,7 @@ def run(args) -> dict:
         if len(modes) == 2:
             a, b = (results[m][str(r)]["per_decode_step"] for m, _ in modes)
             table.append(("fused / unfused", round(a / b, 3)))
-    print_table("Kernels per step (XLA GPU compile, no GPU)", table, width=64)
+    common.print_table("Kernels per step (XLA GPU compile, no GPU)", table, width=64)
     first = results[modes[0][0]][str(rows[-1])]
     top = (max(first["loops"], key=lambda loop: loop["kernels"])["by_kind"]
            if first["loops"] and not args.single else first["entry_by_kind"])
@@ -227,9 +227,7 @@ def run(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from pallas_kernels.gpu_lowering import GPU_TARGETS
 
-    p = argparse.ArgumentParser(prog="kernel_count", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser_from_doc("kernel_count", __doc__)
     p.add_argument("--model", help="HF folder of the model (random weights do)")
     p.add_argument("--hlo", help="count the kernels of this optimized HLO text file instead")
     p.add_argument("--dtype", default="bfloat16")
@@ -254,13 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    from benchmarks.common import main_with_json
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.num_scheduler_steps < 2 and not args.single:
         parser.error("--num-scheduler-steps must be >= 2 for the multi-step program")
-    return main_with_json("kernel_count", parser, run, argv)
+    return common.main_with_json("kernel_count", parser, run, argv)
 
 
 if __name__ == "__main__":

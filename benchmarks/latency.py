@@ -43,10 +43,7 @@ PERCENTILES = (10, 25, 50, 75, 90, 99)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxvllm bench latency",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = common.parser_from_doc("jaxvllm bench latency", __doc__)
     common.add_engine_args(p)
     g = p.add_argument_group("run")
     g.add_argument("--input-len", type=int, default=32)

@@ -70,9 +70,7 @@ class RequestResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxvllm bench serve", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = common.parser_from_doc("jaxvllm bench serve", __doc__)
     g = p.add_argument_group("server")
     g.add_argument("--base-url", default=None, help="e.g. http://localhost:8000 "
                    "(default: http://HOST:PORT)")

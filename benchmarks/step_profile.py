@@ -58,9 +58,7 @@ DERIVED_LINES = {"Steps", "XLA Modules", "XLA Ops", "Async XLA Ops", "TensorFlow
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="step_profile", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = common.parser_from_doc("step_profile", __doc__)
     common.add_engine_args(p)
     p.set_defaults(max_model_len=2048)
     g = p.add_argument_group("run")

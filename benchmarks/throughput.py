@@ -35,10 +35,7 @@ from benchmarks.datasets import add_dataset_args, describe, requests_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxvllm bench throughput",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = common.parser_from_doc("jaxvllm bench throughput", __doc__)
     common.add_engine_args(p)
     add_dataset_args(p, num_prompts=1000, input_len=1024, output_len=128)
     g = p.add_argument_group("run")
