@@ -36,7 +36,7 @@ from pallas_kernels.ragged_paged_attention import (
     write_kv_reference,
 )
 from pallas_kernels.ragged_tiles import (
-    LOG2E,
+    base2_scores,
     next_power_of_2,
     online_softmax_start,
     online_softmax_step,
@@ -109,11 +109,6 @@ def _kernel(
     qk_scale = scale if soft_cap is None else scale / soft_cap
     dot_precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
-    def scores_of(s):
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s)
-        return s * LOG2E  # base 2 from here on: exp(x) = 2^(x log2 e)
-
     # the keys already in the cache: [kv_lo, pos)
     kv_lo = 0 if sliding_window is None else jnp.maximum(pos - sliding_window + 1, 0)
     step_lo = kv_lo // block_k
@@ -128,13 +123,14 @@ def _kernel(
         v = v_cache_in[layer, page, k_pos % block_size, head, :]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=dot_precision,
                             preferred_element_type=jnp.float32) * qk_scale
-        return online_softmax_step(carry, scores_of(s), valid[None, :], v, dot_precision)
+        return online_softmax_step(carry, base2_scores(s, soft_cap), valid[None, :], v,
+                                   dot_precision)
 
     acc, m, l = lax.fori_loop(step_lo, step_hi, body, online_softmax_start(rows, head_dim))
 
     # and its own key, from registers
     s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1)
-    s_new = scores_of(s_new * qk_scale)
+    s_new = base2_scores(s_new * qk_scale, soft_cap)
     m_next = jnp.maximum(m, s_new)
     alpha = jnp.exp2(m - m_next)
     p_new = jnp.exp2(s_new - m_next)

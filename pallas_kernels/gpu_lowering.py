@@ -180,9 +180,9 @@ def compile_for_gpu(fn, *args, target: str = "h100", donate_argnums=(),
                            f"(pip install \"jax[cuda12]\"; no GPU needed): {e}") from e
     sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
     spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    major = int(re.search(r"major: (\d+)", config).group(1))
-    minor = re.search(r"cuda_compute_capability \{[^}]*minor: (\d+)", config)
-    with _as_if_on_gpu(10 * major + (int(minor.group(1)) if minor else 0)):
+    capability = re.search(r"cuda_compute_capability \{\s*major: (\d+)(?:\s+minor: (\d+))?",
+                           config)
+    with _as_if_on_gpu(10 * int(capability.group(1)) + int(capability.group(2) or 0)):
         lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(
             *jax.tree.map(spec, args))
     return lowered.compile(compiler_options=compiler_options).as_text()

@@ -39,12 +39,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.ragged_tiles import (
-    LOG2E,
     MASK_VALUE,
     TILE_LEN,
     TILE_POS,
     TILE_REQ,
     TILE_TOKEN,
+    base2_scores,
     next_power_of_2,
     plan_query_tiles,
     tile_key_steps,
@@ -152,9 +152,7 @@ def _kernel(
             return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32)) * qk_scale
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s)
-        s = s * LOG2E  # base 2: exp(x) = 2^(x log2 e)
+        s = base2_scores(s, soft_cap)
         k_pos = step * block_kv + col
         mask = row_ok & (k_pos <= q_pos)
         if sliding_window is not None:

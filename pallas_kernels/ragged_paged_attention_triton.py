@@ -40,8 +40,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.decode_attention_triton import decode_attention_triton
 from pallas_kernels.ragged_tiles import (
-    LOG2E,
     MASK_VALUE,
+    base2_scores,
     TILE_LEN,
     TILE_POS,
     TILE_REQ,
@@ -119,10 +119,7 @@ def _kernel(
 
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=dot_precision,
                             preferred_element_type=jnp.float32) * qk_scale  # [rows, block_k]
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s)
-        # base-2 exponent: exp(x) = 2^(x log2 e); m and the masked scores stay in that base
-        s = s * LOG2E
+        s = base2_scores(s, soft_cap)  # m and the masked scores stay in base 2
         mask = row_ok[:, None] & (k_pos[None, :] <= q_pos[:, None])
         if sliding_window is not None:
             mask &= k_pos[None, :] > q_pos[:, None] - sliding_window

@@ -94,6 +94,14 @@ def tile_key_steps(first_pos, length, sliding_window: int | None, block_k: int):
     return kv_hi, step_lo, step_hi
 
 
+def base2_scores(s, soft_cap: float | None):
+    """Scores (already scaled, by 1 / soft_cap too when capped) -> the soft cap applied, in
+    base 2 for the running softmax: exp(x) = 2^(x log2 e)."""
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s)
+    return s * LOG2E
+
+
 def online_softmax_step(carry, s, mask, v, precision):
     """One block of keys into a FlashAttention-style running softmax (Dao 2023,
     FlashAttention-2, section 3.1), inside a kernel: `carry` = (acc [rows, D], m [rows],
