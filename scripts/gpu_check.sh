@@ -11,6 +11,8 @@
 #   PHASES=model,profile,throughput scripts/gpu_check.sh   these phases, in this order
 #   COMPARE_HF=0 ATTENTION_BACKEND=pallas:triton_splitk scripts/gpu_check.sh
 #   ENGINE_EXTRA="--no-wait-for-precompile" scripts/gpu_check.sh   engine flags for every phase
+#   COMPARE_HF_THROUGHPUT=0 TESTS_K=decode scripts/gpu_check.sh   no HF in the throughput
+#                                  phase only; only the kernel tests matching -k decode
 #
 # Phases (PHASES, run in the order given; model first):
 #   model        the random-weight model
@@ -105,6 +107,8 @@ read -r -a EXTRA <<< "${ENGINE_EXTRA:-}"
 COMMON+=("${EXTRA[@]}")
 
 HF=(); [ "${COMPARE_HF:-1}" = 1 ] && HF=(--compare-hf)
+# COMPARE_HF_THROUGHPUT=0: no HF baseline in the throughput phase alone (latency keeps its own)
+THR_HF=("${HF[@]}"); [ "${COMPARE_HF_THROUGHPUT:-1}" = 0 ] && THR_HF=()
 BACKEND="${ATTENTION_BACKEND:-pallas}"
 # jaxvllm records the layer loop and the sampler's conditionals into CUDA graphs too
 # (jaxvllm/xla_flags.py); the graphs phase times the same decode steps as the profile phase
@@ -175,7 +179,7 @@ phase_async() {  # the profile phase's steps timed with each step scheduled ahea
 
 phase_throughput() {
     run_phase throughput 330 "$PY" benchmarks/throughput.py "${COMMON[@]}" --dataset nano-vllm \
-        "${HF[@]}" --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
+        "${THR_HF[@]}" --disable-tqdm --attention-backend "$BACKEND" "${THR_ARGS[@]}" \
         --output-json "$OUT/throughput.json"
     grep -v '^{' "$WORK/throughput.log" | tail -n 40
 }
@@ -237,6 +241,7 @@ phase_mtests() {  # multi-step decoding against single steps, on the Pallas kern
 phase_tests() {
     local sel=(tests/test_kernels.py)  # on a GPU every kernel test runs compiled
     [ "$MODE" = smoke ] && sel+=(-m gpu)  # on CPU they skip: the selection itself is checked
+    [ -n "${TESTS_K:-}" ] && sel+=(-k "$TESTS_K")  # e.g. TESTS_K=decode: only those tests
     # Compiling dominates the kernel tests: with pytest-xdist (on the GPU image) 4 processes
     # share the GPU, each allocating only what it uses.
     local par=()
