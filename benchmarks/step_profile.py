@@ -272,7 +272,8 @@ def _counters(engine) -> dict:
     runner = engine.runner
     holder = getattr(runner, "counters", runner)
     out = {k: getattr(holder, k, None) for k in ("steps", "host_seconds", "device_seconds")}
-    out["compile_seconds"] = float(getattr(runner, "compile_seconds", 0.0))
+    out["compile_seconds"] = float(getattr(runner, "compile_seconds", 0.0)
+                                   + getattr(runner, "background_compile_seconds", 0.0))
     return out
 
 
@@ -323,11 +324,14 @@ def profile_batch(llm, batch: int, args, params, trace_root: str) -> dict:
         # no compilation in the background beside the timed steps (it would take the host's
         # time, and on a GPU the device's: its compiler times kernels there)
         engine.wait_for_compiles()
-        # warm-up: at least --warmup-steps, then until a step compiles nothing
+        # warm-up: at least --warmup-steps, then until a step compiles nothing, here or in
+        # the background (a step that meets a missing program runs on a larger one while
+        # its own compiles)
         warm = 0
         while True:
             before = _counters(engine)["compile_seconds"]
             engine.step()
+            engine.wait_for_compiles()
             warm += 1
             compiled = _counters(engine)["compile_seconds"] > before
             if warm >= args.warmup_steps and not compiled or warm >= args.warmup_steps + 20:

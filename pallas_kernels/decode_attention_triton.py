@@ -15,6 +15,12 @@ already in the cache `block_k` at a time (the ragged kernel's online softmax,
 another's store), and writes its group's query heads straight to `[T, H, D]`: one kernel.
 At batch 1 a decode step is a few hundred small kernels, so each one saved per layer counts.
 
+Few rows leave most of the GPU idle: a batch-1 step is two programs (one a KV head), each
+walking the whole context one tile after another. There `num_splits` programs share a row's
+tiles (flash-decoding), each keeping its own running softmax, and a second small kernel
+(`_merge_kernel`) rescales and adds them: two kernels a layer instead of one, but a walk
+`num_splits` times shorter. `default_num_splits` picks how many from the shapes.
+
 The query, the new key and the new value come in one `[T, H + 2 * KVH, D]` array (q, then
 k, then v, rotary embeddings applied): XLA writes it with one fusion. The caches are
 aliased to the outputs. Keys past a row's own position read block 0 and are masked.
@@ -43,6 +49,8 @@ from pallas_kernels.ragged_tiles import (
 )
 
 MIN_DOT = 16  # Triton's smallest dot dimension
+TARGET_PROGRAMS = 512  # ~4 a streaming multiprocessor on an H100 (132)
+MAX_SPLITS = 16
 
 
 def decode_attention_reference(qkv, k_cache, v_cache, layer, seq_lens, block_tables,
@@ -74,19 +82,22 @@ def _kernel(
     qkv_ref,  # [T, H + 2 KVH, D]
     k_cache_in,  # [L, N, B, KVH, D], aliased to k_cache_ref
     v_cache_in,
-    o_ref,  # [T, H, D]
-    k_cache_ref,
-    v_cache_ref,
-    *,
+    *refs,  # o_ref [T, H, D], or acc_ref [T, KVH, S, rows, D], m_ref, l_ref [T, KVH, S,
+            # rows] (split S > 1); then the caches
     scale: float,
     group: int,
     rows: int,
     block_k: int,
+    num_splits: int,
     sliding_window: int | None,
     soft_cap: float | None,
 ):
-    tok, head = pl.program_id(0), pl.program_id(1)
-    num_heads, head_dim = o_ref.shape[1], o_ref.shape[2]
+    tok, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    if num_splits == 1:
+        o_ref, k_cache_ref, v_cache_ref = refs
+    else:
+        acc_ref, m_ref, l_ref, k_cache_ref, v_cache_ref = refs
+    num_heads, head_dim = qkv_ref.shape[1] - 2 * k_cache_ref.shape[3], qkv_ref.shape[2]
     num_kv_heads = k_cache_ref.shape[3]
     block_size = k_cache_ref.shape[2]
     max_blocks = block_tables_ref.shape[1]
@@ -94,7 +105,8 @@ def _kernel(
     seq_len = seq_lens_ref[tok]
     pos = seq_len - 1  # this token's position; -1 for padding
 
-    # this token's k and v for this KV head, stored as the cache holds them
+    # this token's k and v for this KV head, stored as the cache holds them (by every split
+    # of the row: the same value to the same place)
     k_new = qkv_ref[tok, num_heads + head, :].astype(k_cache_ref.dtype)
     v_new = qkv_ref[tok, num_heads + num_kv_heads + head, :].astype(v_cache_ref.dtype)
     slot = slots_ref[tok]
@@ -104,23 +116,30 @@ def _kernel(
 
     g = jnp.minimum(lax.broadcasted_iota(jnp.int32, (rows,), 0), group - 1)
     q_head = head * group + g  # [rows]; padded rows repeat the last head of the group
-    q = qkv_ref[jnp.full((rows,), tok, jnp.int32), q_head, :]  # [rows, D]
+    # Triton's dot takes one element type: a float32 model over a bfloat16 cache computes
+    # in float32
+    dot_dtype = jnp.promote_types(qkv_ref.dtype, k_cache_ref.dtype)
+    q = qkv_ref[jnp.full((rows,), tok, jnp.int32), q_head, :].astype(dot_dtype)  # [rows, D]
 
     qk_scale = scale if soft_cap is None else scale / soft_cap
-    dot_precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    dot_precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
 
-    # the keys already in the cache: [kv_lo, pos)
+    # the keys already in the cache: [kv_lo, pos), this split's share of their tiles
     kv_lo = 0 if sliding_window is None else jnp.maximum(pos - sliding_window + 1, 0)
     step_lo = kv_lo // block_k
     step_hi = jnp.maximum((pos + block_k - 1) // block_k, step_lo)
+    if num_splits > 1:
+        share = (step_hi - step_lo + num_splits - 1) // num_splits
+        step_lo = jnp.minimum(step_lo + split * share, step_hi)
+        step_hi = jnp.minimum(step_lo + share, step_hi)
 
     def body(step, carry):
         k_pos = step * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
         valid = (k_pos >= kv_lo) & (k_pos < pos)
         page = block_tables_ref[tok, jnp.minimum(k_pos // block_size, max_blocks - 1)]
         page = jnp.where(valid, page, 0)
-        k = k_cache_in[layer, page, k_pos % block_size, head, :]  # [block_k, D]
-        v = v_cache_in[layer, page, k_pos % block_size, head, :]
+        k = k_cache_in[layer, page, k_pos % block_size, head, :].astype(dot_dtype)  # [block_k, D]
+        v = v_cache_in[layer, page, k_pos % block_size, head, :].astype(dot_dtype)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=dot_precision,
                             preferred_element_type=jnp.float32) * qk_scale
         return online_softmax_step(carry, base2_scores(s, soft_cap), valid[None, :], v,
@@ -128,26 +147,66 @@ def _kernel(
 
     acc, m, l = lax.fori_loop(step_lo, step_hi, body, online_softmax_start(rows, head_dim))
 
-    # and its own key, from registers
+    # and its own key, from registers (in the first split)
     s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1)
     s_new = base2_scores(s_new * qk_scale, soft_cap)
-    m_next = jnp.maximum(m, s_new)
+    own = split == 0
+    m_next = jnp.where(own, jnp.maximum(m, s_new), m)
     alpha = jnp.exp2(m - m_next)
-    p_new = jnp.exp2(s_new - m_next)
+    p_new = jnp.where(own, jnp.exp2(s_new - m_next), 0.0)
     l = l * alpha + p_new
     acc = acc * alpha[:, None] + p_new[:, None] * v_new.astype(jnp.float32)[None, :]
 
-    out = jnp.where(seq_len > 0, acc / l[:, None], 0.0)
+    if num_splits == 1:
+        out = jnp.where(seq_len > 0, acc / l[:, None], 0.0)
+        o_ref[jnp.full((rows,), tok, jnp.int32), q_head, :] = out.astype(o_ref.dtype)
+    else:  # the split's running softmax, for `_merge_kernel`
+        acc_ref[tok, head, split, :, :] = acc
+        m_ref[tok, head, split, :] = m_next
+        l_ref[tok, head, split, :] = l
+
+
+def _merge_kernel(seq_lens_ref, acc_ref, m_ref, l_ref, o_ref, *, group: int, rows: int,
+                  num_splits: int):
+    """One program per (token, KV head): the splits' running softmaxes rescaled to their
+    largest maximum and added (a split without keys has l = 0 and adds nothing), written
+    to the group's query heads. Padding rows come out zero."""
+    tok, head = pl.program_id(0), pl.program_id(1)
+    ms = [m_ref[tok, head, s, :] for s in range(num_splits)]
+    m = functools.reduce(jnp.maximum, ms)
+    total = jnp.zeros((rows,), jnp.float32)
+    out = jnp.zeros(acc_ref.shape[-2:], jnp.float32)
+    for s in range(num_splits):
+        weight = jnp.exp2(ms[s] - m)
+        total = total + weight * l_ref[tok, head, s, :]
+        out = out + weight[:, None] * acc_ref[tok, head, s, :, :]
+    # total >= the own key's weight: the first split always has it
+    out = jnp.where(seq_lens_ref[tok] > 0, out / total[:, None], 0.0)
+    q_head = head * group + jnp.minimum(lax.broadcasted_iota(jnp.int32, (rows,), 0), group - 1)
     o_ref[jnp.full((rows,), tok, jnp.int32), q_head, :] = out.astype(o_ref.dtype)
+
+
+def default_num_splits(num_tokens: int, num_kv_heads: int, max_context: int,
+                       block_k: int) -> int:
+    """How many programs share a row's keys: enough for ~TARGET_PROGRAMS programs in all
+    (a batch-1 step is otherwise two programs walking the whole context), a power of two,
+    at most MAX_SPLITS and never more than the widest context has tiles."""
+    wanted = -(-TARGET_PROGRAMS // max(num_tokens * num_kv_heads, 1))
+    tiles = max(-(-max_context // block_k), 1)
+    return max(min(next_power_of_2(wanted), MAX_SPLITS, next_power_of_2(tiles)), 1)
 
 
 def decode_attention_triton(qkv, k_cache, v_cache, layer, seq_lens, block_tables,
                             slot_mapping, *, scale: float, sliding_window: int | None = None,
                             soft_cap: float | None = None, num_kv_heads: int,
-                            block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                            block_k: int = 64, num_splits: int | None = None,
+                            num_warps: int = 4, num_stages: int = 2,
                             interpret: bool | None = None):
     """One decode token a row: KV write and attention in one Pallas Triton kernel. Returns
-    (out [T, H, D], k_cache, v_cache); arguments as `decode_attention_reference`."""
+    (out [T, H, D], k_cache, v_cache); arguments as `decode_attention_reference`.
+
+    `num_splits` programs share each row's keys (flash-decoding); their partial softmaxes
+    are merged after the kernel. None picks `default_num_splits` for these shapes."""
     num_tokens, qkv_heads, head_dim = qkv.shape
     num_heads = qkv_heads - 2 * num_kv_heads
     if num_heads < num_kv_heads or num_heads % num_kv_heads \
@@ -161,31 +220,57 @@ def decode_attention_triton(qkv, k_cache, v_cache, layer, seq_lens, block_tables
                          f"have {num_tokens} rows")
     if block_k & (block_k - 1):
         raise ValueError(f"block_k={block_k} must be a power of two")
+    if num_splits is None:
+        num_splits = default_num_splits(num_tokens, num_kv_heads,
+                                        block_tables.shape[1] * k_cache.shape[2], block_k)
+    if num_splits < 1:
+        raise ValueError(f"num_splits={num_splits} must be at least 1")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     group = num_heads // num_kv_heads
     rows = max(next_power_of_2(group), MIN_DOT)
     kernel = functools.partial(_kernel, scale=scale, group=group, rows=rows, block_k=block_k,
-                               sliding_window=sliding_window, soft_cap=soft_cap)
+                               num_splits=num_splits, sliding_window=sliding_window,
+                               soft_cap=soft_cap)
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
     from jax.experimental.pallas import triton as plgpu
 
-    out, k_cache, v_cache = pl.pallas_call(
+    out_shape = jax.ShapeDtypeStruct((num_tokens, num_heads, head_dim), qkv.dtype)
+    if num_splits == 1:
+        outs = [out_shape]
+    else:
+        split_rows = (num_tokens, num_kv_heads, num_splits, rows)
+        outs = [jax.ShapeDtypeStruct((*split_rows, head_dim), jnp.float32),
+                jax.ShapeDtypeStruct(split_rows, jnp.float32),
+                jax.ShapeDtypeStruct(split_rows, jnp.float32)]
+    outs += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+             jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+    *parts, k_cache, v_cache = pl.pallas_call(
         kernel,
-        grid=(num_tokens, num_kv_heads),
+        grid=(num_tokens, num_kv_heads, num_splits),
         in_specs=[whole((num_tokens,)), whole((num_tokens,)), whole((1,)),
                   whole(block_tables.shape), whole(qkv.shape), whole(k_cache.shape),
                   whole(v_cache.shape)],
-        out_specs=[whole((num_tokens, num_heads, head_dim)), whole(k_cache.shape),
-                   whole(v_cache.shape)],
-        out_shape=[jax.ShapeDtypeStruct((num_tokens, num_heads, head_dim), qkv.dtype),
-                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
-        input_output_aliases={5: 1, 6: 2},
+        out_specs=[whole(o.shape) for o in outs],
+        out_shape=outs,
+        input_output_aliases={5: len(outs) - 2, 6: len(outs) - 1},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"decode_attention_bk{block_k}",
+        name=f"decode_attention_bk{block_k}_s{num_splits}",
     )(seq_lens.astype(jnp.int32), slot_mapping.astype(jnp.int32),
       jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), block_tables.astype(jnp.int32),
       qkv, k_cache, v_cache)
+    if num_splits == 1:
+        return parts[0], k_cache, v_cache
+    merge = functools.partial(_merge_kernel, group=group, rows=rows, num_splits=num_splits)
+    out = pl.pallas_call(
+        merge,
+        grid=(num_tokens, num_kv_heads),
+        in_specs=[whole((num_tokens,))] + [whole(p.shape) for p in parts],
+        out_specs=whole(out_shape.shape),
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=f"decode_attention_merge_s{num_splits}",
+    )(seq_lens.astype(jnp.int32), *parts)
     return out, k_cache, v_cache

@@ -36,6 +36,7 @@
 #   mtests       tests/test_multi_step.py on the Pallas kernels
 #   tests        tests/test_kernels.py compiled on the GPU
 #   kernels, sweep   benchmarks/kernels.py
+#   decode       the fused decode kernel's configurations (benchmarks/decode_kernel.py)
 # The whole
 # run ends by DEADLINE seconds (default 450): each phase gets its own limit, cut to what is
 # left, and a failing phase does not stop the next.
@@ -258,6 +259,14 @@ phase_kernels() {
     grep -v '^{' "$WORK/kernels.log" | tail -n 40
 }
 
+phase_decode() {  # the fused decode kernel's configurations (benchmarks/decode_kernel.py)
+    local args=(--rows 1,256 --contexts 512,1024,2048 --block-k 64,128)
+    [ "$MODE" = smoke ] && args=(--smoke)
+    run_phase decode 150 "$PY" benchmarks/decode_kernel.py "${args[@]}" \
+        --output-json "$OUT/decode_kernel.json"
+    grep -v '^{' "$WORK/decode.log" | tail -n 60
+}
+
 phase_sweep() {
     run_phase sweep 120 "$PY" benchmarks/kernels.py --sweep --variants triton \
         --no-baselines --skip kv_write,scan --iters 10 --json-out "$WORK/sweep.json"
@@ -312,6 +321,12 @@ if (p := load("step_profile")) is not None:
     summary["step_profile"] = {b: {k: v for k, v in r.items() if k != "top_by_hlo_op"}
                                | {"top": r.get("top", [])[:12]}
                                for b, r in p.get("per_batch", {}).items()}
+if (d := load("decode_kernel")) is not None:
+    summary["decode_kernel"] = {
+        f"{s['rows']}x{s['context']}": {"best": s.get("best"), "default_splits":
+                                        s.get("default_splits")}
+        | {k: r.get("ms", r.get("error")) for k, r in s["results"].items()}
+        for s in d["shapes"]}
 if (s := load("sampler")) is not None:
     summary["sampler"] = s.get("rows")
 for label, name in (("throughput_warm_cache", "throughput_warm"),

@@ -418,6 +418,28 @@ def test_cpu_attention_benchmark(capsys, tmp_path):
         cpu_attention.main(["--heads", "4", "--kv-heads", "3"])
 
 
+def test_decode_kernel_benchmark(capsys, tmp_path):
+    """Every configuration (and the separate write and attention) checked against the
+    reference and timed; splits past the program limit left out."""
+    from benchmarks import decode_kernel
+
+    out = tmp_path / "decode.json"
+    decode_kernel.main(["--smoke", "--output-json", str(out)])
+    printed = _last_json(capsys)
+    assert printed == json.loads(out.read_text()) and printed["benchmark"] == "decode_kernel"
+    assert [(s["rows"], s["padded_rows"]) for s in printed["shapes"]] == [(1, 16), (3, 16)]
+    for shape in printed["shapes"]:
+        assert set(shape["results"]) == {"separate", "bk16 sauto w4 st2", "bk16 s1 w4 st2",
+                                         "bk16 s4 w4 st2"}
+        for r in shape["results"].values():
+            assert "error" not in r and r["max_abs_err"] < 1e-4 and r["ms"] > 0
+        assert shape["best"] in shape["results"] and shape["best"] != "separate"
+        assert shape["default_splits"] == {"16": 4}  # 32 programs wanted more; 3 tiles
+    labels = [label for label, _ in decode_kernel.configurations(
+        decode_kernel.build_parser().parse_args([]), 256 * 2)]
+    assert "bk64 s4 w4 st2" in labels and "bk64 s8 w4 st2" not in labels
+
+
 def test_step_profile_summarize_nested_and_overlapping():
     from benchmarks import step_profile
 

@@ -285,9 +285,13 @@ def _decode_case(seed, tokens=6, heads=14, kv_heads=2, head_dim=64, block_size=1
     dict(seed=3, sliding_window=20),
     dict(seed=4, soft_cap=5.0),
     dict(seed=5, dtype=jnp.bfloat16),
-    # a float32 model over a bfloat16 cache: interpret mode only (the engine pairs them on
-    # its CPU backends alone; Triton's dot takes one element type)
+    # a float32 model over a bfloat16 cache (the kernel computes in float32)
     dict(seed=6, cache_dtype=jnp.bfloat16, block_size=8),
+    # keys shared by several programs a row, merged after the kernel (flash-decoding)
+    dict(seed=7, num_splits=2),
+    dict(seed=8, num_splits=3, sliding_window=20, padding=2),
+    dict(seed=9, num_splits=16, shared_prefix=True, heads=8, kv_heads=1),  # splits w/o keys
+    dict(seed=10, num_splits=4, soft_cap=5.0, dtype=jnp.bfloat16),
 ])
 def test_decode_attention_matches_write_then_attend(case):
     """The fused decode kernel (interpret mode on CPU) against the scatter KV write followed
@@ -297,11 +301,12 @@ def test_decode_attention_matches_write_then_attend(case):
 
     case = dict(case)
     knobs = {k: case.pop(k) for k in ("sliding_window", "soft_cap") if k in case}
+    splits = {"num_splits": case.pop("num_splits", 1)}
     args = _decode_case(**case)
     kwargs = dict(scale=0.125, num_kv_heads=args[1].shape[3], **knobs)
     with jax.default_matmul_precision("highest"):
         want = jax.jit(functools.partial(decode_attention_reference, **kwargs))(*args)
-        got = jax.jit(functools.partial(decode_attention_triton, **kwargs))(*args)
+        got = jax.jit(functools.partial(decode_attention_triton, **kwargs, **splits))(*args)
     exact = args[0].dtype == jnp.float32 and args[1].dtype == jnp.float32
     tol = TOL["float32" if exact else "bfloat16"]
     out, want_out = np.asarray(got[0], np.float32), np.asarray(want[0], np.float32)
@@ -465,10 +470,12 @@ def test_decode_attention_lowers_for_an_h100():
     from pallas_kernels.decode_attention_triton import decode_attention_triton
     from pallas_kernels.gpu_lowering import lower_for_gpu
 
-    for heads, kv_heads, head_dim in ((14, 2, 64), (32, 8, 128)):
+    # 256 rows: one program a row and KV head; 16 rows: the keys split (and merged)
+    for heads, kv_heads, head_dim, tokens in ((14, 2, 64, 256), (14, 2, 64, 16),
+                                              (32, 8, 128, 256)):
         fn = functools.partial(decode_attention_triton, scale=0.1, interpret=False,
                                num_kv_heads=kv_heads, sliding_window=64, soft_cap=30.0)
-        text = lower_for_gpu(fn, *_decode_specs(heads, kv_heads, head_dim))
+        text = lower_for_gpu(fn, *_decode_specs(heads, kv_heads, head_dim, tokens))
         assert "__gpu$xla.gpu.triton" in text
 
 
@@ -499,10 +506,11 @@ def test_triton_compiles_to_cubin(name):
     assert builds and builds[0].spill_bytes == 0
     from pallas_kernels.decode_attention_triton import decode_attention_triton
 
-    for heads, kv_heads, head_dim in ((14, 2, 64), (32, 8, 128)):
+    for heads, kv_heads, head_dim, tokens in ((14, 2, 64, 256), (14, 2, 64, 16),
+                                              (32, 8, 128, 256)):
         builds = compile_triton(functools.partial(decode_attention_triton, scale=0.1,
                                                   interpret=False, num_kv_heads=kv_heads),
-                                *_decode_specs(heads, kv_heads, head_dim))
+                                *_decode_specs(heads, kv_heads, head_dim, tokens))
         assert builds and all(b.shared_bytes <= 227 * 1024 and b.spill_bytes == 0
                               for b in builds), builds
 

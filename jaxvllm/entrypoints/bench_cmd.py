@@ -1,5 +1,5 @@
 """`jaxvllm bench NAME ...` (throughput, latency, serve, sampler, cpu_attention, host_overhead,
-kernel_count): the benchmarks of `benchmarks/`, with the same flags as
+kernel_count, decode_kernel): the benchmarks of `benchmarks/`, with the same flags as
 `python benchmarks/<name>.py` (`jaxvllm bench NAME --help`)."""
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ BENCHMARKS = {"throughput": "offline LLM.generate over a dataset (requests/s, to
               "cpu_attention": "the native CPU attention against XLA's block pairs and jnp",
               "host_overhead": "a decode batch's host time per step, multi-step calls "
                                "pipelined against in order",
-              "kernel_count": "kernels per decode step, compiled for an H100 without one"}
+              "kernel_count": "kernels per decode step, compiled for an H100 without one",
+              "decode_kernel": "the fused decode kernel's configurations against the "
+                               "separate KV write and attention"}
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="run a benchmark (throughput, latency, serve, sampler, cpu_attention, "
-                      "host_overhead, kernel_count)",
+                      "host_overhead, kernel_count, decode_kernel)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a benchmark. Every benchmark prints a table, then one JSON line.\n\n"
                     + "\n".join(f"  {name:<13} {text}" for name, text in BENCHMARKS.items()),
