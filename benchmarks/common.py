@@ -276,17 +276,27 @@ class StepProbe:
 
 def _by_token_bucket(steps) -> dict:
     """Where the time went, by the token count the steps were padded to (real + padded):
-    steps, seconds and real tokens each, over the steps that compiled nothing."""
+    steps, seconds and real tokens each, over the steps that compiled nothing; and per
+    step, the runner's host and device ms (where it counts them) and the mean context of
+    the requests running after it."""
     out: dict[str, dict] = {}
     for s in steps:
         if s.compile_s or not s.real_tokens:
             continue
         entry = out.setdefault(str(s.real_tokens + s.padded_tokens),
-                               {"steps": 0, "seconds": 0.0, "real_tokens": 0})
+                               {"steps": 0, "seconds": 0.0, "real_tokens": 0, "host": 0.0,
+                                "device": 0.0, "context": 0.0})
         entry["steps"] += 1
         entry["seconds"] += s.seconds
         entry["real_tokens"] += s.real_tokens
-    return {k: {**v, "seconds": _r(v["seconds"])}
+        entry["host"] += s.host_seconds or 0.0
+        entry["device"] += s.device_seconds or 0.0
+        entry["context"] += s.kv_stored / max(s.running, 1)
+    return {k: {"steps": v["steps"], "seconds": _r(v["seconds"]),
+                "real_tokens": v["real_tokens"],
+                "host_ms_per_step": _r(v["host"] / v["steps"] * 1e3),
+                "device_ms_per_step": _r(v["device"] / v["steps"] * 1e3),
+                "mean_context": _r(v["context"] / v["steps"], 1)}
             for k, v in sorted(out.items(), key=lambda kv: int(kv[0]))}
 
 

@@ -14,13 +14,15 @@ bfloat16, each request's blocks at random places. Timed per shape:
 
 - `separate`: the XLA scatter KV write, then the `triton` variant's ragged attention kernel
   (what a decode step ran before the fused kernel, and still runs with `+kv_scatter`);
-- `fused`: `decode_attention_triton` for every combination of `--block-k`, `--splits`
-  (programs sharing a row's keys, merged after the kernel; `auto` = its default for the
-  shape), `--num-warps` and `--num-stages`.
+- `default`: `decode_attention_triton` as the engine calls it (its `default_tiling`);
+- every combination of `--block-k`, `--splits` (programs sharing a row's keys, merged by a
+  second kernel; `auto` = its default for the shape and block_k), `--num-warps` and
+  `--num-stages`.
 
 Each runs `--iters` times in one jitted loop over the layers of a stacked cache, carried as
-the model carries it, so the time per call includes the gaps between kernels as a decode
-step's CUDA graph has them. Reports ms per call, the effective KV bandwidth (K and V bytes of
+the model carries it, compiled with jaxvllm's XLA flags (the loop recorded as one CUDA
+graph, as a decode step's), so the time per call includes the gaps between kernels as the
+engine has them. Reports ms per call, the effective KV bandwidth (K and V bytes of
 every request's context / time) and each configuration's ratio to `separate` and to the
 default configuration; then the best per shape. The last line is one JSON object.
 """
@@ -41,6 +43,7 @@ if __package__ in (None, ""):  # run as a file: import `benchmarks` from the rep
 
 import numpy as np  # noqa: E402
 
+import jaxvllm  # noqa: E402,F401 - its XLA flags (CUDA graphs for loops), before jax starts
 from benchmarks import common  # noqa: E402
 
 LAYERS = 2
@@ -173,10 +176,11 @@ def time_loop(fn, inputs, reps: int, iters: int):
 
 
 def bench_shape(rows: int, context: int, args) -> dict:
+    from jaxvllm import xla_flags
     from pallas_kernels.decode_attention_triton import (
         decode_attention_reference,
         decode_attention_triton,
-        default_num_splits,
+        default_tiling,
     )
 
     interpret = True if args.smoke else None
@@ -190,17 +194,20 @@ def bench_shape(rows: int, context: int, args) -> dict:
     kv_bytes = rows * context * args.kv_heads * args.head_dim * 2 * inputs[1].dtype.itemsize
     T, width = inputs[0].shape[0], inputs[4].shape[1]
     result = {"rows": rows, "padded_rows": T, "context": context, "table_width": width,
-              "default_splits": {bk: default_num_splits(T, args.kv_heads,
-                                                        width * args.block_size, bk)
-                                 for bk in args.block_k},
+              "default_tiling": default_tiling(T, args.kv_heads, width * args.block_size),
+              "default_splits": {bk: default_tiling(T, args.kv_heads, width * args.block_size,
+                                                    bk)[1] for bk in args.block_k},
               "results": {}}
-    candidates = [("separate", functools.partial(_separate, interpret=interpret, **common_kw))]
+    candidates = [("separate", functools.partial(_separate, interpret=interpret, **common_kw)),
+                  ("default", functools.partial(decode_attention_triton, interpret=interpret,
+                                                **common_kw))]
     candidates += [(label, functools.partial(decode_attention_triton, interpret=interpret,
                                              **common_kw, **kw))
                    for label, kw in configurations(args, T * args.kv_heads)]
 
     def compile_loop(step):
-        return looped(step, args.iters).lower(*inputs).compile()
+        return looped(step, args.iters).lower(*inputs).compile(
+            compiler_options=xla_flags.step_compiler_options())
 
     # compiled side by side (most of the time on a GPU), then timed one at a time
     with concurrent.futures.ThreadPoolExecutor(args.compile_threads) as pool:
@@ -220,7 +227,7 @@ def bench_shape(rows: int, context: int, args) -> dict:
             inputs = list(make_inputs(rows, context, args))
     ok = {k: r for k, r in result["results"].items() if "error" not in r and k != "separate"}
     base = result["results"].get("separate", {}).get("ms")
-    default = result["results"].get("bk64 sauto w4 st2", {}).get("ms")
+    default = result["results"].get("default", {}).get("ms")
     for r in result["results"].values():
         if "ms" in r:
             r["vs_separate"] = common.ratio(base, r["ms"])
@@ -249,7 +256,8 @@ def run(args) -> dict:
                 continue
             print(f"   {label:<22} {x['ms']:>9.4f} {x['kv_tb_per_s']:>7.3f} "
                   f"{common._fmt(x['vs_separate']):>12} {common._fmt(x['vs_default']):>11}")
-        print(f"   best: {r.get('best')}", flush=True)
+        print(f"   best: {r.get('best')}; default = block_k, splits "
+              f"{tuple(r['default_tiling'])}", flush=True)
     return {"benchmark": "decode_kernel", "device": common.device_name(),
             "geometry": {"heads": args.heads, "kv_heads": args.kv_heads,
                          "head_dim": args.head_dim, "block_size": args.block_size},

@@ -49,8 +49,14 @@ from pallas_kernels.ragged_tiles import (
 )
 
 MIN_DOT = 16  # Triton's smallest dot dimension
-TARGET_PROGRAMS = 512  # ~4 a streaming multiprocessor on an H100 (132)
+# Tiling defaults, from benchmarks/decode_kernel.py on an H100 (benchmarks/README.md): with
+# 512 programs (256 rows, 2 KV heads) splitting was slower at every context; at batch 1 a
+# layer's attention inside the engine's CUDA graph took 8.9 us split 16 ways at context
+# 1024, against 15.3 us unsplit at context 512. Keys a tile: 128 for whole rows (as fast
+# or faster at every shape), 64 for split rows (faster at context 512).
+TARGET_PROGRAMS = 256
 MAX_SPLITS = 16
+WHOLE_BLOCK_K, SPLIT_BLOCK_K = 128, 64
 
 
 def decode_attention_reference(qkv, k_cache, v_cache, layer, seq_lens, block_tables,
@@ -196,17 +202,28 @@ def default_num_splits(num_tokens: int, num_kv_heads: int, max_context: int,
     return max(min(next_power_of_2(wanted), MAX_SPLITS, next_power_of_2(tiles)), 1)
 
 
+def default_tiling(num_tokens: int, num_kv_heads: int, max_context: int,
+                   block_k: int | None = None, num_splits: int | None = None):
+    """(block_k, num_splits), each the one given or its default for these shapes."""
+    if num_splits is None:
+        num_splits = default_num_splits(num_tokens, num_kv_heads, max_context,
+                                        block_k or SPLIT_BLOCK_K)
+    if block_k is None:
+        block_k = SPLIT_BLOCK_K if num_splits > 1 else WHOLE_BLOCK_K
+    return block_k, num_splits
+
+
 def decode_attention_triton(qkv, k_cache, v_cache, layer, seq_lens, block_tables,
                             slot_mapping, *, scale: float, sliding_window: int | None = None,
                             soft_cap: float | None = None, num_kv_heads: int,
-                            block_k: int = 64, num_splits: int | None = None,
+                            block_k: int | None = None, num_splits: int | None = None,
                             num_warps: int = 4, num_stages: int = 2,
                             interpret: bool | None = None):
     """One decode token a row: KV write and attention in one Pallas Triton kernel. Returns
     (out [T, H, D], k_cache, v_cache); arguments as `decode_attention_reference`.
 
-    `num_splits` programs share each row's keys (flash-decoding); their partial softmaxes
-    are merged after the kernel. None picks `default_num_splits` for these shapes."""
+    `num_splits` programs share each row's keys (flash-decoding), `block_k` at a time;
+    their partial softmaxes are merged by a second kernel. None: `default_tiling`'s."""
     num_tokens, qkv_heads, head_dim = qkv.shape
     num_heads = qkv_heads - 2 * num_kv_heads
     if num_heads < num_kv_heads or num_heads % num_kv_heads \
@@ -218,11 +235,11 @@ def decode_attention_triton(qkv, k_cache, v_cache, layer, seq_lens, block_tables
         raise ValueError(f"one row per token: seq_lens {seq_lens.shape}, slot_mapping "
                          f"{slot_mapping.shape} and block_tables {block_tables.shape} must "
                          f"have {num_tokens} rows")
-    if block_k & (block_k - 1):
+    block_k, num_splits = default_tiling(num_tokens, num_kv_heads,
+                                         block_tables.shape[1] * k_cache.shape[2], block_k,
+                                         num_splits)
+    if block_k < 1 or block_k & (block_k - 1):
         raise ValueError(f"block_k={block_k} must be a power of two")
-    if num_splits is None:
-        num_splits = default_num_splits(num_tokens, num_kv_heads,
-                                        block_tables.shape[1] * k_cache.shape[2], block_k)
     if num_splits < 1:
         raise ValueError(f"num_splits={num_splits} must be at least 1")
     if interpret is None:

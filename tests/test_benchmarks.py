@@ -131,6 +131,7 @@ def test_throughput_random_with_hf(zoo, capsys, tmp_path):
     assert "padding_waste" in steps
     buckets = steps["by_token_bucket"]
     assert buckets and all(int(T) >= b["real_tokens"] / b["steps"] and b["seconds"] >= 0
+                           and b["mean_context"] > 0 and b["host_ms_per_step"] >= 0
                            for T, b in buckets.items())
     assert sum(b["steps"] for b in buckets.values()) <= steps["num_steps"]
     assert 0 < printed["first_token_s"] and plot.stat().st_size > 0
@@ -429,12 +430,13 @@ def test_decode_kernel_benchmark(capsys, tmp_path):
     assert printed == json.loads(out.read_text()) and printed["benchmark"] == "decode_kernel"
     assert [(s["rows"], s["padded_rows"]) for s in printed["shapes"]] == [(1, 16), (3, 16)]
     for shape in printed["shapes"]:
-        assert set(shape["results"]) == {"separate", "bk16 sauto w4 st2", "bk16 s1 w4 st2",
-                                         "bk16 s4 w4 st2"}
+        assert set(shape["results"]) == {"separate", "default", "bk16 sauto w4 st2",
+                                         "bk16 s1 w4 st2", "bk16 s4 w4 st2"}
         for r in shape["results"].values():
             assert "error" not in r and r["max_abs_err"] < 1e-4 and r["ms"] > 0
         assert shape["best"] in shape["results"] and shape["best"] != "separate"
         assert shape["default_splits"] == {"16": 4}  # 32 programs wanted more; 3 tiles
+        assert shape["default_tiling"] == [128, 1]  # 64 keys: one tile, not split
     labels = [label for label, _ in decode_kernel.configurations(
         decode_kernel.build_parser().parse_args([]), 256 * 2)]
     assert "bk64 s4 w4 st2" in labels and "bk64 s8 w4 st2" not in labels

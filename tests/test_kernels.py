@@ -282,7 +282,7 @@ def _decode_case(seed, tokens=6, heads=14, kv_heads=2, head_dim=64, block_size=1
     dict(seed=0),
     dict(seed=1, heads=4, kv_heads=4, padding=0),  # MHA, no padding row
     dict(seed=2, heads=8, kv_heads=1, shared_prefix=True, padding=2),
-    dict(seed=3, sliding_window=20),
+    dict(seed=3, sliding_window=20, block_k=16),  # whole rows over several tiles
     dict(seed=4, soft_cap=5.0),
     dict(seed=5, dtype=jnp.bfloat16),
     # a float32 model over a bfloat16 cache (the kernel computes in float32)
@@ -301,7 +301,7 @@ def test_decode_attention_matches_write_then_attend(case):
 
     case = dict(case)
     knobs = {k: case.pop(k) for k in ("sliding_window", "soft_cap") if k in case}
-    splits = {"num_splits": case.pop("num_splits", 1)}
+    splits = {"num_splits": case.pop("num_splits", 1), "block_k": case.pop("block_k", None)}
     args = _decode_case(**case)
     kwargs = dict(scale=0.125, num_kv_heads=args[1].shape[3], **knobs)
     with jax.default_matmul_precision("highest"):
