@@ -159,13 +159,15 @@ class StepRecord:
     padded_tokens: Optional[int] = None
     host_seconds: Optional[float] = None
     device_seconds: Optional[float] = None
+    multi_steps: Optional[int] = None
 
     @property
     def seconds(self) -> float:
         return self.end - self.start
 
 
-RUNNER_COUNTERS = ("real_tokens", "padded_tokens", "host_seconds", "device_seconds")
+RUNNER_COUNTERS = ("real_tokens", "padded_tokens", "host_seconds", "device_seconds",
+                   "multi_steps")
 
 
 class StepProbe:
@@ -275,15 +277,17 @@ class StepProbe:
 
 
 def _by_token_bucket(steps) -> dict:
-    """Where the time went, by the token count the steps were padded to (real + padded):
-    steps, seconds and real tokens each, over the steps that compiled nothing; and per
-    step, the runner's host and device ms (where it counts them) and the mean context of
-    the requests running after it."""
+    """Where the time went, by the token count the steps were padded to (real + padded;
+    multi-step decode calls apart, as "N multi-step", N = rows x steps): steps, seconds and
+    real tokens each, over the steps that compiled nothing; and per step, the runner's host
+    and device ms (where it counts them) and the mean context of the requests running
+    after it."""
     out: dict[str, dict] = {}
     for s in steps:
         if s.compile_s or not s.real_tokens:
             continue
-        entry = out.setdefault(str(s.real_tokens + s.padded_tokens),
+        label = str(s.real_tokens + s.padded_tokens) + (" multi-step" if s.multi_steps else "")
+        entry = out.setdefault(label,
                                {"steps": 0, "seconds": 0.0, "real_tokens": 0, "host": 0.0,
                                 "device": 0.0, "context": 0.0})
         entry["steps"] += 1
@@ -297,7 +301,7 @@ def _by_token_bucket(steps) -> dict:
                 "host_ms_per_step": _r(v["host"] / v["steps"] * 1e3),
                 "device_ms_per_step": _r(v["device"] / v["steps"] * 1e3),
                 "mean_context": _r(v["context"] / v["steps"], 1)}
-            for k, v in sorted(out.items(), key=lambda kv: int(kv[0]))}
+            for k, v in sorted(out.items(), key=lambda kv: (int(kv[0].split()[0]), kv[0]))}
 
 
 def engine_stats(llm, compile_seconds_before: float = 0.0,

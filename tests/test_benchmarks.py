@@ -130,9 +130,10 @@ def test_throughput_random_with_hf(zoo, capsys, tmp_path):
     assert steps["num_steps"] >= 4 and 0 < steps["kv_utilization"] <= 1
     assert "padding_waste" in steps
     buckets = steps["by_token_bucket"]
-    assert buckets and all(int(T) >= b["real_tokens"] / b["steps"] and b["seconds"] >= 0
-                           and b["mean_context"] > 0 and b["host_ms_per_step"] >= 0
-                           for T, b in buckets.items())
+    assert buckets and all(int(T.split()[0]) >= b["real_tokens"] / b["steps"]
+                           and b["seconds"] >= 0 and b["host_ms_per_step"] >= 0
+                           and b["mean_context"] >= 0 for T, b in buckets.items())
+    assert any(b["mean_context"] > 0 for b in buckets.values())
     assert sum(b["steps"] for b in buckets.values()) <= steps["num_steps"]
     assert 0 < printed["first_token_s"] and plot.stat().st_size > 0
 
