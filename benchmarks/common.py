@@ -304,13 +304,18 @@ def _by_token_bucket(steps) -> dict:
             for k, v in sorted(out.items(), key=lambda kv: (int(kv[0].split()[0]), kv[0]))}
 
 
-def engine_stats(llm, compile_seconds_before: float = 0.0,
-                 compiled_before: int = 0) -> dict:
-    """`LLMEngine.stats()`, plus what this run added to the compile count and time."""
+def engine_stats(llm, before: Optional[dict] = None) -> dict:
+    """`LLMEngine.stats()`, plus what the run since `before` (its stats then) added to the
+    compile count and time, on the steps' path and in background threads (a compilation
+    beside the steps takes the host's time, and on a GPU the device's)."""
+    before = before or {}
     stats = dict(llm.llm_engine.stats())
     out = {k: (_r(v, 4) if isinstance(v, float) else v) for k, v in stats.items()}
-    out["compile_seconds_in_run"] = _r(stats.get("compile_seconds", 0.0) - compile_seconds_before)
-    out["compiled_in_run"] = stats.get("num_compiled_programs", 0) - compiled_before
+    for key, name in (("compile_seconds", "compile_seconds_in_run"),
+                      ("background_compile_seconds", "background_compile_seconds_in_run")):
+        out[name] = _r(stats.get(key, 0.0) - before.get(key, 0.0))
+    out["compiled_in_run"] = (stats.get("num_compiled_programs", 0)
+                              - before.get("num_compiled_programs", 0))
     return out
 
 

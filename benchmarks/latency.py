@@ -183,8 +183,7 @@ def run(args, argv: list[str]) -> dict:
               **common.summarize(decode_ms, (50, 99), "decode_step_", "_ms"),
               "output_tokens_per_second": r(out_tokens / lat.mean(), 2),
               "load_s": r(load_s), "first_token_s": r(first_token_s), **cache,
-              "engine": common.engine_stats(llm, before["compile_seconds"],
-                                            before["num_compiled_programs"]),
+              "engine": common.engine_stats(llm, before),
               "steps": _merge_summaries(probes)}
     if cold:
         result["cold_start"] = cold

@@ -90,7 +90,7 @@ def run(args) -> dict:
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     output_lens = [sum(len(c.token_ids) for c in o.outputs) for o in outputs]
     output_tokens = sum(output_lens)
-    stats = common.engine_stats(llm, before["compile_seconds"], before["num_compiled_programs"])
+    stats = common.engine_stats(llm, before)
     steps = probe.summary()
     busy = elapsed - stats["compile_seconds_in_run"]
     r = common._r
@@ -147,7 +147,9 @@ def report(res: dict) -> None:
                                                 f"({e['compiled_in_run']})"),
             ("Compile seconds (in this run)", f"{e['compile_seconds']:.2f} "
                                               f"({e['compile_seconds_in_run']:.2f})"),
-            ("Background compile seconds (precompile)", e.get("background_compile_seconds")),
+            ("Background compile seconds (in this run)",
+             f"{e.get('background_compile_seconds', 0.0):.2f} "
+             f"({e.get('background_compile_seconds_in_run', 0.0):.2f})"),
             ("KV blocks / preemptions", f"{e['num_blocks']:,} / {e['num_preemptions']}"),
             ("Steps / mean step (ms)", f"{s.get('num_steps', 0)} / {s.get('step_ms_mean')}"),
             ("Steps scheduled ahead of the one in flight", e.get("steps_scheduled_ahead")),

@@ -126,6 +126,7 @@ def test_throughput_random_with_hf(zoo, capsys, tmp_path):
     for key in ("num_compiled_programs", "compile_seconds", "kv_cache_usage", "num_blocks",
                 "num_preemptions"):
         assert key in eng
+    assert eng["background_compile_seconds_in_run"] == 0  # no background compiling on CPU
     steps = printed["steps"]
     assert steps["num_steps"] >= 4 and 0 < steps["kv_utilization"] <= 1
     assert "padding_waste" in steps

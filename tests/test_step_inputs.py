@@ -330,6 +330,33 @@ def test_a_step_whose_program_is_still_compiling_runs_padded_on_a_ready_one(llam
         release.set()
 
 
+def test_a_missing_program_is_compiled_once_its_step_recurs(llama_folder):
+    """A step whose program is missing while a larger one is compiled runs padded on that
+    one; its own is compiled only once such steps have come COMPILE_WHEN_MET times (a
+    one-off step compiles nothing beside the steps after it). Tokens as without it."""
+    from jaxvllm import LLM, SamplingParams
+    from jaxvllm.engine.runner import COMPILE_WHEN_MET
+
+    kwargs = dict(attention_backend="reference", max_model_len=64, max_num_seqs=4,
+                  max_num_batched_tokens=32)
+    prompt = [{"prompt_token_ids": [3, 14, 15, 92, 65]}]  # a prefill of 5 tokens
+    params = SamplingParams(max_tokens=1, seed=7)
+    want = LLM(str(llama_folder), **kwargs).generate(prompt, params, use_tqdm=False)
+    llm = LLM(str(llama_folder), **kwargs, precompile=True, wait_for_precompile=True)
+    runner = llm.llm_engine.runner
+    T = runner.token_bucket(5)
+    own = lambda: [k for k in [*runner._programs, *runner._compiling] if k.num_tokens == T]
+    assert not own() and T < 32  # not among the precompiled buckets (32 is)
+    for met in range(1, COMPILE_WHEN_MET + 1):
+        got = llm.generate(prompt, params, use_tqdm=False)
+        assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+        assert bool(own()) == (met == COMPILE_WHEN_MET), met
+    llm.llm_engine.wait_for_compiles()
+    got = llm.generate(prompt, params, use_tqdm=False)  # on its own program now
+    assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    assert any(k.num_tokens == T for k in runner._programs)
+
+
 def test_a_failed_background_compilation_is_done_again_by_the_step(llama_folder, monkeypatch):
     from jaxvllm import LLM, SamplingParams
     from jaxvllm.engine.runner import ModelRunner

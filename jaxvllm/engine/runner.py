@@ -20,6 +20,7 @@ is spent once for them all (`multi_step_arrays` builds its inputs).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -51,6 +52,12 @@ MIN_CONTEXT_SLOTS = 256
 # this many tokens (a 256 x 256 table is 256 KiB a step).
 TABLE_WALKING_LOWERINGS = ("cpu", "triton", "mosaic_gpu")
 TABLE_WALKING_MIN_CONTEXT_SLOTS = 4096
+# A step whose own program is missing, while a compiled one can run it, runs on that one;
+# its own is compiled (in the background) once its kind of step has come this many times.
+# A one-off step (a prefill's last chunk, say) then compiles nothing beside the steps that
+# follow it: on a GPU a compilation takes seconds of the host's Python (tracing) and of the
+# device (XLA's autotuner times kernels there).
+COMPILE_WHEN_MET = 3
 
 
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
@@ -363,6 +370,7 @@ class ModelRunner:
         self._last_multi_step_sampling = None  # (T, requests, metadata) of the last such call
         self._programs: dict[ProgramKey, StepProgram] = {}
         self._compiling: dict[ProgramKey, concurrent.futures.Future] = {}
+        self._missing_met: collections.Counter = collections.Counter()  # see COMPILE_WHEN_MET
         self._compile_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._compile_lock = threading.Lock()
         self.counters = StepCounters()
@@ -484,6 +492,14 @@ class ModelRunner:
     def wait_for_compiles(self) -> None:
         """Wait until every background compilation started so far is done."""
         concurrent.futures.wait(list(self._compiling.values()))
+
+    def _compile_when_due(self, key: ProgramKey, args, can_wait: bool) -> None:
+        """`key`'s program missing: compiled in the background now if its step has nothing
+        else to run on (`can_wait` False), else once such steps have come COMPILE_WHEN_MET
+        times."""
+        self._missing_met[key] += 1
+        if not can_wait or self._missing_met[key] >= COMPILE_WHEN_MET:
+            self._compile_in_background(key, args)
 
     def _compile_in_background(self, key: ProgramKey, args) -> None:
         if key in self._programs or key in self._compiling:
@@ -620,7 +636,7 @@ class ModelRunner:
             # rows costs about what one of 16 does). Tokens are the same up to float
             # rounding: a matmul's result bits may depend on its row count, so whether this
             # happens (compile timing) can change a sample.
-            self._compile_in_background(key, args)
+            own_key, own_args = key, args
             if (covering := self._ready_covering(key)) is not None:
                 key = covering
             elif (larger := self._ready_larger(key)) is not None:
@@ -628,6 +644,7 @@ class ModelRunner:
                 key, args, prompt_spans, num_logprobs = self._step_inputs(scheduled, vocab_size,
                                                                           T, MB)
                 key = larger
+            self._compile_when_due(own_key, own_args, can_wait=key != own_key)
         if self.mesh is not None:
             args = self._shard_inputs(args, key)
         program = self._program(key, args)
@@ -666,9 +683,10 @@ class ModelRunner:
         args = (self.weights, self.kv, self._last_tokens, ids, feed, pos, steps, meta, slots,
                 sampling)
         if self._compile_pool is not None and not self._ready(key):
-            self._compile_in_background(key, args)
+            own_key = key
             if (covering := self._ready_covering(key)) is not None:
                 key = covering
+            self._compile_when_due(own_key, args, can_wait=key != own_key)
         program = self._program(key, args)
         launched = time.perf_counter()
         tokens, self.kv, self._last_tokens = program(*args)
