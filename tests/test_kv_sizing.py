@@ -43,7 +43,8 @@ def test_gpu_sizing_after_profile_run(folder, monkeypatch):
     llm = LLM(folder, block_size=4, max_model_len=64, gpu_memory_utilization=0.5)
     engine = llm.llm_engine
     per_block = kv_cache_bytes_per_block(engine.model_config, 4, engine.loaded.dtype)
-    assert engine.num_blocks == 1 + int((2_000_000 * 0.5 - 500_000) // per_block)
+    free_blocks = int((2_000_000 * 0.5 - 500_000) // per_block)
+    assert engine.num_blocks == 1 + engine_module.stable_block_count(free_blocks)
     assert engine.runner.kv.k.shape[1] == engine.num_blocks
     assert len(calls) >= 2  # asked once to choose the path, once after the profile run
     out = llm.generate([5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
@@ -55,3 +56,16 @@ def test_gpu_sizing_too_little_memory(folder, monkeypatch):
                         lambda: {"bytes_limit": 1000, "peak_bytes_in_use": 900})
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         LLM(folder, block_size=4, max_model_len=64)
+
+
+def test_block_count_is_stable_across_starts():
+    """A few blocks more or less of free memory (the profile run's peak varies a little
+    between starts) give the same cache shape, hence the same compiled programs."""
+    from jaxvllm.engine.engine import stable_block_count
+
+    assert stable_block_count(281_528) == stable_block_count(281_530) == 280_576
+    for blocks in (1, 7, 255, 256, 1000, 5_000, 281_530, 10**7):
+        got = stable_block_count(blocks)
+        assert got <= blocks and got >= blocks * (1 - 1 / 256)
+        assert stable_block_count(got) == got
+    assert stable_block_count(255) == 255  # small caches keep every block
