@@ -112,9 +112,9 @@ def device_memory_stats() -> dict | None:
 def stable_block_count(blocks: int) -> int:
     """`blocks` rounded down to a multiple of about 1/256 of itself (a power of two): the
     profile run's peak memory differs by a few kilobytes from one start to the next, and
-    each KV cache shape is its own compilation, so without rounding a warm start missed the
-    persistent compilation cache and compiled every step program again. Costs at most
-    0.4% of the blocks."""
+    each KV cache shape is its own compilation, so a start whose count differed by a block
+    could not use the step programs an earlier start left in the persistent compilation
+    cache. Costs at most 0.4% of the blocks."""
     granule = 1 << max(blocks.bit_length() - 9, 0)
     return blocks - blocks % granule
 
