@@ -103,8 +103,8 @@ def _kernel(
         o_ref, k_cache_ref, v_cache_ref = refs
     else:
         acc_ref, m_ref, l_ref, k_cache_ref, v_cache_ref = refs
-    num_heads, head_dim = qkv_ref.shape[1] - 2 * k_cache_ref.shape[3], qkv_ref.shape[2]
     num_kv_heads = k_cache_ref.shape[3]
+    num_heads, head_dim = qkv_ref.shape[1] - 2 * num_kv_heads, qkv_ref.shape[2]
     block_size = k_cache_ref.shape[2]
     max_blocks = block_tables_ref.shape[1]
     layer = layer_ref[0]
@@ -120,8 +120,7 @@ def _kernel(
     k_cache_ref[layer, block, offset, head, :] = k_new
     v_cache_ref[layer, block, offset, head, :] = v_new
 
-    g = jnp.minimum(lax.broadcasted_iota(jnp.int32, (rows,), 0), group - 1)
-    q_head = head * group + g  # [rows]; padded rows repeat the last head of the group
+    q_head = _group_heads(head, group, rows)
     # Triton's dot takes one element type: a float32 model over a bfloat16 cache computes
     # in float32
     dot_dtype = jnp.promote_types(qkv_ref.dtype, k_cache_ref.dtype)
@@ -144,8 +143,8 @@ def _kernel(
         valid = (k_pos >= kv_lo) & (k_pos < pos)
         page = block_tables_ref[tok, jnp.minimum(k_pos // block_size, max_blocks - 1)]
         page = jnp.where(valid, page, 0)
-        k = k_cache_in[layer, page, k_pos % block_size, head, :].astype(dot_dtype)  # [block_k, D]
-        v = v_cache_in[layer, page, k_pos % block_size, head, :].astype(dot_dtype)
+        at = (layer, page, k_pos % block_size, head, slice(None))
+        k, v = k_cache_in[at].astype(dot_dtype), v_cache_in[at].astype(dot_dtype)  # [block_k, D]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=dot_precision,
                             preferred_element_type=jnp.float32) * qk_scale
         return online_softmax_step(carry, base2_scores(s, soft_cap), valid[None, :], v,
@@ -188,8 +187,14 @@ def _merge_kernel(seq_lens_ref, acc_ref, m_ref, l_ref, o_ref, *, group: int, row
         out = out + weight[:, None] * acc_ref[tok, head, s, :, :]
     # total >= the own key's weight: the first split always has it
     out = jnp.where(seq_lens_ref[tok] > 0, out / total[:, None], 0.0)
-    q_head = head * group + jnp.minimum(lax.broadcasted_iota(jnp.int32, (rows,), 0), group - 1)
-    o_ref[jnp.full((rows,), tok, jnp.int32), q_head, :] = out.astype(o_ref.dtype)
+    o_ref[jnp.full((rows,), tok, jnp.int32), _group_heads(head, group, rows), :] = \
+        out.astype(o_ref.dtype)
+
+
+def _group_heads(head, group: int, rows: int):
+    """The query heads of KV head `head`'s group, `rows` of them: padded rows repeat the
+    group's last head (they then store the same value to the same place)."""
+    return head * group + jnp.minimum(lax.broadcasted_iota(jnp.int32, (rows,), 0), group - 1)
 
 
 def default_num_splits(num_tokens: int, num_kv_heads: int, max_context: int,
