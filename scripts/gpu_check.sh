@@ -53,7 +53,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,mtests,throughput,pthroughput,latency,profile,unfused,sthroughput,bthroughput,nocb,mofusion,tests,sampler,athroughput,async,scan,eager,kernels}"
+PHASES="${PHASES:-model,throughput,latency,pthroughput,profile,tests,decode,mtests,unfused,sthroughput,bthroughput,nocb,mofusion,sampler,athroughput,async,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
