@@ -216,7 +216,7 @@ def bench_shape(rows: int, context: int, args) -> dict:
         try:
             got, ms = time_loop(future.result(), inputs, args.reps, args.iters)
             err = float(np.max(np.abs(got - want)))
-            result["results"][label] = {"ms": common._r(ms, 4), "max_abs_err": common._r(err, 4),
+            result["results"][label] = {"ms": common._r(ms, 4), "max_abs_err": common._r(err, 6),
                                         "kv_tb_per_s": common._r(kv_bytes / (ms * 1e-3) / 1e12)}
             if err > 0.05:
                 result["results"][label]["error"] = f"output differs from the reference by {err}"

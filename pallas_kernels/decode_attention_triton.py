@@ -52,8 +52,9 @@ MIN_DOT = 16  # Triton's smallest dot dimension
 # Tiling defaults, from benchmarks/decode_kernel.py on an H100 (benchmarks/README.md): with
 # 512 programs (256 rows, 2 KV heads) splitting was slower at every context; at batch 1 a
 # layer's attention inside the engine's CUDA graph took 8.9 us split 16 ways at context
-# 1024, against 15.3 us unsplit at context 512. Keys a tile: 128 for whole rows (as fast
-# or faster at every shape), 64 for split rows (faster at context 512).
+# 1024, against 15.3 us unsplit at context 512 (8 ways, what a batch-1 step padded to 16
+# rows now gets, timed as 16 within the sweep's noise). Keys a tile: 128 for whole rows (as
+# fast or faster at every shape), 64 for split rows (faster at context 512).
 TARGET_PROGRAMS = 256
 MAX_SPLITS = 16
 WHOLE_BLOCK_K, SPLIT_BLOCK_K = 128, 64
@@ -204,7 +205,7 @@ def default_num_splits(num_tokens: int, num_kv_heads: int, max_context: int,
     at most MAX_SPLITS and never more than the widest context has tiles."""
     wanted = -(-TARGET_PROGRAMS // max(num_tokens * num_kv_heads, 1))
     tiles = max(-(-max_context // block_k), 1)
-    return max(min(next_power_of_2(wanted), MAX_SPLITS, next_power_of_2(tiles)), 1)
+    return min(next_power_of_2(wanted), MAX_SPLITS, 1 << (tiles.bit_length() - 1))
 
 
 def default_tiling(num_tokens: int, num_kv_heads: int, max_context: int,

@@ -437,7 +437,7 @@ def test_decode_kernel_benchmark(capsys, tmp_path):
         for r in shape["results"].values():
             assert "error" not in r and r["max_abs_err"] < 1e-4 and r["ms"] > 0
         assert shape["best"] in shape["results"] and shape["best"] != "separate"
-        assert shape["default_splits"] == {"16": 4}  # 32 programs wanted more; 3 tiles
+        assert shape["default_splits"] == {"16": 4}  # 32 programs want 8; 4 tiles of 16
         assert shape["default_tiling"] == [128, 1]  # 64 keys: one tile, not split
     labels = [label for label, _ in decode_kernel.configurations(
         decode_kernel.build_parser().parse_args([]), 256 * 2)]

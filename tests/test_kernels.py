@@ -363,7 +363,8 @@ def decode_attention_reference_of_parts(*args, num_kv_heads):
 
 def test_only_the_triton_variant_fuses_decode_steps():
     """The Triton variant (the GPU default) carries the fused decode kernel; the others,
-    split-K included (the fused kernel does not split a row's keys), write, then attend."""
+    split-K included (whose key splits the fused kernel's own splitting does not follow),
+    write, then attend."""
     assert [name for name, v in variants().items() if v.decode is not None] == ["triton"]
 
 

@@ -331,11 +331,12 @@ def test_a_step_whose_program_is_still_compiling_runs_padded_on_a_ready_one(llam
 
 
 def test_a_missing_program_is_compiled_once_its_step_recurs(llama_folder):
-    """A step whose program is missing while a larger one is compiled runs padded on that
-    one; its own is compiled only once such steps have come COMPILE_WHEN_MET times (a
-    one-off step compiles nothing beside the steps after it). Tokens as without it."""
+    """A step whose program is missing while a larger one (at most DEFER_MAX_PADDING times
+    its size) is compiled runs padded on that one; its own is compiled only once such steps
+    have come COMPILE_WHEN_MET times (a one-off step compiles nothing beside the steps after
+    it). Tokens as without it."""
     from jaxvllm import LLM, SamplingParams
-    from jaxvllm.engine.runner import COMPILE_WHEN_MET
+    from jaxvllm.engine.runner import COMPILE_WHEN_MET, DEFER_MAX_PADDING
 
     kwargs = dict(attention_backend="reference", max_model_len=64, max_num_seqs=4,
                   max_num_batched_tokens=32)
@@ -355,6 +356,17 @@ def test_a_missing_program_is_compiled_once_its_step_recurs(llama_folder):
     got = llm.generate(prompt, params, use_tqdm=False)  # on its own program now
     assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
     assert any(k.num_tokens == T for k in runner._programs)
+
+    # a step that only a much larger program could run (over DEFER_MAX_PADDING times its
+    # tokens) has its own compiled at once
+    big = LLM(str(llama_folder), **{**kwargs, "max_num_batched_tokens": 256}, precompile=True,
+              wait_for_precompile=True)
+    runner = big.llm_engine.runner
+    T = runner.token_bucket(5)
+    assert runner.max_tokens_bucket > DEFER_MAX_PADDING * T and not own()
+    got = big.generate(prompt, params, use_tqdm=False)
+    assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    assert own()
 
 
 def test_a_failed_background_compilation_is_done_again_by_the_step(llama_folder, monkeypatch):

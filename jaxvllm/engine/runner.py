@@ -52,12 +52,14 @@ MIN_CONTEXT_SLOTS = 256
 # this many tokens (a 256 x 256 table is 256 KiB a step).
 TABLE_WALKING_LOWERINGS = ("cpu", "triton", "mosaic_gpu")
 TABLE_WALKING_MIN_CONTEXT_SLOTS = 4096
-# A step whose own program is missing, while a compiled one can run it, runs on that one;
-# its own is compiled (in the background) once its kind of step has come this many times.
-# A one-off step (a prefill's last chunk, say) then compiles nothing beside the steps that
-# follow it: on a GPU a compilation takes seconds of the host's Python (tracing) and of the
-# device (XLA's autotuner times kernels there).
+# A step whose own program is missing, while a compiled one at most DEFER_MAX_PADDING
+# times its size can run it, runs on that one; its own is compiled (in the background)
+# once its kind of step has come COMPILE_WHEN_MET times. A one-off step (a prefill's last
+# chunk, say) then compiles nothing beside the steps that follow it: on a GPU a compilation
+# takes seconds of the host's Python (tracing) and of the device (XLA's autotuner times
+# kernels there). A step that only a much larger program can run compiles at once.
 COMPILE_WHEN_MET = 3
+DEFER_MAX_PADDING = 4
 
 
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
@@ -463,11 +465,12 @@ class ModelRunner:
         or nearly, when the batch first reaches them. A step that needs one still being
         compiled runs on a compiled program that does more (see `execute_async`) meanwhile,
         else waits for it; from now on a step whose program is missing has it compiled in
-        these threads too. With multi-step decoding the decode batches' programs compiled
-        are the multi-step ones; a single decode step (prompts waiting, params that need the
-        host's token history, too few free blocks for the steps ahead) has its program
-        compiled when first met. Not for planned variants (their plan sizes are in the key)
-        or tensor parallel runners."""
+        these threads too (at once, or once the step recurs where a compiled one runs it at
+        little extra cost: `COMPILE_WHEN_MET`). With multi-step decoding the decode
+        batches' programs compiled are the multi-step ones; a single decode step (prompts
+        waiting, params that need the host's token history, too few free blocks for the
+        steps ahead) has its program compiled when first met. Not for planned variants
+        (their plan sizes are in the key) or tensor parallel runners."""
         if self.planner is not None or self.mesh is not None:
             raise ValueError("precompile needs an unplanned attention variant on one device")
         if self._compile_pool is None:
@@ -493,12 +496,15 @@ class ModelRunner:
         """Wait until every background compilation started so far is done."""
         concurrent.futures.wait(list(self._compiling.values()))
 
-    def _compile_when_due(self, key: ProgramKey, args, can_wait: bool) -> None:
-        """`key`'s program missing: compiled in the background now if its step has nothing
-        else to run on (`can_wait` False), else once such steps have come COMPILE_WHEN_MET
-        times."""
+    def _compile_when_due(self, key: ProgramKey, args,
+                          fallback: Optional[ProgramKey]) -> None:
+        """`key`'s program missing, its step running on `fallback` meanwhile (None: on
+        nothing, it waits): compiled in the background now if there is no fallback or it
+        pads the step more than DEFER_MAX_PADDING times, else once such steps have come
+        COMPILE_WHEN_MET times."""
         self._missing_met[key] += 1
-        if not can_wait or self._missing_met[key] >= COMPILE_WHEN_MET:
+        if (fallback is None or fallback.num_tokens > DEFER_MAX_PADDING * key.num_tokens
+                or self._missing_met[key] >= COMPILE_WHEN_MET):
             self._compile_in_background(key, args)
 
     def _compile_in_background(self, key: ProgramKey, args) -> None:
@@ -644,7 +650,7 @@ class ModelRunner:
                 key, args, prompt_spans, num_logprobs = self._step_inputs(scheduled, vocab_size,
                                                                           T, MB)
                 key = larger
-            self._compile_when_due(own_key, own_args, can_wait=key != own_key)
+            self._compile_when_due(own_key, own_args, fallback=None if key == own_key else key)
         if self.mesh is not None:
             args = self._shard_inputs(args, key)
         program = self._program(key, args)
@@ -686,7 +692,7 @@ class ModelRunner:
             own_key = key
             if (covering := self._ready_covering(key)) is not None:
                 key = covering
-            self._compile_when_due(own_key, args, can_wait=key != own_key)
+            self._compile_when_due(own_key, args, fallback=None if key == own_key else key)
         program = self._program(key, args)
         launched = time.perf_counter()
         tokens, self.kv, self._last_tokens = program(*args)
