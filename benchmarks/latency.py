@@ -8,8 +8,9 @@
 Every iteration generates for a new batch of random prompts of the same shape (so the prefix
 cache cannot shorten the prefill of later iterations). Reported: the mean end-to-end latency
 and its percentiles (10, 25, 50, 75, 90, 99), the time to the batch's first token, and the
-decode step time (the steps after the first token, compiling steps left out), which at batch
-size 1 is the time per output token. `--compare-hf` times HF transformers `generate` on the
+decode step time (the steps after the first token, compiling steps left out; an engine call
+that runs K decode steps, multi-step decoding, counts as K steps of a K-th of its time),
+which is the time per output token of a request. `--compare-hf` times HF transformers `generate` on the
 same prompts (prefill alone, then the full length) and prints the ratios. `--cold-start` runs
 two fresh processes against an empty persistent compilation cache: the first is a cold start,
 the second a warm one (the cache the first filled). The last line is one JSON object.
@@ -164,7 +165,7 @@ def run(args, argv: list[str]) -> dict:
         seconds, ttft, probe = iteration(i)
         latencies.append(seconds)
         ttfts.append(ttft)
-        decode_ms += _decode_steps_ms(probe)
+        decode_ms += _decode_steps_ms(probe, args.batch_size * args.n)
         probes.append(probe)
 
     r = common._r
@@ -202,13 +203,16 @@ def run(args, argv: list[str]) -> dict:
     return result
 
 
-def _decode_steps_ms(probe) -> list[float]:
-    """Durations of the steps after the batch's first token, without compiling steps."""
+def _decode_steps_ms(probe, rows: int) -> list[float]:
+    """ms per decode step (one token a row) of the engine calls after the batch's first
+    token, without compiling ones: a call that gave each of the `rows` rows K tokens (a
+    multi-step decode) counts as K steps of a K-th of its time each."""
     seen = False
     out = []
     for s in probe.steps:
         if seen and s.new_tokens and s.compile_s == 0:
-            out.append(s.seconds * 1e3)
+            steps = max(round(s.new_tokens / rows), 1)
+            out += [s.seconds * 1e3 / steps] * steps
         seen = seen or s.new_tokens > 0
     return out
 

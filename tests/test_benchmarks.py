@@ -161,6 +161,24 @@ def test_throughput_rejects_too_long(zoo):
                          "--input-len", "60", "--output-len", "10", *ENGINE])
 
 
+def test_latency_counts_a_multi_step_call_as_its_steps():
+    """A call that gave each row K tokens is K decode steps of a K-th of its time (HF's
+    decode step, the ratio's other side, is one token a row)."""
+    from benchmarks import common, latency
+
+    def record(start, seconds, new_tokens, compile_s=0.0):
+        return common.StepRecord(start, start + seconds, 2, new_tokens, 0, 0, 0.0, compile_s)
+
+    probe = common.StepProbe.__new__(common.StepProbe)
+    probe.steps = [record(0.0, 0.05, 2),  # the prefill: the first tokens, not a decode step
+                   record(1.0, 0.008, 16),  # 8 steps of 2 rows
+                   record(2.0, 0.002, 2),  # one step
+                   record(3.0, 0.5, 2, compile_s=0.4),  # compiled: left out
+                   record(4.0, 0.003, 1)]  # one row left
+    got = latency._decode_steps_ms(probe, rows=2)
+    assert got == pytest.approx([1.0] * 8 + [2.0, 3.0])
+
+
 def test_latency(zoo, capsys):
     from benchmarks import latency
 
