@@ -13,7 +13,8 @@ heads, 2 KV heads, head dim 64; `--heads`, `--kv-heads`, `--head-dim`), block si
 bfloat16, each request's blocks at random places. Timed per shape:
 
 - `separate`: the XLA scatter KV write, then the `triton` variant's ragged attention kernel
-  (what a decode step ran before the fused kernel, and still runs with `+kv_scatter`);
+  (a decode step as the engine runs it with `pallas_triton+kv_scatter`, as before the fused
+  kernel);
 - `default`: `decode_attention_triton` as the engine calls it (its `default_tiling`);
 - every combination of `--block-k`, `--splits` (programs sharing a row's keys, merged by a
   second kernel; `auto` = its default for the shape and block_k), `--num-warps` and
@@ -110,22 +111,21 @@ def make_inputs(rows: int, context: int, args, seed: int = 0):
             jnp.asarray(tables), jnp.asarray(slots))
 
 
-def _separate(qkv, k_cache, v_cache, layer, seq_lens, tables, slots, *, scale, num_kv_heads,
-              interpret):
-    """The KV write (XLA scatter) and then the ragged Triton attention: the unfused step."""
+def _separate(qkv, k_cache, v_cache, layer, seq_lens, tables, slots, *, scale, num_kv_heads):
+    """The engine's decode step without the fused kernel: `attend` with the scatter KV
+    writer named, so the XLA scatter write and then the ragged Triton attention."""
     import jax.numpy as jnp
 
+    from jaxvllm.models.attention import AttentionMetadata, KVCache, attend
     from pallas_kernels.decode_attention_triton import split_qkv
-    from pallas_kernels.ragged_paged_attention import write_kv_reference
-    from pallas_kernels.variants import get_variant
 
     q, k, v = split_qkv(qkv, num_kv_heads)
-    k_cache, v_cache = write_kv_reference(k_cache, v_cache, layer, k, v, slots)
     # one query token a request; padding rows (seq_len 0) have none
     qsl = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(seq_lens > 0, dtype=jnp.int32)])
-    out = get_variant("triton").fn(q, k_cache, v_cache, layer, qsl, seq_lens, tables,
-                                   scale=scale, interpret=interpret)
-    return out, k_cache, v_cache
+    meta = AttentionMetadata(qsl, seq_lens, tables, slots, decode_only=True)
+    out, kv = attend(q, k, v, KVCache(k_cache, v_cache), layer, meta, scale=scale,
+                     sliding_window=None, backend="pallas_triton+kv_scatter")
+    return out, kv.k, kv.v
 
 
 def looped(step, iters: int):
@@ -198,7 +198,7 @@ def bench_shape(rows: int, context: int, args) -> dict:
               "default_splits": {bk: default_tiling(T, args.kv_heads, width * args.block_size,
                                                     bk)[1] for bk in args.block_k},
               "results": {}}
-    candidates = [("separate", functools.partial(_separate, interpret=interpret, **common_kw)),
+    candidates = [("separate", functools.partial(_separate, **common_kw)),
                   ("default", functools.partial(decode_attention_triton, interpret=interpret,
                                                 **common_kw))]
     candidates += [(label, functools.partial(decode_attention_triton, interpret=interpret,

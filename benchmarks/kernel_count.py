@@ -175,17 +175,16 @@ def run(args) -> dict:
         raise ValueError("--model (a folder, e.g. from benchmarks/random_model.py) or --hlo")
     import jax
 
-    from jaxvllm.models.attention import resolve_attention_backend
-    from pallas_kernels.variants import get_variant, overridden_variant
+    from jaxvllm.models.attention import fused_decode_kernel, resolve_attention_backend
+    from pallas_kernels.variants import overridden_variant
 
     rows = sorted({int(r) for r in args.rows.split(",")})
     if not rows or rows[0] < 1:
         raise ValueError(f"--rows {args.rows!r}: row counts >= 1, comma-separated")
     loaded, runner = _build_runner(args, max(rows))
     variant = resolve_attention_backend(args.attention_backend)[0]
-    # as `attend` decides: decode-only steps (the multi-step program), no KV writer named
-    fused = (get_variant(variant).decode is not None and "+kv_" not in args.attention_backend
-             and not args.single)
+    # the multi-step program's steps are decode-only: `attend` fuses them where it can
+    fused = fused_decode_kernel(args.attention_backend) is not None and not args.single
     modes = [("fused" if fused else "default", contextlib.nullcontext)]
     if args.compare_unfused and fused:
         modes.append(("unfused", lambda: overridden_variant(variant, decode=None)))

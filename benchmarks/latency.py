@@ -10,8 +10,8 @@ cache cannot shorten the prefill of later iterations). Reported: the mean end-to
 and its percentiles (10, 25, 50, 75, 90, 99), the time to the batch's first token, and the
 decode step time (the steps after the first token, compiling steps left out; an engine call
 that runs K decode steps, multi-step decoding, counts as K steps of a K-th of its time),
-which is the time per output token of a request. `--compare-hf` times HF transformers `generate` on the
-same prompts (prefill alone, then the full length) and prints the ratios. `--cold-start` runs
+which is the time per output token of a request. `--compare-hf` times HF transformers
+`generate` on the same prompts (prefill alone, then the full length) and prints the ratios. `--cold-start` runs
 two fresh processes against an empty persistent compilation cache: the first is a cold start,
 the second a warm one (the cache the first filled). The last line is one JSON object.
 """

@@ -267,8 +267,8 @@ register_variant(
     "triton", ragged_paged_attention_triton, lowering="triton", supports=_supports,
     decode=decode_attention_triton,
     description="Pallas Triton, grid (query tile, KV head), online softmax over block_k keys")
-# no fused decode kernel: that one does not split a row's keys, and this variant is chosen
-# for its splits
+# no fused decode kernel: this variant is chosen for its own key splits (kv_splits=4), which
+# the fused kernel's `default_tiling` does not follow
 register_variant(
     "triton_splitk", functools.partial(ragged_paged_attention_triton, kv_splits=4),
     lowering="triton", supports=_supports,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -166,15 +166,22 @@ def paged_attention(q, kv: KVCache, layer, meta: AttentionMetadata, *, scale: fl
     return fn(q, kv.k, kv.v, layer, meta.query_start_loc, meta.seq_lens, meta.block_tables)
 
 
+def fused_decode_kernel(backend: str) -> Callable | None:
+    """The fused decode kernel (`Variant.decode`) that `attend` runs for `backend`'s
+    decode-only steps, or None: its variant has none, or the backend names a KV writer."""
+    if "+kv_" in backend:
+        return None
+    return get_variant(resolve_attention_backend(backend)[0]).decode
+
+
 def attend(q, k, v, kv: KVCache, layer, meta: AttentionMetadata, *, scale: float,
            sliding_window: int | None, backend: str,
            soft_cap: float | None = None) -> tuple[jax.Array, KVCache]:
     """Store this step's k, v [T, KVH, D] and attend with q [T, H, D]: (out [T, H, D], cache).
-    One fused kernel for a `decode_only` step where the variant has one, unless the backend
-    names its KV writer (and not sharded)."""
-    decode = get_variant(resolve_attention_backend(backend)[0]).decode
-    if meta.decode_only and decode is not None and "+kv_" not in backend \
-            and parallel.active_mesh() is None:
+    One fused kernel for a `decode_only` step where the backend has one
+    (`fused_decode_kernel`) and the step is not sharded."""
+    decode = fused_decode_kernel(backend)
+    if meta.decode_only and decode is not None and parallel.active_mesh() is None:
         qkv = jnp.concatenate([q, k.astype(q.dtype), v.astype(q.dtype)], axis=1)
         out, k_cache, v_cache = decode(
             qkv, kv.k, kv.v, layer, meta.seq_lens, meta.block_tables, meta.slot_mapping,
