@@ -12,8 +12,10 @@ decode step time (the steps after the first token, compiling steps left out; an 
 that runs K decode steps, multi-step decoding, counts as K steps of a K-th of its time),
 which is the time per output token of a request. `--compare-hf` times HF transformers
 `generate` on the same prompts (prefill alone, then the full length) and prints the ratios. `--cold-start` runs
-two fresh processes against an empty persistent compilation cache: the first is a cold start,
-the second a warm one (the cache the first filled). The last line is one JSON object.
+three fresh processes against an empty persistent compilation cache: the first is a cold
+start, the second a warm one (the cache the first filled), the third warm with JAX's cache
+alone (`JAXVLLM_PROGRAM_CACHE=0`: every program traced and lowered before its lookup). The
+last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -88,17 +90,22 @@ def _first_token(args, vocab_size: int) -> dict:
     return {"first_token_s": common._r(probe.first_token_s), "load_s": common._r(load_s),
             "num_compiled_programs": stats["num_compiled_programs"],
             "compile_seconds": common._r(stats["compile_seconds"]),
+            "program_cache_hits": stats["program_cache_hits"],
             "compilation_cache_entries_before": cache["compilation_cache_entries"]}
 
 
 def cold_start(argv: list[str]) -> dict:
-    """Two fresh processes sharing an empty persistent compilation cache: cold, then warm."""
+    """Fresh processes sharing an empty persistent compilation cache: cold, warm, then warm
+    with JAX's cache alone (the program cache off)."""
     out = {}
     with tempfile.TemporaryDirectory(prefix="jaxvllm_cold_start_") as cache:
         env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-        for name in ("cold", "warm"):
+        env.pop("JAXVLLM_PROGRAM_CACHE", None)
+        for name in ("cold", "warm", "warm_xla_cache_only"):
+            if name == "warm_xla_cache_only":
+                env["JAXVLLM_PROGRAM_CACHE"] = "0"
             start = time.perf_counter()
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv,
                                    "--cold-start-child"], env=env, capture_output=True, text=True)
@@ -269,8 +276,10 @@ def report(res: dict) -> None:
         rows += [("-- fresh processes, LLM(...) to first token --", None),
                  ("Cold compilation cache (s)", cold["cold"]["first_token_s"]),
                  ("Warm compilation cache (s)", cold["warm"]["first_token_s"]),
-                 ("Compile seconds, cold / warm", f"{cold['cold']['compile_seconds']} / "
-                                                  f"{cold['warm']['compile_seconds']}")]
+                 ("Warm, JAX's cache alone (s)", cold["warm_xla_cache_only"]["first_token_s"]),
+                 ("Compile seconds, cold / warm / JAX's cache alone",
+                  " / ".join(str(cold[k]["compile_seconds"]) for k in cold)),
+                 ("Programs loaded from the program cache, warm", cold["warm"]["program_cache_hits"])]
     hf = res.get("hf")
     if hf:
         rows += [("-- HF transformers generate --", None),

@@ -26,6 +26,8 @@
 #   athroughput  the same with asynchronous scheduling, no HF
 #   eager        the same without the background precompile, no HF
 #   latency      batch 1 (with HF unless COMPARE_HF=0)
+#   coldstart    LLM(...) to first token in fresh processes: an empty compilation cache,
+#                then warm, then warm with JAX's cache alone (no program cache)
 #   profile      where a decode step's device time goes (step_profile.py)
 #   scan, async, nocb, graphs, unfused   the profile's steps with the layers as a scan,
 #                with asynchronous scheduling, with no command buffers, with XLA's own
@@ -44,8 +46,8 @@
 # COMPARE_HF=0 leaves out the HF baselines (the nano-vllm one alone takes ~110 s on an H200).
 #
 # Writes into $OUT (default ./gpu_check_out): gpu_check.json (one summary object, also printed
-# last), throughput.json, step_profile.json, sampler.json, latency.json, kernels.json and
-# logs.tgz.
+# last), throughput.json, step_profile.json, sampler.json, latency.json, cold_start.json,
+# kernels.json and logs.tgz.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,7 +55,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,throughput,latency,pthroughput,profile,tests,decode,mtests,unfused,sthroughput,bthroughput,nocb,mofusion,sampler,athroughput,async,scan,eager,kernels}"
+PHASES="${PHASES:-model,throughput,latency,pthroughput,coldstart,profile,tests,decode,mtests,unfused,sthroughput,bthroughput,nocb,mofusion,sampler,athroughput,async,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -235,6 +237,14 @@ phase_latency() {
     grep -v '^{' "$WORK/latency.log" | tail -n 30
 }
 
+phase_coldstart() {  # LLM(...) to first token in fresh processes: cold, warm, JAX's cache alone
+    local args=(--input-len 32 --output-len 8 --num-iters-warmup 1 --num-iters 2)
+    run_phase coldstart 240 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
+        --temperature 0 --attention-backend "$BACKEND" "${args[@]}" --cold-start \
+        --output-json "$OUT/cold_start.json"
+    grep -A6 "fresh processes" "$WORK/coldstart.log"
+}
+
 phase_mtests() {  # multi-step decoding against single steps, on the Pallas kernels
     run_phase mtests 150 "$PY" -m pytest tests/test_multi_step.py -q -rfs -p no:cacheprovider
     grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$WORK/mtests.log" | tail -n 12
@@ -318,6 +328,8 @@ if (t := load("throughput")) is not None:
 if (l := load("latency")) is not None:
     summary["latency"] = {k: v for k, v in l.items() if not isinstance(v, (list, dict))
                           or k in ("hf", "ratios")}
+if (c := load("cold_start")) is not None:
+    summary["cold_start"] = c.get("cold_start")
 if (p := load("step_profile")) is not None:
     summary["step_profile"] = {b: {k: v for k, v in r.items() if k != "top_by_hlo_op"}
                                | {"top": r.get("top", [])[:12]}

@@ -197,6 +197,21 @@ def test_latency(zoo, capsys):
                                    "num_iters_warmup": 1, "num_iters": 3, "temperature": 1.0}
 
 
+def test_latency_cold_start_loads_the_programs_warm(zoo, capsys):
+    """--cold-start: fresh processes on an empty cache; the warm one loads its step program
+    from the program cache, the one on JAX's cache alone does not."""
+    from benchmarks import latency
+
+    latency.main(["--model", str(zoo.case("llama_gqa").path), "--batch-size", "1",
+                  "--input-len", "4", "--output-len", "2", "--num-iters-warmup", "0",
+                  "--num-iters", "1", "--cold-start", *ENGINE[:-1]])
+    starts = _last_json(capsys)["cold_start"]
+    assert list(starts) == ["cold", "warm", "warm_xla_cache_only"]
+    assert starts["cold"]["compilation_cache_entries_before"] == 0
+    assert [starts[k]["program_cache_hits"] for k in starts] == [0, 1, 0]
+    assert all(starts[k]["first_token_s"] > 0 for k in starts)
+
+
 def test_bench_command_forwards(zoo, capsys):
     import argparse
 

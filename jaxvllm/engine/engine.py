@@ -622,6 +622,7 @@ class LLMEngine:
         return {"num_compiled_programs": self.runner.num_compiled,
                 "compile_seconds": self.runner.compile_seconds,
                 "background_compile_seconds": self.runner.background_compile_seconds,
+                **self._program_cache_stats(),
                 "kv_cache_usage": self.kv_manager.usage,
                 "num_blocks": self.num_blocks,
                 "num_preemptions": self.scheduler.num_preemptions,
@@ -629,6 +630,12 @@ class LLMEngine:
                 "num_generation_tokens": self.num_generation_tokens,
                 **self.runner.counters.summary(), **self._output_stats(),
                 **self._memory_stats()}
+
+    def _program_cache_stats(self) -> dict[str, int]:
+        """Step programs loaded from the program cache and looked up there in vain."""
+        cache = self.runner.program_cache
+        return {"program_cache_hits": cache.hits if cache else 0,
+                "program_cache_misses": cache.misses if cache else 0}
 
     def _output_stats(self) -> dict[str, float]:
         """Host time per step on detokenizing, stop strings and outputs, and the part of it

@@ -37,6 +37,7 @@ from flax import nnx
 
 from jaxvllm import parallel, xla_flags
 from jaxvllm.engine.packed_inputs import PackedLayout, pack, unpack
+from jaxvllm.engine.program_cache import ProgramCache, abstract
 from jaxvllm.engine.sampler import (ALL_PATHS, PLAIN_RANDOM_PATHS, SamplerPaths,
                                     build_sampling_metadata, gather_logprobs, pow2_at_least,
                                     sample)
@@ -375,6 +376,10 @@ class ModelRunner:
         self._missing_met: collections.Counter = collections.Counter()  # see COMPILE_WHEN_MET
         self._compile_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._compile_lock = threading.Lock()
+        # compiled programs on disk by what they are made from (one device only: a mesh's
+        # programs compile as before, through JAX's own cache)
+        self.program_cache = ProgramCache.default() if mesh is None else None
+        self._model_text = repr((self.graphdef, self._state_def, self.cfg))
         self.counters = StepCounters()
         # compiling on the step's path: inline, or waiting for a background compilation
         self.compile_seconds = 0.0
@@ -453,10 +458,17 @@ class ModelRunner:
             rep = parallel.replicated(self.mesh)
             fn = jax.jit(step, donate_argnums=(1,), out_shardings=(
                 rep, rep, parallel.kv_cache_sharding(self.mesh), rep))
-        with parallel.tracing_under(self.mesh):
-            compiled = fn.lower(*args).compile(
-                compiler_options=xla_flags.step_compiler_options())
-        return StepProgram(compiled, layout)
+        options = xla_flags.step_compiler_options()
+
+        def compile():
+            with parallel.tracing_under(self.mesh):
+                return fn.lower(*args).compile(compiler_options=options)
+
+        cache = self.program_cache
+        if cache is None:
+            return StepProgram(compile(), layout)
+        entry = cache.key(self._model_text, key, layout, abstract(args), options)
+        return StepProgram(cache.get_or_compile(entry, args, compile), layout)
 
     def precompile(self, vocab_size: int, workers: int = 4) -> None:
         """Compile in background threads the plain programs (R = min(rows, T) rows, the

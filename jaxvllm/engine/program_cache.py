@@ -1,0 +1,194 @@
+"""Compiled step programs on disk, found without tracing them.
+
+JAX's persistent compilation cache is keyed by the lowered program, so a warm start still
+traces and lowers every step program before it can look one up: for a 24-layer model with
+its layers unrolled and Pallas kernels in each, that is most of the start. This cache is
+keyed by what a program is made from instead (jaxvllm's source, the model's structure, the
+arguments' shapes, dtypes and shardings, the program's key and compiler options, jax's
+version and configuration, the devices), so a warm start reads and loads each executable.
+
+Only programs XLA compiled in this process are stored: one that JAX's cache handed back
+(loaded from disk) serializes without all its code on the CPU, and such an entry would fail
+when run ("Function ... not found"). Those programs come from JAX's cache, as before.
+
+It lives beside JAX's cache (`<jax_compilation_cache_dir>/jaxvllm-programs`) and is on and
+off with it; `JAXVLLM_PROGRAM_CACHE=0` turns this one off alone. Entries are evicted oldest-used first past `JAXVLLM_PROGRAM_CACHE_MAX_BYTES`
+(default 4 GiB). An entry that fails to load is deleted and the program compiled.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+
+SUFFIX = ".program"
+DEFAULT_MAX_BYTES = 4 << 30
+JAX_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+_this_thread = threading.local()  # .jax_cache_hit: JAX's cache served a compile here
+
+
+def _on_jax_event(event: str, **_) -> None:
+    if event == JAX_CACHE_HIT_EVENT:
+        _this_thread.jax_cache_hit = True  # recorded in the compiling thread
+
+
+@functools.cache
+def _listen_for_jax_cache_hits() -> None:
+    jax.monitoring.register_event_listener(_on_jax_event)
+
+
+@functools.cache
+def source_fingerprint() -> str:
+    """A digest of the Python source that builds the step programs: jaxvllm's and its
+    Pallas kernels'. Any edit makes every entry a miss."""
+    import pallas_kernels
+
+    import jaxvllm
+
+    digest = hashlib.sha256()
+    for package in (jaxvllm, pallas_kernels):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root.parent)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.cache
+def environment_fingerprint() -> str:
+    """jax's and jaxlib's versions, every jax configuration value, XLA's flags and the
+    devices (platform, its version, kinds)."""
+    import jaxlib
+
+    backend = jax.devices()[0].client
+    parts = (jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version,
+             tuple((d.id, d.device_kind) for d in jax.devices()),
+             os.environ.get("XLA_FLAGS", ""), sorted(jax.config.values.items()))
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def abstract(tree) -> Any:
+    """`tree`'s leaves as (shape, dtype, sharding or None): what a program is compiled for."""
+    return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)),
+                        tree)
+
+
+class ProgramCache:
+    """Executables by a key of their making; see the module docstring."""
+
+    def __init__(self, directory: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    def default(cls) -> Optional["ProgramCache"]:
+        """The cache beside JAX's persistent compilation cache; None when that is off or
+        the folder cannot be made, or JAXVLLM_PROGRAM_CACHE=0."""
+        if (not jax.config.jax_compilation_cache_dir
+                or os.environ.get("JAXVLLM_PROGRAM_CACHE", "1") == "0"):
+            return None
+        directory = Path(jax.config.jax_compilation_cache_dir) / "jaxvllm-programs"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return None
+        max_bytes = int(os.environ.get("JAXVLLM_PROGRAM_CACHE_MAX_BYTES", DEFAULT_MAX_BYTES))
+        return cls(directory, max_bytes)
+
+    @staticmethod
+    def key(*parts) -> str:
+        """The entry name of a program made from `parts` (reprs that name everything the
+        trace depends on besides the source and the environment)."""
+        digest = hashlib.sha256()
+        digest.update(source_fingerprint().encode())
+        digest.update(environment_fingerprint().encode())
+        digest.update(repr(parts).encode())
+        return digest.hexdigest()
+
+    def get_or_compile(self, key: str, args, compile: Callable[[], jax.stages.Compiled]
+                       ) -> jax.stages.Compiled:
+        """The program stored under `key` for `args`, else `compile()`'s, stored unless
+        JAX's own cache supplied it (see the module docstring)."""
+        compiled = self.load(key, args)
+        if compiled is not None:
+            return compiled
+        _listen_for_jax_cache_hits()
+        _this_thread.jax_cache_hit = False
+        compiled = compile()
+        if not _this_thread.jax_cache_hit:
+            self.store(key, compiled)
+        return compiled
+
+    def _path(self, key: str) -> Path:
+        return self.directory / (key + SUFFIX)
+
+    def load(self, key: str, args) -> Optional[jax.stages.Compiled]:
+        """The executable stored under `key`, loaded, if its arguments' structure, shapes
+        and dtypes are those of `args`; else None (a miss)."""
+        from jax.experimental import serialize_executable
+
+        path = self._path(key)
+        try:
+            blob = path.read_bytes()
+        except OSError:
+            self.misses += 1
+            return None
+        try:
+            payload, in_tree, out_tree = pickle.loads(blob)
+            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+            stored = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), compiled.args_info)
+            wanted = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), (tuple(args), {}))
+            if stored != wanted:
+                raise ValueError("the stored program takes other arguments")
+        except Exception:  # noqa: BLE001 - a stale or damaged entry is only a miss
+            path.unlink(missing_ok=True)
+            self.misses += 1
+            return None
+        os.utime(path)  # most recently used, for eviction
+        self.hits += 1
+        return compiled
+
+    def store(self, key: str, compiled: jax.stages.Compiled) -> None:
+        """Write `compiled` under `key` (atomically), then evict past max_bytes. A program
+        that cannot be serialized, or a full disk, is not an error: it is not stored."""
+        from jax.experimental import serialize_executable
+
+        temporary = None
+        try:
+            blob = pickle.dumps(serialize_executable.serialize(compiled))
+            with tempfile.NamedTemporaryFile(dir=self.directory, delete=False,
+                                             suffix=".tmp") as f:
+                temporary = f.name
+                f.write(blob)
+            os.replace(temporary, self._path(key))
+        except Exception:  # noqa: BLE001 - see the docstring
+            if temporary is not None:
+                Path(temporary).unlink(missing_ok=True)
+            return
+        self._evict()
+
+    def _evict(self) -> None:
+        entries = []
+        for path in self.directory.glob("*" + SUFFIX):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            entries.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
