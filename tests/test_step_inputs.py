@@ -410,3 +410,21 @@ def test_unrolled_layers_generate_what_the_scan_generates(llama_folder, backend)
     assert unrolled.llm_engine.loaded.model.layers.unstacked
     got = [o.outputs[0].token_ids for o in unrolled.generate(prompts, params, use_tqdm=False)]
     assert got == want
+
+
+def test_unrolled_layers_are_traced_and_lowered_once(llama_folder):
+    """The unrolled step program holds one layer function, called once a layer (tracing and
+    lowering each layer apart cost seconds a program on a GPU)."""
+    import re
+
+    from jaxvllm import LLM
+
+    llm = LLM(str(llama_folder), attention_backend="pallas", max_model_len=64, max_num_seqs=4,
+              max_num_batched_tokens=32, unroll_layers=True)
+    runner = llm.llm_engine.runner
+    key, args = runner.dummy_step(llm.llm_engine.vocab_size, 16, 4, runner.min_table_width)
+    step, args, _ = runner.step_function(key, args)
+    text = jax.jit(step).lower(*args).as_text()
+    assert runner.cfg.num_layers >= 2
+    assert len(re.findall(r"func\.func private @_layer\b", text)) == 1
+    assert len(re.findall(r"call @_layer\b", text)) == runner.cfg.num_layers

@@ -13,8 +13,9 @@ Weights are stored `[in, out]` (HF Linear transposed) so that `x @ w` needs no t
 Unrolled, each layer's weights are separate arrays, with q/k/v and gate/up concatenated into
 one matrix each: a GPU then runs one GEMM where the scan ran three (and two), reads each
 weight where it lies instead of copying it out of the stack every step, and the step has no
-loop, so XLA can put all of it in one command buffer. The price is compile time (the layer
-is compiled num_layers times), which is why the CPU keeps the scan.
+loop, so XLA can put all of it in one command buffer. The layer is traced and lowered once
+(a jitted function called per layer, which XLA inlines), but XLA compiles it num_layers
+times: the price is compile time, which is why the CPU keeps the scan.
 """
 
 from __future__ import annotations
@@ -170,8 +171,13 @@ class CausalLM(nnx.Module):
             return (x, kv), None
 
         if self.layers.unstacked:
+            # one jitted layer, called once a layer with that layer's weights and index: the
+            # program traces and lowers it once instead of num_layers times (seconds a
+            # program with the Pallas kernels), and XLA inlines the calls
+            layer_fn = jax.jit(self._layer)
             for layer, weights in enumerate(self.layers.per_layer):
-                x, kv = self._layer(weights.arrays(), layer, x, positions, inv_freq, meta, kv)
+                x, kv = layer_fn(weights.arrays(), np.int32(layer), x, positions, inv_freq,
+                                 meta, kv)
         else:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
             (x, kv), _ = jax.lax.scan(one_layer, (x, kv), (self.layers.arrays(), layer_ids))
