@@ -2,6 +2,7 @@
 
     python benchmarks/latency.py --batch-size 8 --input-len 32 --output-len 128
     python benchmarks/latency.py --batch-size 1 --input-len 128 --output-len 128 --compare-hf
+    python benchmarks/latency.py --batch-size 1 --temperature 0 --compare-xla
     python benchmarks/latency.py --cold-start       # LLM(...) to first token, cold and warm
     jaxvllm bench latency ...                       # the same
 
@@ -11,7 +12,9 @@ and its percentiles (10, 25, 50, 75, 90, 99), the time to the batch's first toke
 decode step time (the steps after the first token, compiling steps left out; an engine call
 that runs K decode steps, multi-step decoding, counts as K steps of a K-th of its time),
 which is the time per output token of a request. `--compare-hf` times HF transformers
-`generate` on the same prompts (prefill alone, then the full length) and prints the ratios. `--cold-start` runs
+`generate` on the same prompts (prefill alone, then the full length) and prints the ratios;
+`--compare-xla` the plain-XLA baseline (`benchmarks/xla_baseline.py`: plain JAX, a
+contiguous cache, no paging, greedy) on the same batches, after the engine is dropped. `--cold-start` runs
 three fresh processes against an empty persistent compilation cache: the first is a cold
 start, the second a warm one (the cache the first filled), the third warm with JAX's cache
 alone (`JAXVLLM_PROGRAM_CACHE=0`: every program traced and lowered before its lookup). The
@@ -60,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare-hf", action="store_true",
                    help="also time HF transformers generate on the same batches")
     g.add_argument("--hf-num-iters", type=int, default=3, help="timed HF iterations")
+    g.add_argument("--compare-xla", action="store_true",
+                   help="also time the plain-XLA baseline (contiguous cache, greedy) on the "
+                        "same batches")
     g.add_argument("--cold-start", action="store_true",
                    help="also measure LLM(...) to first token in fresh processes, cold and warm")
     g.add_argument("--plot", default=None, metavar="OUT.png", help="draw the figures here")
@@ -195,12 +201,17 @@ def run(args, argv: list[str]) -> dict:
               "steps": _merge_summaries(probes)}
     if cold:
         result["cold_start"] = cold
-    if hf:
-        result["hf"] = hf
-        result["ratio_latency_hf_over_jaxvllm"] = common.ratio(hf["avg_latency"],
-                                                               result["avg_latency"])
-        result["ratio_decode_step_hf_over_jaxvllm"] = common.ratio(
-            hf["decode_step_ms"], result["decode_step_median_ms"])
+    if args.compare_xla:
+        del llm, engine  # the baseline gets the device memory the engine held
+        print("plain-XLA baseline ...", file=sys.stderr)
+        result["xla"] = xla_latency(args, vocab)
+    for name, base in (("hf", hf), ("xla", result.get("xla"))):
+        if base:
+            result[name] = base
+            result[f"ratio_latency_{name}_over_jaxvllm"] = common.ratio(
+                base["avg_latency"], result["avg_latency"])
+            result[f"ratio_decode_step_{name}_over_jaxvllm"] = common.ratio(
+                base["decode_step_ms"], result["decode_step_median_ms"])
     report(result)
     if args.plot:
         result["plot"] = plot(args.plot, result, probes)
@@ -251,6 +262,33 @@ def hf_latency(args, vocab: int) -> dict:
             "output_tokens_per_second": r(len(batches[0]) * args.output_len / np.mean(full), 2)}
 
 
+def xla_latency(args, vocab: int) -> dict:
+    """The plain-XLA baseline on the timed iterations' batches (n copies of each prompt),
+    after one untimed batch that compiles it."""
+    import gc
+
+    from benchmarks.xla_baseline import PlainXLADecoder
+    from jaxvllm.models.loader import load_model
+
+    gc.collect()
+    start = time.perf_counter()
+    decoder = PlainXLADecoder(load_model(args.model, dtype=args.dtype).model,
+                              args.input_len + args.output_len)
+    load_s = time.perf_counter() - start
+    batch = lambda i: [p for p in _batch(args, vocab, i) for _ in range(args.n)]
+    decoder.generate(batch(-1), args.output_len)
+    runs = [decoder.generate(batch(i), args.output_len) for i in range(args.num_iters)]
+    r = common._r
+    seconds = [run["seconds"] for run in runs]
+    steps_ms = [(run["seconds"] - run["prefill_s"]) * 1e3 / max(args.output_len - 1, 1)
+                for run in runs]
+    return {"avg_latency": r(np.mean(seconds), 4), "latencies": [r(x, 4) for x in seconds],
+            "prefill_s": r(np.mean([run["prefill_s"] for run in runs]), 4),
+            "decode_step_ms": r(float(np.median(steps_ms))), "num_iters": len(runs),
+            "load_s": r(load_s), "greedy": True,
+            "output_tokens_per_second": r(len(batch(0)) * args.output_len / np.mean(seconds), 2)}
+
+
 def report(res: dict) -> None:
     w, e = res["workload"], res["engine"]
     rows = [("Model", res["model"]), ("Device", res["device"]), ("Dtype", res["dtype"]),
@@ -289,6 +327,15 @@ def report(res: dict) -> None:
                  ("-- ratio HF / jaxvllm (higher: jaxvllm faster) --", None),
                  ("Latency", res["ratio_latency_hf_over_jaxvllm"]),
                  ("Decode step", res["ratio_decode_step_hf_over_jaxvllm"])]
+    xla = res.get("xla")
+    if xla:
+        rows += [("-- plain-XLA baseline (contiguous cache, greedy) --", None),
+                 ("Avg latency (s)", xla["avg_latency"]),
+                 ("Prefill (s)", xla["prefill_s"]),
+                 ("Decode step, median (ms)", xla["decode_step_ms"]),
+                 ("-- ratio plain XLA / jaxvllm (higher: jaxvllm faster) --", None),
+                 ("Latency", res["ratio_latency_xla_over_jaxvllm"]),
+                 ("Decode step", res["ratio_decode_step_xla_over_jaxvllm"])]
     common.print_table("Latency", rows)
 
 

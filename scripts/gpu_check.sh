@@ -25,7 +25,8 @@
 #   bthroughput  the same with the precompile beside the steps (--no-wait-for-precompile)
 #   athroughput  the same with asynchronous scheduling, no HF
 #   eager        the same without the background precompile, no HF
-#   latency      batch 1 (with HF unless COMPARE_HF=0)
+#   latency      batch 1 (with HF unless COMPARE_HF=0, and the plain-XLA baseline unless
+#                COMPARE_XLA=0)
 #   coldstart    LLM(...) to first token in fresh processes: an empty compilation cache,
 #                then warm, then warm with JAX's cache alone (no program cache)
 #   profile      where a decode step's device time goes (step_profile.py)
@@ -111,6 +112,8 @@ read -r -a EXTRA <<< "${ENGINE_EXTRA:-}"
 COMMON+=("${EXTRA[@]}")
 
 HF=(); [ "${COMPARE_HF:-1}" = 1 ] && HF=(--compare-hf)
+# COMPARE_XLA=0: no plain-XLA baseline (contiguous cache, no paging) in the latency phase
+XLA=(); [ "${COMPARE_XLA:-1}" = 1 ] && XLA=(--compare-xla)
 # COMPARE_HF_THROUGHPUT=0: no HF baseline in the throughput phase alone (latency keeps its own)
 THR_HF=("${HF[@]}"); [ "${COMPARE_HF_THROUGHPUT:-1}" = 0 ] && THR_HF=()
 BACKEND="${ATTENTION_BACKEND:-pallas}"
@@ -231,8 +234,8 @@ phase_athroughput() {  # throughput again with asynchronous scheduling, no HF ba
 }
 
 phase_latency() {
-    run_phase latency 150 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
-        --temperature 0 "${HF[@]}" --attention-backend "$BACKEND" "${LAT_ARGS[@]}" \
+    run_phase latency 180 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
+        --temperature 0 "${HF[@]}" "${XLA[@]}" --attention-backend "$BACKEND" "${LAT_ARGS[@]}" \
         --output-json "$OUT/latency.json"
     grep -v '^{' "$WORK/latency.log" | tail -n 30
 }
@@ -327,7 +330,7 @@ if (t := load("throughput")) is not None:
         "engine": t.get("engine")}
 if (l := load("latency")) is not None:
     summary["latency"] = {k: v for k, v in l.items() if not isinstance(v, (list, dict))
-                          or k in ("hf", "ratios")}
+                          or k in ("hf", "xla")}
 if (c := load("cold_start")) is not None:
     summary["cold_start"] = c.get("cold_start")
 if (p := load("step_profile")) is not None:

@@ -212,6 +212,50 @@ def test_latency_cold_start_loads_the_programs_warm(zoo, capsys):
     assert all(starts[k]["first_token_s"] > 0 for k in starts)
 
 
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias_tied", "qwen3_qknorm"])
+def test_plain_xla_baseline_decodes_what_the_engine_decodes(zoo, name):
+    """The plain-XLA baseline (contiguous cache, no paging) on the engine's weights gives the
+    engine's greedy tokens: the two compare the same computation."""
+    from benchmarks.xla_baseline import PlainXLADecoder
+    from jaxvllm import LLM, SamplingParams
+    from jaxvllm.models.loader import load_model
+
+    path = str(zoo.case(name).path)
+    prompts = [[5, 17, 33, 2, 9, 100, 3], [100, 3, 7, 8, 200, 45, 67]]
+    llm = LLM(path, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
+    want = [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(max_tokens=9, temperature=0, ignore_eos=True), use_tqdm=False)]
+    decoder = PlainXLADecoder(load_model(path, dtype="float32").model, max_len=16)
+    got = decoder.generate(prompts, 9)
+    assert got["tokens"].tolist() == want
+    assert 0 < got["prefill_s"] < got["seconds"]
+    with pytest.raises(ValueError, match="output_len"):
+        decoder.generate(prompts, 10)  # 7 + 10 > max_len
+
+
+def test_plain_xla_baseline_names_what_it_does_not_cover(zoo):
+    from benchmarks.xla_baseline import PlainXLADecoder
+    from jaxvllm.models.loader import load_model
+
+    model = load_model(str(zoo.case("opt_prenorm").path), dtype="float32").model
+    with pytest.raises(ValueError, match="OPT.*learned positions.*layer norm"):
+        PlainXLADecoder(model, max_len=16)
+
+
+def test_latency_compares_with_the_plain_xla_baseline(zoo, capsys):
+    from benchmarks import latency
+
+    latency.main(["--model", str(zoo.case("llama_gqa").path), "--batch-size", "2",
+                  "--input-len", "6", "--output-len", "5", "--num-iters-warmup", "1",
+                  "--num-iters", "2", "--temperature", "0", "--compare-xla", *ENGINE[:-1]])
+    printed = _last_json(capsys)
+    assert printed["xla"]["num_iters"] == 2 and printed["xla"]["decode_step_ms"] > 0
+    assert printed["ratio_latency_xla_over_jaxvllm"] == pytest.approx(
+        printed["xla"]["avg_latency"] / printed["avg_latency"], rel=0.01)
+    assert printed["ratio_decode_step_xla_over_jaxvllm"] > 0
+
+
 def test_bench_command_forwards(zoo, capsys):
     import argparse
 
