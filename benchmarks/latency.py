@@ -318,24 +318,18 @@ def report(res: dict) -> None:
                  ("Compile seconds, cold / warm / JAX's cache alone",
                   " / ".join(str(cold[k]["compile_seconds"]) for k in cold)),
                  ("Programs loaded from the program cache, warm", cold["warm"]["program_cache_hits"])]
-    hf = res.get("hf")
-    if hf:
-        rows += [("-- HF transformers generate --", None),
-                 ("Avg latency (s)", hf["avg_latency"]),
-                 ("Prefill (s)", hf["prefill_s"]),
-                 ("Decode step (ms)", hf["decode_step_ms"]),
-                 ("-- ratio HF / jaxvllm (higher: jaxvllm faster) --", None),
-                 ("Latency", res["ratio_latency_hf_over_jaxvllm"]),
-                 ("Decode step", res["ratio_decode_step_hf_over_jaxvllm"])]
-    xla = res.get("xla")
-    if xla:
-        rows += [("-- plain-XLA baseline (contiguous cache, greedy) --", None),
-                 ("Avg latency (s)", xla["avg_latency"]),
-                 ("Prefill (s)", xla["prefill_s"]),
-                 ("Decode step, median (ms)", xla["decode_step_ms"]),
-                 ("-- ratio plain XLA / jaxvllm (higher: jaxvllm faster) --", None),
-                 ("Latency", res["ratio_latency_xla_over_jaxvllm"]),
-                 ("Decode step", res["ratio_decode_step_xla_over_jaxvllm"])]
+    baselines = (("hf", "HF transformers generate", "HF"),
+                 ("xla", "plain-XLA baseline (contiguous cache, greedy)", "plain XLA"))
+    for name, title, short in baselines:
+        base = res.get(name)
+        if base:
+            rows += [(f"-- {title} --", None),
+                     ("Avg latency (s)", base["avg_latency"]),
+                     ("Prefill (s)", base["prefill_s"]),
+                     ("Decode step (ms)", base["decode_step_ms"]),
+                     (f"-- ratio {short} / jaxvllm (higher: jaxvllm faster) --", None),
+                     ("Latency", res[f"ratio_latency_{name}_over_jaxvllm"]),
+                     ("Decode step", res[f"ratio_decode_step_{name}_over_jaxvllm"])]
     common.print_table("Latency", rows)
 
 

@@ -97,6 +97,8 @@ def test_the_key_follows_source_environment_and_parts(monkeypatch):
     monkeypatch.setattr(program_cache, "source_fingerprint", lambda: "edited")
     assert key != ProgramCache.key("model", (1, 2))
     monkeypatch.undo()
+    with jax.default_matmul_precision("highest"):  # a jax setting in this thread
+        assert key != ProgramCache.key("model", (1, 2))
     monkeypatch.setattr(program_cache, "environment_fingerprint", lambda: "other jax")
     assert key != ProgramCache.key("model", (1, 2))
 

@@ -12,8 +12,9 @@ Only programs XLA compiled in this process are stored: one that JAX's cache hand
 when run ("Function ... not found"). Those programs come from JAX's cache, as before.
 
 It lives beside JAX's cache (`<jax_compilation_cache_dir>/jaxvllm-programs`) and is on and
-off with it; `JAXVLLM_PROGRAM_CACHE=0` turns this one off alone. Entries are evicted oldest-used first past `JAXVLLM_PROGRAM_CACHE_MAX_BYTES`
-(default 4 GiB). An entry that fails to load is deleted and the program compiled.
+off with it; `JAXVLLM_PROGRAM_CACHE=0` turns this one off alone. Entries are evicted
+oldest-used first past `JAXVLLM_PROGRAM_CACHE_MAX_BYTES` (default 4 GiB). An entry that
+fails to load is deleted and the program compiled.
 """
 
 from __future__ import annotations
@@ -64,15 +65,23 @@ def source_fingerprint() -> str:
 
 
 @functools.cache
-def environment_fingerprint() -> str:
-    """jax's and jaxlib's versions, every jax configuration value, XLA's flags and the
-    devices (platform, its version, kinds)."""
+def _platform() -> tuple:
     import jaxlib
 
     backend = jax.devices()[0].client
-    parts = (jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version,
-             tuple((d.id, d.device_kind) for d in jax.devices()),
-             os.environ.get("XLA_FLAGS", ""), sorted(jax.config.values.items()))
+    return (jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version,
+            tuple((d.id, d.device_kind) for d in jax.devices()))
+
+
+def environment_fingerprint() -> str:
+    """jax's and jaxlib's versions, the devices (platform, its version, kinds), XLA's flags
+    and every jax configuration value as it is now, in this thread (a later change, or a
+    `with jax.default_matmul_precision(...)` around the step, is another key)."""
+    from jax._src import config
+
+    trace_context = getattr(config, "trace_context", lambda: None)  # what jit's cache keys on
+    parts = (_platform(), os.environ.get("XLA_FLAGS", ""), sorted(jax.config.values.items()),
+             trace_context())
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
