@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import pickle
+import re
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
+
+logger = logging.getLogger(__name__)
 
 SUFFIX = ".program"
 DEFAULT_MAX_BYTES = 4 << 30
@@ -82,7 +86,13 @@ def environment_fingerprint() -> str:
     trace_context = getattr(config, "trace_context", lambda: None)  # what jit's cache keys on
     parts = (_platform(), os.environ.get("XLA_FLAGS", ""), sorted(jax.config.values.items()),
              trace_context())
-    return hashlib.sha256(repr(parts).encode()).hexdigest()
+    return hashlib.sha256(_without_addresses(repr(parts)).encode()).hexdigest()
+
+
+def _without_addresses(text: str) -> str:
+    """`text` without the memory addresses of object reprs (`<... at 0x7f...>`), which
+    differ from one process to the next."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
 
 
 def abstract(tree) -> Any:
@@ -122,7 +132,7 @@ class ProgramCache:
         digest = hashlib.sha256()
         digest.update(source_fingerprint().encode())
         digest.update(environment_fingerprint().encode())
-        digest.update(repr(parts).encode())
+        digest.update(_without_addresses(repr(parts)).encode())
         return digest.hexdigest()
 
     def get_or_compile(self, key: str, args, compile: Callable[[], jax.stages.Compiled]
@@ -135,7 +145,9 @@ class ProgramCache:
         _listen_for_jax_cache_hits()
         _this_thread.jax_cache_hit = False
         compiled = compile()
-        if not _this_thread.jax_cache_hit:
+        if _this_thread.jax_cache_hit:
+            logger.debug("program %s from JAX's cache: not stored", key[:12])
+        else:
             self.store(key, compiled)
         return compiled
 
@@ -160,7 +172,8 @@ class ProgramCache:
             wanted = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), (tuple(args), {}))
             if stored != wanted:
                 raise ValueError("the stored program takes other arguments")
-        except Exception:  # noqa: BLE001 - a stale or damaged entry is only a miss
+        except Exception as e:  # noqa: BLE001 - a stale or damaged entry is only a miss
+            logger.debug("program cache entry %s not loaded: %r", path.name, e)
             path.unlink(missing_ok=True)
             self.misses += 1
             return None
@@ -181,7 +194,8 @@ class ProgramCache:
                 temporary = f.name
                 f.write(blob)
             os.replace(temporary, self._path(key))
-        except Exception:  # noqa: BLE001 - see the docstring
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            logger.debug("program %s not stored: %r", key[:12], e)
             if temporary is not None:
                 Path(temporary).unlink(missing_ok=True)
             return
