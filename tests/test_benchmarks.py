@@ -252,7 +252,7 @@ def test_latency_compares_with_the_plain_xla_baseline(zoo, capsys):
     printed = _last_json(capsys)
     assert printed["xla"]["num_iters"] == 2 and printed["xla"]["decode_step_ms"] > 0
     assert printed["ratio_latency_xla_over_jaxvllm"] == pytest.approx(
-        printed["xla"]["avg_latency"] / printed["avg_latency"], rel=0.01)
+        printed["xla"]["avg_latency"] / printed["avg_latency"], abs=0.006)  # 2 decimals
     assert printed["ratio_decode_step_xla_over_jaxvllm"] > 0
 
 
