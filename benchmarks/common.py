@@ -216,6 +216,7 @@ class StepProbe:
 
     def __exit__(self, *exc) -> None:
         self.engine.__dict__.pop("step", None)
+        self.engine = None  # the records stay; the engine (and its device memory) can go
 
     def _record(self, start, end, generated_before, before) -> None:
         # counted by the engine: step() returns no output of a running request that asked

@@ -625,6 +625,25 @@ def test_step_probe_counts_the_tokens_generate_does_not_stream(llama_folder):
     assert probe.first_token_at == next(s.end for s in probe.steps if s.new_tokens)
 
 
+def test_a_finished_step_probe_lets_the_engine_go(llama_folder):
+    """latency --compare-xla drops the engine before the baseline runs: the probes it keeps
+    for the report must not hold the engine (and its KV cache) alive."""
+    import gc
+    import weakref
+
+    from jaxvllm import LLM, SamplingParams
+
+    llm = LLM(str(llama_folder), attention_backend="reference", max_model_len=64,
+              max_num_seqs=4, max_num_batched_tokens=32)
+    with common.StepProbe(llm.llm_engine) as probe:
+        llm.generate([{"prompt_token_ids": [3, 14, 15]}], SamplingParams(max_tokens=3),
+                     use_tqdm=False)
+    engine = weakref.ref(llm.llm_engine)
+    del llm
+    gc.collect()
+    assert engine() is None and len(probe.steps) >= 3
+
+
 def test_host_overhead_benchmark(capsys, tmp_path):
     """Both modes generate every token, only the pipelined one schedules calls ahead, and
     the printed ratio is theirs."""
