@@ -59,6 +59,7 @@ def _forward(cfg: ModelConfig, top, layers, caches, ids, start):
     positions = start + jnp.arange(N, dtype=jnp.int32)
     inv_freq = jnp.asarray(L.rope_inv_freq(cfg), jnp.float32)
     x = top["embed"][ids]
+    act = L.activation(cfg.activation)
     new_caches = []
     for p, (k_cache, v_cache) in zip(layers, caches):
         h = L.rms_norm(x, p["attn_norm_scale"], cfg.norm_eps)
@@ -75,7 +76,6 @@ def _forward(cfg: ModelConfig, top, layers, caches, ids, start):
         new_caches.append((k_cache, v_cache))
         x = x + _attention(q, k_cache, v_cache, positions, cfg.head_dim ** -0.5) @ p["o_proj"]
         h = L.rms_norm(x, p["mlp_norm_scale"], cfg.norm_eps)
-        act = L.activation(cfg.activation)
         x = x + (act(h @ p["gate_proj"]) * (h @ p["up_proj"])) @ p["down_proj"]
     last = L.rms_norm(x[:, -1], top["final_norm_scale"], cfg.norm_eps)
     if cfg.tie_word_embeddings:  # contracted on the embedding's axis, as the engine does

@@ -95,10 +95,13 @@ def _without_addresses(text: str) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
 
 
+def _shape_dtype(x) -> tuple:
+    return tuple(x.shape), str(x.dtype)
+
+
 def abstract(tree) -> Any:
     """`tree`'s leaves as (shape, dtype, sharding or None): what a program is compiled for."""
-    return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)),
-                        tree)
+    return jax.tree.map(lambda x: (*_shape_dtype(x), getattr(x, "sharding", None)), tree)
 
 
 class ProgramCache:
@@ -168,9 +171,8 @@ class ProgramCache:
         try:
             payload, in_tree, out_tree = pickle.loads(blob)
             compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-            stored = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), compiled.args_info)
-            wanted = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), (tuple(args), {}))
-            if stored != wanted:
+            stored = jax.tree.map(_shape_dtype, compiled.args_info)
+            if stored != jax.tree.map(_shape_dtype, (tuple(args), {})):
                 raise ValueError("the stored program takes other arguments")
         except Exception as e:  # noqa: BLE001 - a stale or damaged entry is only a miss
             logger.debug("program cache entry %s not loaded: %r", path.name, e)

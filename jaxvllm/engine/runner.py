@@ -379,7 +379,8 @@ class ModelRunner:
         # compiled programs on disk by what they are made from (one device only: a mesh's
         # programs compile as before, through JAX's own cache)
         self.program_cache = ProgramCache.default() if mesh is None else None
-        self._model_text = repr((self.graphdef, self._state_def, self.cfg))
+        self._model_text = (repr((self.graphdef, self._state_def, self.cfg))
+                            if self.program_cache is not None else None)
         self.counters = StepCounters()
         # compiling on the step's path: inline, or waiting for a background compilation
         self.compile_seconds = 0.0
