@@ -217,6 +217,36 @@ def test_abort_all_after_one_step(llm):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_cpu_steps_queue_no_copy_to_the_host(folder, oracle, monkeypatch):
+    """A CPU step's outputs are host memory already. A copy queued at dispatch completes on
+    XLA's thread after the step and takes the interpreter there: when the last step's came
+    while the program exited, the process aborted. Single steps (with logprobs) and
+    multi-step decodes queue none."""
+    from jax._src import array
+
+    queued = []
+    original = array.ArrayImpl.copy_to_host_async
+
+    def record(self):
+        queued.append(self.shape)
+        return original(self)
+
+    monkeypatch.setattr(array.ArrayImpl, "copy_to_host_async", record)
+    rs = np.random.RandomState(3)
+    prompts = [random_prompt(rs, n) for n in (5, 9)]
+    for steps in (1, 4):
+        llm = LLM(folder, num_scheduler_steps=steps, **SMALL)
+        # logprobs take single steps: asked for only where multi-step decodes are not
+        params = [greedy(6), greedy(6, logprobs=2 if steps == 1 else None)]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [oracle(p, 6) for p in prompts]
+        if steps == 1:
+            assert len(outs[1].outputs[0].logprobs) == 6
+        else:
+            assert llm.llm_engine.runner.counters.multi_steps > 0
+    assert queued == []
+
+
 @pytest.mark.parametrize("prefix_len", [24, 27])
 def test_prefix_cache_hit_on_shared_prefix(llm, llm_no_prefix_cache, oracle, prefix_len):
     rs = np.random.RandomState(100 + prefix_len)  # a prefix no earlier test has cached

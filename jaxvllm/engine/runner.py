@@ -173,6 +173,17 @@ def _compiled(future: concurrent.futures.Future) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
+def _read_by_finish(out, prompt_out, num_logprobs) -> list[jax.Array]:
+    """The step outputs `ModelRunner._finish` reads back (and only those have their copy
+    to the host queued: a queued copy nobody waits for could still be completing when the
+    program exits): the sampled tokens, their logprobs where asked for, the prompt logprobs
+    where the program computed them."""
+    arrays = [out.token_ids]
+    if num_logprobs is not None:
+        arrays += [out.logprobs, out.logprob_token_ids, out.sampled_ranks]
+    return arrays + ([] if prompt_out is None else list(prompt_out))
+
+
 def _shape_of(x: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
@@ -365,6 +376,13 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.kv_dtype = kv_dtype if kv_dtype is not None else model.dtype
         self.kv = self._allocate_kv(num_blocks, self.kv_dtype)
+        # Queue each step's outputs' copy to the host at dispatch, on one device that is not
+        # the CPU. A CPU's outputs are host memory already, and a queued copy's completion
+        # runs on XLA's thread after the step, taking the interpreter: if the last step's
+        # completes while the program exits, the process aborts ("terminate called without
+        # an active exception").
+        self._queue_host_copies = mesh is None and all(
+            d.platform != "cpu" for d in jax.tree.leaves(self.kv)[0].devices())
         # the sampled tokens of the last step dispatched, on the device, by its rows (padded to
         # max_reqs_bucket), and the row of each request that sampled in it: the next step
         # reads the tokens the host does not know yet from there (`step_arrays` feed)
@@ -592,6 +610,13 @@ class ModelRunner:
         self.kv = None  # let the old cache go before the new one is allocated
         self._programs.clear()  # they were compiled for the old cache shape
         self.kv = self._allocate_kv(num_blocks, self.kv_dtype)
+        # Queue each step's outputs' copy to the host at dispatch, on one device that is not
+        # the CPU. A CPU's outputs are host memory already, and a queued copy's completion
+        # runs on XLA's thread after the step, taking the interpreter: if the last step's
+        # completes while the program exits, the process aborts ("terminate called without
+        # an active exception").
+        self._queue_host_copies = mesh is None and all(
+            d.platform != "cpu" for d in jax.tree.leaves(self.kv)[0].devices())
 
     def _allocate_kv(self, num_blocks: int, dtype):
         if self.mesh is None:
@@ -670,10 +695,10 @@ class ModelRunner:
         launched = time.perf_counter()
         out, prompt_out, self.kv, self._last_tokens = program(*args)
         self._last_rows = {s.request: i for i, s in enumerate(scheduled) if s.do_sample}
-        if self.mesh is None:
+        if self._queue_host_copies:
             # the copy of the sampled tokens to the host is queued now, ahead of any step
             # dispatched before this one is collected
-            for a in jax.tree.leaves((out, prompt_out)):
+            for a in _read_by_finish(out, prompt_out, num_logprobs):
                 a.copy_to_host_async()
         return PendingStep(functools.partial(self._finish, scheduled, out, prompt_out,
                                              prompt_spans, num_logprobs, total, T,
@@ -710,7 +735,8 @@ class ModelRunner:
         launched = time.perf_counter()
         tokens, self.kv, self._last_tokens = program(*args)
         self._last_rows = {s.request: i for i, s in enumerate(scheduled)}
-        tokens.copy_to_host_async()
+        if self._queue_host_copies:
+            tokens.copy_to_host_async()
         total = int(steps.sum())
 
         def finish() -> StepResult:
