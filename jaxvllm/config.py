@@ -43,7 +43,7 @@ class EngineConfig:
     # the steps slows them more than it takes: the compiler times kernels on the device)
     wait_for_precompile: Optional[bool] = None
     # run the decoder layers unrolled on per-layer, fused weights instead of a scan over the
-    # stacked ones (None: on a GPU, on one device; see jaxvllm/models/transformer.py)
+    # stacked ones (None: on one device; see jaxvllm/models/transformer.py)
     unroll_layers: Optional[bool] = None
     # schedule and dispatch the next step before the one in flight is collected (vLLM's
     # async scheduling; not with tensor parallelism). None: only a multi-step decode after

@@ -392,11 +392,11 @@ def test_a_failed_background_compilation_is_done_again_by_the_step(llama_folder,
     assert failed[0] in llm.llm_engine.runner._programs  # compiled again on the step's path
 
 
-@pytest.mark.parametrize("backend", ["pallas", "xla"])
+@pytest.mark.parametrize("backend", ["cpu", "pallas", "xla"])
 def test_unrolled_layers_generate_what_the_scan_generates(llama_folder, backend):
-    """unroll_layers=True (the GPU default) runs per-layer fused weights in a Python loop:
-    the engine's greedy tokens equal the scan's, with the Pallas kernel (interpreted here)
-    and with the host-planned XLA attention."""
+    """Unrolled layers (the default on one device, the CPU's too) run per-layer fused weights
+    in a Python loop: the engine's greedy tokens equal the scan's, with the native CPU
+    kernel, the Pallas kernel (interpreted here) and the host-planned XLA attention."""
     from jaxvllm import LLM, SamplingParams
 
     kwargs = dict(attention_backend=backend, max_model_len=64, max_num_seqs=4,
@@ -406,7 +406,7 @@ def test_unrolled_layers_generate_what_the_scan_generates(llama_folder, backend)
     scan = LLM(str(llama_folder), **kwargs, unroll_layers=False)
     assert not scan.llm_engine.loaded.model.layers.unstacked
     want = [o.outputs[0].token_ids for o in scan.generate(prompts, params, use_tqdm=False)]
-    unrolled = LLM(str(llama_folder), **kwargs, unroll_layers=True)
+    unrolled = LLM(str(llama_folder), **kwargs)  # unroll_layers unset: the default
     assert unrolled.llm_engine.loaded.model.layers.unstacked
     got = [o.outputs[0].token_ids for o in unrolled.generate(prompts, params, use_tqdm=False)]
     assert got == want

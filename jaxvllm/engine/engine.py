@@ -250,8 +250,7 @@ class LLMEngine:
 
     def _unroll_layers(self) -> bool:
         return self._option("unroll_layers", self.mesh is None,
-                            "tensor_parallel_size=1 on one process",
-                            default=not self.config.on_cpu)
+                            "tensor_parallel_size=1 on one process", default=True)
 
     def _num_blocks(self, max_num_seqs: int) -> int:
         """KV cache blocks: the override; on CPU, max_num_seqs full-length requests within

@@ -610,13 +610,6 @@ class ModelRunner:
         self.kv = None  # let the old cache go before the new one is allocated
         self._programs.clear()  # they were compiled for the old cache shape
         self.kv = self._allocate_kv(num_blocks, self.kv_dtype)
-        # Queue each step's outputs' copy to the host at dispatch, on one device that is not
-        # the CPU. A CPU's outputs are host memory already, and a queued copy's completion
-        # runs on XLA's thread after the step, taking the interpreter: if the last step's
-        # completes while the program exits, the process aborts ("terminate called without
-        # an active exception").
-        self._queue_host_copies = mesh is None and all(
-            d.platform != "cpu" for d in jax.tree.leaves(self.kv)[0].devices())
 
     def _allocate_kv(self, num_blocks: int, dtype):
         if self.mesh is None:

@@ -100,7 +100,7 @@ ENGINE_SWITCHES = {
     "async_scheduling": "schedule each step before the one in flight is collected "
                         "(default: only a multi-step decode after another; "
                         "--no-async-scheduling: never)",
-    "unroll_layers": "run the layers unrolled on per-layer fused weights (default: on one GPU)",
+    "unroll_layers": "run the layers unrolled on per-layer fused weights (default: on one device)",
     "precompile": "compile the decode steps in background threads at start-up "
                   "(default: on a GPU)",
     "wait_for_precompile": "start serving only once those are compiled (default: on a GPU; "

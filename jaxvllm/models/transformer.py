@@ -10,12 +10,15 @@ same way and threaded through the scan's carry: each layer scatters its new k/v 
 `[l, block, offset]` and gathers at `[l, block_table]`, so a step never copies the cache.
 Weights are stored `[in, out]` (HF Linear transposed) so that `x @ w` needs no transpose.
 
-Unrolled, each layer's weights are separate arrays, with q/k/v and gate/up concatenated into
-one matrix each: a GPU then runs one GEMM where the scan ran three (and two), reads each
-weight where it lies instead of copying it out of the stack every step, and the step has no
-loop, so XLA can put all of it in one command buffer. The layer is traced and lowered once
-(a jitted function called per layer, which XLA inlines), but XLA compiles it num_layers
-times: the price is compile time, which is why the CPU keeps the scan.
+Unrolled (the engine's default on one device), each layer's weights are separate arrays,
+with q/k/v and gate/up concatenated into one matrix each: the device runs one matmul where
+the scan ran three (and two), reads each weight where it lies instead of copying it out of
+the stack every step, and the step has no loop, so a GPU can put all of it in one command
+buffer. On the CPU the copies cost as much as the matmuls' own read of the weights: a
+SmolLM2 decode step of one row takes ~29 ms unrolled against ~48 ms as a scan. The layer is
+traced and lowered once (a jitted function called per layer, which XLA inlines), but XLA
+compiles it num_layers times: the price is compile time (SmolLM2 on the CPU: ~4.3 s against
+~1.9 s a program), paid once per program with the program cache.
 """
 
 from __future__ import annotations
