@@ -261,3 +261,40 @@ def test_periodic_stats_line(caplog):
     assert "Running: 2 reqs, Waiting: 1 reqs, KV cache usage: 25.0%" in lines[0]
     assert "Prefix cache hit rate: 50.0%" in lines[0] and "Avg prompt throughput" in lines[0]
     assert "Running: 0 reqs" in lines[1]
+
+
+EXIT_WITH_THE_ENGINE_BUSY = """
+import asyncio, sys
+from jaxvllm import SamplingParams
+from jaxvllm.engine.async_engine import AsyncLLMEngine
+
+engine = AsyncLLMEngine.from_engine_args(model=sys.argv[1], max_model_len=256, max_num_seqs=4,
+                                         seed=0)
+
+async def main():
+    stream = await engine.add_requests([("a", {"prompt_token_ids": list(range(3, 40))},
+                                         SamplingParams(max_tokens=200, ignore_eos=True))])
+    n = 0
+    async for _, out in stream:
+        n += 1
+        if n == 3:
+            print("left with the engine busy", flush=True)
+            return
+
+asyncio.run(main())
+"""
+
+
+def test_a_program_that_exits_with_the_engine_busy_ends_cleanly(llama_folder, tmp_path):
+    """No shutdown() and a step running as the program ends: the engine thread is stopped
+    before the interpreter goes (the step finishing into a finalizing interpreter aborted
+    the process: 'terminate called ...', exit status 134)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "busy.py"
+    script.write_text(EXIT_WITH_THE_ENGINE_BUSY)
+    done = subprocess.run([sys.executable, str(script), str(llama_folder)], capture_output=True,
+                          text=True, timeout=300)
+    assert "left with the engine busy" in done.stdout
+    assert done.returncode == 0, done.stderr[-2000:]

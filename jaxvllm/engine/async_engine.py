@@ -22,12 +22,14 @@ Prometheus in the server).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import dataclasses
 import logging
 import threading
 import time
+import weakref
 from typing import Any, AsyncIterator, Optional, Protocol, Sequence
 
 from jaxvllm.outputs import DeltaTracker, RequestOutput
@@ -242,6 +244,12 @@ class _Add:
 # ---------------------------------------------------------------------------------------------
 
 
+def _shutdown_at_exit(engine_ref: "weakref.ref[AsyncLLMEngine]") -> None:
+    engine = engine_ref()
+    if engine is not None:
+        engine.shutdown()
+
+
 class AsyncLLMEngine:
     """Runs `engine` on a background thread; coroutines add requests and read their streams.
 
@@ -303,6 +311,10 @@ class AsyncLLMEngine:
                 return
             self._thread = threading.Thread(target=self._run, name="jaxvllm-engine", daemon=True)
             self._thread.start()
+            # A program that ends without shutdown() stops the thread before the interpreter
+            # goes: a step still running then would finish into a finalizing interpreter
+            # and abort the process.
+            atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the engine thread after its current step; abort every request left."""
