@@ -173,17 +173,6 @@ def _compiled(future: concurrent.futures.Future) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
-def _read_by_finish(out, prompt_out, num_logprobs) -> list[jax.Array]:
-    """The step outputs `ModelRunner._finish` reads back (and only those have their copy
-    to the host queued: a queued copy nobody waits for could still be completing when the
-    program exits): the sampled tokens, their logprobs where asked for, the prompt logprobs
-    where the program computed them."""
-    arrays = [out.token_ids]
-    if num_logprobs is not None:
-        arrays += [out.logprobs, out.logprob_token_ids, out.sampled_ranks]
-    return arrays + ([] if prompt_out is None else list(prompt_out))
-
-
 def _shape_of(x: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
@@ -691,7 +680,7 @@ class ModelRunner:
         if self._queue_host_copies:
             # the copy of the sampled tokens to the host is queued now, ahead of any step
             # dispatched before this one is collected
-            for a in _read_by_finish(out, prompt_out, num_logprobs):
+            for a in jax.tree.leaves((out, prompt_out)):
                 a.copy_to_host_async()
         return PendingStep(functools.partial(self._finish, scheduled, out, prompt_out,
                                              prompt_spans, num_logprobs, total, T,
