@@ -24,6 +24,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -68,12 +72,32 @@ const float* BlockAsFloat(const T* src, int64_t count, float* scratch) {
   }
 }
 
-// Asks for a block's cache lines ahead of use: blocks sit anywhere in the cache, so the
-// hardware prefetcher cannot guess the next one.
-inline void PrefetchBlock(const void* start, int64_t bytes) {
-  const char* p = static_cast<const char*>(start);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
-}
+// Asks for the next block's cache lines while the current one is worked on: blocks sit
+// anywhere in the cache, so the hardware prefetcher cannot guess the next one. The lines are
+// asked for a few at a time between rows of work; asking for a whole block at once stalls
+// on the core's queue of outstanding misses.
+class BlockPrefetcher {
+ public:
+  BlockPrefetcher(const void* k, const void* v, int64_t bytes, int64_t rounds)
+      : k_(static_cast<const char*>(k)),
+        v_(static_cast<const char*>(v)),
+        bytes_(k ? bytes : 0),
+        step_(((bytes + 63) / 64 + rounds - 1) / std::max<int64_t>(rounds, 1) * 64) {}
+
+  // One round's share of the lines.
+  void Round() {
+    const int64_t end = std::min(offset_ + step_, bytes_);
+    for (; offset_ < end; offset_ += 64) {
+      __builtin_prefetch(k_ + offset_, 0, 1);
+      __builtin_prefetch(v_ + offset_, 0, 1);
+    }
+  }
+
+ private:
+  const char* k_;
+  const char* v_;
+  int64_t bytes_, step_, offset_ = 0;
+};
 
 struct Problem {
   const float* q;
@@ -104,24 +128,86 @@ struct Scratch {
   }
 };
 
+// Eight floats as one vector (an AVX register on x86; the compiler splits it elsewhere).
+typedef float Float8 __attribute__((vector_size(32)));
+typedef float UnalignedFloat8 __attribute__((vector_size(32), aligned(4), may_alias));
+
+inline Float8 Load8(const float* p) { return *reinterpret_cast<const UnalignedFloat8*>(p); }
+
+// The lane sums of eight vectors, as one vector: out[i] = sum(v[i]).
+inline Float8 LaneSums(const Float8 (&v)[8]) {
+#ifdef __AVX__
+  __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                       _mm256_permute2f128_ps(u0, u1, 0x31));
+#else
+  Float8 out;
+  for (int i = 0; i < 8; ++i) {
+    float sum = 0.0f;
+    for (int lane = 0; lane < 8; ++lane) sum += v[i][lane];
+    out[i] = sum;
+  }
+  return out;
+#endif
+}
+
+// scores[j] = q . keys[j * stride], j in [0, n), for a head dimension kD (a multiple of 8).
+// Eight keys at a time: a dot product is a chain of dependent multiply-adds, and one chain
+// per key keeps the FPU waiting on each add; eight interleaved chains keep it busy, and
+// their lane sums come out together.
+template <int64_t kD>
+inline void KeyDots(const float* q, const float* keys, int64_t stride, int64_t n,
+                    float* scores) {
+  static_assert(kD % 8 == 0);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    Float8 acc[8] = {};
+    for (int64_t c = 0; c < kD; c += 8) {
+      const Float8 qc = Load8(q + c);
+      for (int kk = 0; kk < 8; ++kk) acc[kk] += qc * Load8(keys + (j + kk) * stride + c);
+    }
+    const Float8 sums = LaneSums(acc);
+    std::memcpy(scores + j, &sums, sizeof(sums));
+  }
+  for (; j < n; ++j) {
+    Float8 a0 = {}, a1 = {};  // two chains
+    for (int64_t c = 0; c < kD; c += 16) {
+      a0 += Load8(q + c) * Load8(keys + j * stride + c);
+      if (c + 8 < kD) a1 += Load8(q + c + 8) * Load8(keys + j * stride + c + 8);
+    }
+    const Float8 a = a0 + a1;
+    float dot = 0.0f;
+    for (int lane = 0; lane < 8; ++lane) dot += a[lane];
+    scores[j] = dot;
+  }
+}
+
 // One softmax row (a query token and head) over the visible keys [lo, hi] of a block: the
 // online softmax update of its running max `m`, sum `l` and weighted values `acc`.
-// kD > 0 fixes the head dimension at compile time (the accumulator then stays in
-// registers); 0 takes it from `d`.
+// kD > 0 fixes the head dimension at compile time (a multiple of 8: the accumulator then
+// stays in registers); 0 takes it from `d`.
 template <int64_t kD>
 inline void UpdateRow(const float* qr, const float* keys, const float* values, int64_t stride,
                       int64_t lo, int64_t hi, float soft_cap, float* scores, float& m,
                       float& l, float* acc, int64_t d) {
-  if constexpr (kD > 0) d = kD;
+  if constexpr (kD > 0) {
+    d = kD;
+    KeyDots<kD>(qr, keys + lo * stride, stride, hi - lo + 1, scores + lo);
+  } else {
+    for (int64_t jj = lo; jj <= hi; ++jj) {
+      const float* kr = keys + jj * stride;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t e = 0; e < d; ++e) dot += qr[e] * kr[e];
+      scores[jj] = dot;
+    }
+  }
   float block_max = kLowest;
   for (int64_t jj = lo; jj <= hi; ++jj) {
-    const float* kr = keys + jj * stride;
-    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t e = 0; e < d; ++e) dot += qr[e] * kr[e];
-    if (soft_cap > 0.0f) dot = soft_cap * std::tanh(dot / soft_cap);
-    scores[jj] = dot;
-    block_max = std::max(block_max, dot);
+    if (soft_cap > 0.0f) scores[jj] = soft_cap * std::tanh(scores[jj] / soft_cap);
+    block_max = std::max(block_max, scores[jj]);
   }
   const bool first = !(l > 0.0f);  // no key seen yet: `m` and `acc` hold nothing
   const float new_max = first ? block_max : std::max(m, block_max);
@@ -192,11 +278,10 @@ void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t 
 
   for (int64_t j = lowest / bs; j <= last_block; ++j) {
     const int64_t block = block_id(j), next = j < last_block ? block_id(j + 1) : -1;
-    if (next >= 0) {
-      PrefetchBlock(k_cache + (layer_base + next) * block_elems, block_elems * sizeof(T));
-      PrefetchBlock(v_cache + (layer_base + next) * block_elems, block_elems * sizeof(T));
-    }
     if (block < 0) continue;
+    BlockPrefetcher prefetch(next >= 0 ? k_cache + (layer_base + next) * block_elems : nullptr,
+                             next >= 0 ? v_cache + (layer_base + next) * block_elems : nullptr,
+                             block_elems * sizeof(T), count * heads);
     const int64_t block_start = j * bs;
     const int64_t slots = std::min<int64_t>(bs, last_pos - block_start + 1);
     const float* kb = BlockAsFloat(k_cache + (layer_base + block) * block_elems,
@@ -212,6 +297,7 @@ void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t 
       }
       if (lo > hi) continue;
       for (int64_t head = 0; head < heads; ++head) {
+        prefetch.Round();
         const int64_t row = i * heads + head;
         const float* qr = w.q.data() + row * d;
         const float* keys = kb + (head / group) * d;
