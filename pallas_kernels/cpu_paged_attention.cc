@@ -8,7 +8,8 @@
 // (~10 GB/s), then reads that array again in reductions that run far below the matmul
 // rate. Here each block is read once, straight from the cache through the block table, by
 // a tile of up to kTile query tokens of one request (all its heads), with an online
-// softmax, so the cache traffic is one pass over the blocks each tile can see.
+// softmax that takes up to kChunkKeys keys per update, so the cache traffic is one pass over
+// the blocks each tile can see.
 //
 // Work items are tiles of a request's query tokens, all heads; the calling thread and
 // helpers on XLA's intra-op thread pool take them from one atomic counter.
@@ -35,6 +36,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kTile = 16;  // query tokens of one request sharing each block load
+constexpr int64_t kChunkKeys = 256;  // keys a softmax update takes at once (whole blocks)
 // Below any finite score: the kernel is built with -ffast-math (vectorized exp), which
 // assumes no infinities, so none is used as a starting maximum.
 constexpr float kLowest = -std::numeric_limits<float>::max();
@@ -78,24 +80,20 @@ const float* BlockAsFloat(const T* src, int64_t count, float* scratch) {
 // on the core's queue of outstanding misses.
 class BlockPrefetcher {
  public:
-  BlockPrefetcher(const void* k, const void* v, int64_t bytes, int64_t rounds)
-      : k_(static_cast<const char*>(k)),
-        v_(static_cast<const char*>(v)),
-        bytes_(k ? bytes : 0),
+  // `start` null: nothing to prefetch.
+  BlockPrefetcher(const void* start, int64_t bytes, int64_t rounds)
+      : start_(static_cast<const char*>(start)),
+        bytes_(start ? bytes : 0),
         step_(((bytes + 63) / 64 + rounds - 1) / std::max<int64_t>(rounds, 1) * 64) {}
 
   // One round's share of the lines.
   void Round() {
     const int64_t end = std::min(offset_ + step_, bytes_);
-    for (; offset_ < end; offset_ += 64) {
-      __builtin_prefetch(k_ + offset_, 0, 1);
-      __builtin_prefetch(v_ + offset_, 0, 1);
-    }
+    for (; offset_ < end; offset_ += 64) __builtin_prefetch(start_ + offset_, 0, 1);
   }
 
  private:
-  const char* k_;
-  const char* v_;
+  const char* start_;
   int64_t bytes_, step_, offset_ = 0;
 };
 
@@ -115,7 +113,9 @@ struct Problem {
 
 // Per-thread scratch: the tile's scaled queries, softmax state and the current K/V block.
 struct Scratch {
-  std::vector<float> q, acc, m, l, k, v, s;  // k, v: a block converted from 16-bit floats
+  std::vector<float> q, acc, m, l, k, v;  // k, v: a block converted from 16-bit floats
+  std::vector<float> s, chunk_max;        // a chunk's scores, then weights; their row maxima
+  int64_t chunk_keys = 0;                 // keys in a chunk: whole blocks
   void Resize(const Problem& p) {
     int64_t rows = kTile * p.num_heads;
     q.resize(rows * p.head_dim);
@@ -124,7 +124,9 @@ struct Scratch {
     l.resize(rows);
     k.resize(p.block_size * p.kv_heads * p.head_dim);
     v.resize(p.block_size * p.kv_heads * p.head_dim);
-    s.resize(p.block_size);
+    chunk_keys = std::max<int64_t>(1, kChunkKeys / p.block_size) * p.block_size;
+    s.resize(rows * chunk_keys);
+    chunk_max.resize(rows);
   }
 };
 
@@ -184,73 +186,63 @@ inline void KeyDots(const float* q, const float* keys, int64_t stride, int64_t n
   }
 }
 
-// One softmax row (a query token and head) over the visible keys [lo, hi] of a block: the
-// online softmax update of its running max `m`, sum `l` and weighted values `acc`.
-// kD > 0 fixes the head dimension at compile time (a multiple of 8: the accumulator then
-// stays in registers); 0 takes it from `d`.
+// scores[j] = q . keys[j * stride], j in [0, n): the fixed-size form where the head
+// dimension has one (kD > 0, a multiple of 8), else a loop over `d`.
 template <int64_t kD>
-inline void UpdateRow(const float* qr, const float* keys, const float* values, int64_t stride,
-                      int64_t lo, int64_t hi, float soft_cap, float* scores, float& m,
-                      float& l, float* acc, int64_t d) {
+inline void ScoreKeys(const float* q, const float* keys, int64_t stride, int64_t n,
+                      float* scores, int64_t d) {
   if constexpr (kD > 0) {
-    d = kD;
-    KeyDots<kD>(qr, keys + lo * stride, stride, hi - lo + 1, scores + lo);
+    KeyDots<kD>(q, keys, stride, n, scores);
   } else {
-    for (int64_t jj = lo; jj <= hi; ++jj) {
-      const float* kr = keys + jj * stride;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* kr = keys + j * stride;
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t e = 0; e < d; ++e) dot += qr[e] * kr[e];
-      scores[jj] = dot;
+      for (int64_t e = 0; e < d; ++e) dot += q[e] * kr[e];
+      scores[j] = dot;
     }
   }
-  float block_max = kLowest;
-  for (int64_t jj = lo; jj <= hi; ++jj) {
-    if (soft_cap > 0.0f) scores[jj] = soft_cap * std::tanh(scores[jj] / soft_cap);
-    block_max = std::max(block_max, scores[jj]);
-  }
-  const bool first = !(l > 0.0f);  // no key seen yet: `m` and `acc` hold nothing
-  const float new_max = first ? block_max : std::max(m, block_max);
-  const float correction = first ? 0.0f : std::exp(m - new_max);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t jj = lo; jj <= hi; ++jj) {
-    scores[jj] = std::exp(scores[jj] - new_max);
-    sum += scores[jj];
-  }
+}
+
+// acc += sum_j weights[j] * values[j * stride], j in [0, n). With a fixed head dimension
+// the accumulator stays in registers across the keys.
+template <int64_t kD>
+inline void AddWeightedValues(const float* weights, const float* values, int64_t stride,
+                              int64_t n, float* acc, int64_t d) {
   if constexpr (kD > 0) {
     float a[kD];
 #pragma omp simd
-    for (int64_t e = 0; e < kD; ++e) a[e] = acc[e] * correction;
-    for (int64_t jj = lo; jj <= hi; ++jj) {
-      const float weight = scores[jj];
-      const float* vr = values + jj * stride;
+    for (int64_t e = 0; e < kD; ++e) a[e] = acc[e];
+    for (int64_t j = 0; j < n; ++j) {
+      const float weight = weights[j];
+      const float* vr = values + j * stride;
 #pragma omp simd
       for (int64_t e = 0; e < kD; ++e) a[e] += weight * vr[e];
     }
 #pragma omp simd
     for (int64_t e = 0; e < kD; ++e) acc[e] = a[e];
   } else {
-#pragma omp simd
-    for (int64_t e = 0; e < d; ++e) acc[e] *= correction;
-    for (int64_t jj = lo; jj <= hi; ++jj) {
-      const float weight = scores[jj];
-      const float* vr = values + jj * stride;
+    for (int64_t j = 0; j < n; ++j) {
+      const float weight = weights[j];
+      const float* vr = values + j * stride;
 #pragma omp simd
       for (int64_t e = 0; e < d; ++e) acc[e] += weight * vr[e];
     }
   }
-  l = l * correction + sum;
-  m = new_max;
 }
 
 // Attention of tokens [first, first + count) of request r (their positions start at
 // `first_pos`), all heads. Rows of the softmax state are (token, head) pairs.
-template <typename T>
+//
+// Keys are taken a chunk of blocks at a time, in two passes: the first scores every row
+// against the chunk's keys, then each row's softmax state takes the chunk in one update
+// (max, exponentials, sum: vector loops over up to kChunkKeys scores), and the second pass
+// adds the weighted values. Updating per block instead costs those steps every 16 keys.
+template <typename T, int64_t kD>
 void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t count,
                 int64_t first_pos) {
-  const int64_t d = p.head_dim, heads = p.num_heads, group = heads / p.kv_heads;
-  const int64_t bs = p.block_size, rows = count * heads;
+  const int64_t d = kD > 0 ? kD : p.head_dim, heads = p.num_heads;
+  const int64_t group = heads / p.kv_heads, bs = p.block_size, rows = count * heads;
   for (int64_t row = 0; row < rows; ++row) {
     const float* src = p.q + (first * heads + row) * d;
     float* dst = w.q.data() + row * d;
@@ -262,8 +254,10 @@ void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t 
   std::fill(w.l.begin(), w.l.begin() + rows, 0.0f);
 
   const int64_t last_pos = first_pos + count - 1;
-  int64_t lowest = 0;  // first key position any row of the tile can see
-  if (p.sliding_window > 0) lowest = std::max<int64_t>(0, first_pos - p.sliding_window + 1);
+  // the first key position token i sees
+  auto lowest_seen = [&](int64_t pos) -> int64_t {
+    return p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
+  };
   const int64_t slot_stride = p.kv_heads * d, block_elems = bs * slot_stride;
   const T* k_cache = static_cast<const T*>(p.k);
   const T* v_cache = static_cast<const T*>(p.v);
@@ -274,44 +268,105 @@ void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t 
     const int64_t block = table[j];
     return block >= 0 && block < p.num_blocks ? block : -1;  // the engine never sends one
   };
-  float* scores = w.s.data();
+  const int64_t chunk_blocks = w.chunk_keys / bs;
+  float* scores = w.s.data();  // [rows, chunk_keys]: row-major, a row's keys in order
+  float* chunk_max = w.chunk_max.data();
 
-  for (int64_t j = lowest / bs; j <= last_block; ++j) {
-    const int64_t block = block_id(j), next = j < last_block ? block_id(j + 1) : -1;
-    if (block < 0) continue;
-    BlockPrefetcher prefetch(next >= 0 ? k_cache + (layer_base + next) * block_elems : nullptr,
-                             next >= 0 ? v_cache + (layer_base + next) * block_elems : nullptr,
-                             block_elems * sizeof(T), count * heads);
-    const int64_t block_start = j * bs;
-    const int64_t slots = std::min<int64_t>(bs, last_pos - block_start + 1);
-    const float* kb = BlockAsFloat(k_cache + (layer_base + block) * block_elems,
-                                   slots * slot_stride, w.k.data());
-    const float* vb = BlockAsFloat(v_cache + (layer_base + block) * block_elems,
-                                   slots * slot_stride, w.v.data());
+  for (int64_t cb = lowest_seen(first_pos) / bs; cb <= last_block; cb += chunk_blocks) {
+    const int64_t ce = std::min(cb + chunk_blocks - 1, last_block), chunk_start = cb * bs;
+    std::fill(chunk_max, chunk_max + rows, kLowest);
+    // Pass 1: scores. A block outside the cache scores its keys far below any real one
+    // (half the lowest float: subtracting a row's maximum from it stays finite).
+    for (int64_t j = cb; j <= ce; ++j) {
+      const int64_t block = block_id(j), column = (j - cb) * bs;
+      // prefetch the next block's keys, or the chunk's first values for pass 2
+      const int64_t next = j < ce ? block_id(j + 1) : block_id(cb);
+      const T* next_cache = j < ce ? k_cache : v_cache;
+      BlockPrefetcher prefetch(next >= 0 ? next_cache + (layer_base + next) * block_elems
+                                         : nullptr,
+                               block_elems * sizeof(T), rows);
+      if (block < 0) {
+        for (int64_t row = 0; row < rows; ++row) {
+          std::fill(scores + row * w.chunk_keys + column,
+                    scores + row * w.chunk_keys + column + bs, kLowest / 2);
+        }
+        continue;
+      }
+      const int64_t block_start = j * bs;
+      const int64_t slots = std::min<int64_t>(bs, last_pos - block_start + 1);
+      const float* kb = BlockAsFloat(k_cache + (layer_base + block) * block_elems,
+                                     slots * slot_stride, w.k.data());
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t pos = first_pos + i;
+        const int64_t lo = std::max<int64_t>(0, lowest_seen(pos) - block_start);
+        const int64_t hi = std::min(slots - 1, pos - block_start);
+        for (int64_t head = 0; head < heads; ++head) {
+          prefetch.Round();
+          if (lo > hi) continue;
+          const int64_t row = i * heads + head;
+          float* out = scores + row * w.chunk_keys + column + lo;
+          ScoreKeys<kD>(w.q.data() + row * d, kb + (head / group) * d + lo * slot_stride,
+                        slot_stride, hi - lo + 1, out, d);
+          float block_max = chunk_max[row];
+          for (int64_t jj = 0; jj <= hi - lo; ++jj) {
+            if (p.soft_cap > 0.0f) out[jj] = p.soft_cap * std::tanh(out[jj] / p.soft_cap);
+            block_max = std::max(block_max, out[jj]);
+          }
+          chunk_max[row] = block_max;
+        }
+      }
+    }
+    // Softmax: each row's running max, sum and accumulator take the chunk's keys.
+    const int64_t chunk_end = std::min((ce + 1) * bs, last_pos + 1);  // past its last key
     for (int64_t i = 0; i < count; ++i) {
       const int64_t pos = first_pos + i;
-      // visible slots of this block, as offsets in it
-      int64_t lo = 0, hi = std::min(slots - 1, pos - block_start);
-      if (p.sliding_window > 0) {
-        lo = std::max<int64_t>(0, pos - p.sliding_window + 1 - block_start);
-      }
-      if (lo > hi) continue;
+      const int64_t a = std::max(lowest_seen(pos), chunk_start) - chunk_start;
+      const int64_t b = std::min(pos + 1, chunk_end) - chunk_start;  // [a, b)
       for (int64_t head = 0; head < heads; ++head) {
-        prefetch.Round();
         const int64_t row = i * heads + head;
-        const float* qr = w.q.data() + row * d;
-        const float* keys = kb + (head / group) * d;
-        const float* values = vb + (head / group) * d;
+        if (a >= b || !(chunk_max[row] > kLowest)) continue;  // no key of the cache
+        float* sr = scores + row * w.chunk_keys;
+        const bool seen = w.l[row] > 0.0f;  // keys of an earlier chunk
+        const float new_max = seen ? std::max(w.m[row], chunk_max[row]) : chunk_max[row];
+        const float correction = seen ? std::exp(w.m[row] - new_max) : 0.0f;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t jj = a; jj < b; ++jj) {
+          sr[jj] = std::exp(sr[jj] - new_max);
+          sum += sr[jj];
+        }
+        w.l[row] = w.l[row] * correction + sum;
+        w.m[row] = new_max;
         float* acc = w.acc.data() + row * d;
-        if (d == 64) {
-          UpdateRow<64>(qr, keys, values, slot_stride, lo, hi, p.soft_cap, scores, w.m[row],
-                        w.l[row], acc, d);
-        } else if (d == 128) {
-          UpdateRow<128>(qr, keys, values, slot_stride, lo, hi, p.soft_cap, scores, w.m[row],
-                         w.l[row], acc, d);
-        } else {
-          UpdateRow<0>(qr, keys, values, slot_stride, lo, hi, p.soft_cap, scores, w.m[row],
-                       w.l[row], acc, d);
+#pragma omp simd
+        for (int64_t e = 0; e < d; ++e) acc[e] *= correction;
+      }
+    }
+    // Pass 2: the weighted values.
+    for (int64_t j = cb; j <= ce; ++j) {
+      const int64_t block = block_id(j), column = (j - cb) * bs;
+      // prefetch the next block's values, or the next chunk's first keys
+      const int64_t next = j < ce ? block_id(j + 1) : (ce < last_block ? block_id(ce + 1) : -1);
+      const T* next_cache = j < ce ? v_cache : k_cache;
+      BlockPrefetcher prefetch(next >= 0 ? next_cache + (layer_base + next) * block_elems
+                                         : nullptr,
+                               block_elems * sizeof(T), rows);
+      if (block < 0) continue;
+      const int64_t block_start = j * bs;
+      const int64_t slots = std::min<int64_t>(bs, last_pos - block_start + 1);
+      const float* vb = BlockAsFloat(v_cache + (layer_base + block) * block_elems,
+                                     slots * slot_stride, w.v.data());
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t pos = first_pos + i;
+        const int64_t lo = std::max<int64_t>(0, lowest_seen(pos) - block_start);
+        const int64_t hi = std::min(slots - 1, pos - block_start);
+        for (int64_t head = 0; head < heads; ++head) {
+          prefetch.Round();
+          if (lo > hi) continue;
+          const int64_t row = i * heads + head;
+          AddWeightedValues<kD>(scores + row * w.chunk_keys + column + lo,
+                                vb + (head / group) * d + lo * slot_stride, slot_stride,
+                                hi - lo + 1, w.acc.data() + row * d, d);
         }
       }
     }
@@ -362,7 +417,13 @@ void RunItems(const Problem& p, const std::vector<int64_t>& tile_ends, WorkQueue
     const int64_t first = start + HiddenTokens(q_len, p.seq_lens[r]) + tile_in_req * kTile;
     const int64_t count = std::min<int64_t>(kTile, start + q_len - first);
     const int64_t first_pos = p.seq_lens[r] - q_len + (first - start);  // >= 0
-    AttendTile<T>(p, scratch, r, first, count, first_pos);
+    if (p.head_dim == 64) {
+      AttendTile<T, 64>(p, scratch, r, first, count, first_pos);
+    } else if (p.head_dim == 128) {
+      AttendTile<T, 128>(p, scratch, r, first, count, first_pos);
+    } else {
+      AttendTile<T, 0>(p, scratch, r, first, count, first_pos);
+    }
     queue.done.fetch_add(1);
   }
 }
