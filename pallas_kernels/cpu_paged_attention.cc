@@ -268,6 +268,31 @@ void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t 
     const int64_t block = table[j];
     return block >= 0 && block < p.num_blocks ? block : -1;  // the engine never sends one
   };
+  // Prefetches block `next` (-1: none) of `cache` over `rows` rounds.
+  auto prefetcher = [&](int64_t next, const T* cache) {
+    return BlockPrefetcher(next >= 0 ? cache + (layer_base + next) * block_elems : nullptr,
+                           block_elems * sizeof(T), rows);
+  };
+  // Calls fn(row, lo, hi, slots) for each row of the tile that sees keys of block j (index
+  // `block` in `cache`): its visible slots are lo..hi, and `slots` points at the row's KV
+  // head in the block, read as float32 (through `convert` for a 16-bit cache). One
+  // prefetch round per row.
+  auto for_rows_seeing = [&](int64_t j, int64_t block, const T* cache, float* convert,
+                             BlockPrefetcher& prefetch, auto&& fn) {
+    const int64_t block_start = j * bs;
+    const int64_t slots = std::min<int64_t>(bs, last_pos - block_start + 1);
+    const float* data = BlockAsFloat(cache + (layer_base + block) * block_elems,
+                                     slots * slot_stride, convert);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t pos = first_pos + i;
+      const int64_t lo = std::max<int64_t>(0, lowest_seen(pos) - block_start);
+      const int64_t hi = std::min(slots - 1, pos - block_start);
+      for (int64_t head = 0; head < heads; ++head) {
+        prefetch.Round();
+        if (lo <= hi) fn(i * heads + head, lo, hi, data + (head / group) * d);
+      }
+    }
+  };
   const int64_t chunk_blocks = w.chunk_keys / bs;
   float* scores = w.s.data();  // [rows, chunk_keys]: row-major, a row's keys in order
   float* chunk_max = w.chunk_max.data();
@@ -280,11 +305,8 @@ void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t 
     for (int64_t j = cb; j <= ce; ++j) {
       const int64_t block = block_id(j), column = (j - cb) * bs;
       // prefetch the next block's keys, or the chunk's first values for pass 2
-      const int64_t next = j < ce ? block_id(j + 1) : block_id(cb);
-      const T* next_cache = j < ce ? k_cache : v_cache;
-      BlockPrefetcher prefetch(next >= 0 ? next_cache + (layer_base + next) * block_elems
-                                         : nullptr,
-                               block_elems * sizeof(T), rows);
+      BlockPrefetcher prefetch = j < ce ? prefetcher(block_id(j + 1), k_cache)
+                                        : prefetcher(block_id(cb), v_cache);
       if (block < 0) {
         for (int64_t row = 0; row < rows; ++row) {
           std::fill(scores + row * w.chunk_keys + column,
@@ -292,29 +314,18 @@ void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t 
         }
         continue;
       }
-      const int64_t block_start = j * bs;
-      const int64_t slots = std::min<int64_t>(bs, last_pos - block_start + 1);
-      const float* kb = BlockAsFloat(k_cache + (layer_base + block) * block_elems,
-                                     slots * slot_stride, w.k.data());
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t pos = first_pos + i;
-        const int64_t lo = std::max<int64_t>(0, lowest_seen(pos) - block_start);
-        const int64_t hi = std::min(slots - 1, pos - block_start);
-        for (int64_t head = 0; head < heads; ++head) {
-          prefetch.Round();
-          if (lo > hi) continue;
-          const int64_t row = i * heads + head;
-          float* out = scores + row * w.chunk_keys + column + lo;
-          ScoreKeys<kD>(w.q.data() + row * d, kb + (head / group) * d + lo * slot_stride,
-                        slot_stride, hi - lo + 1, out, d);
-          float block_max = chunk_max[row];
-          for (int64_t jj = 0; jj <= hi - lo; ++jj) {
-            if (p.soft_cap > 0.0f) out[jj] = p.soft_cap * std::tanh(out[jj] / p.soft_cap);
-            block_max = std::max(block_max, out[jj]);
-          }
-          chunk_max[row] = block_max;
+      for_rows_seeing(j, block, k_cache, w.k.data(), prefetch,
+                      [&](int64_t row, int64_t lo, int64_t hi, const float* keys) {
+        float* out = scores + row * w.chunk_keys + column + lo;
+        ScoreKeys<kD>(w.q.data() + row * d, keys + lo * slot_stride, slot_stride, hi - lo + 1,
+                      out, d);
+        float block_max = chunk_max[row];
+        for (int64_t jj = 0; jj <= hi - lo; ++jj) {
+          if (p.soft_cap > 0.0f) out[jj] = p.soft_cap * std::tanh(out[jj] / p.soft_cap);
+          block_max = std::max(block_max, out[jj]);
         }
-      }
+        chunk_max[row] = block_max;
+      });
     }
     // Softmax: each row's running max, sum and accumulator take the chunk's keys.
     const int64_t chunk_end = std::min((ce + 1) * bs, last_pos + 1);  // past its last key
@@ -346,29 +357,16 @@ void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t 
     for (int64_t j = cb; j <= ce; ++j) {
       const int64_t block = block_id(j), column = (j - cb) * bs;
       // prefetch the next block's values, or the next chunk's first keys
-      const int64_t next = j < ce ? block_id(j + 1) : (ce < last_block ? block_id(ce + 1) : -1);
-      const T* next_cache = j < ce ? v_cache : k_cache;
-      BlockPrefetcher prefetch(next >= 0 ? next_cache + (layer_base + next) * block_elems
-                                         : nullptr,
-                               block_elems * sizeof(T), rows);
+      BlockPrefetcher prefetch =
+          j < ce ? prefetcher(block_id(j + 1), v_cache)
+                 : prefetcher(ce < last_block ? block_id(ce + 1) : -1, k_cache);
       if (block < 0) continue;
-      const int64_t block_start = j * bs;
-      const int64_t slots = std::min<int64_t>(bs, last_pos - block_start + 1);
-      const float* vb = BlockAsFloat(v_cache + (layer_base + block) * block_elems,
-                                     slots * slot_stride, w.v.data());
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t pos = first_pos + i;
-        const int64_t lo = std::max<int64_t>(0, lowest_seen(pos) - block_start);
-        const int64_t hi = std::min(slots - 1, pos - block_start);
-        for (int64_t head = 0; head < heads; ++head) {
-          prefetch.Round();
-          if (lo > hi) continue;
-          const int64_t row = i * heads + head;
-          AddWeightedValues<kD>(scores + row * w.chunk_keys + column + lo,
-                                vb + (head / group) * d + lo * slot_stride, slot_stride,
-                                hi - lo + 1, w.acc.data() + row * d, d);
-        }
-      }
+      for_rows_seeing(j, block, v_cache, w.v.data(), prefetch,
+                      [&](int64_t row, int64_t lo, int64_t hi, const float* values) {
+        AddWeightedValues<kD>(scores + row * w.chunk_keys + column + lo,
+                              values + lo * slot_stride, slot_stride, hi - lo + 1,
+                              w.acc.data() + row * d, d);
+      });
     }
   }
 
