@@ -113,17 +113,17 @@ struct Problem {
 
 // Per-thread scratch: the tile's scaled queries, softmax state and the current K/V block.
 struct Scratch {
-  std::vector<float> q, acc, m, l, k, v;  // k, v: a block converted from 16-bit floats
-  std::vector<float> s, chunk_max;        // a chunk's scores, then weights; their row maxima
-  int64_t chunk_keys = 0;                 // keys in a chunk: whole blocks
+  std::vector<float> q, acc, m, l;
+  std::vector<float> block;  // a K or V block converted from 16-bit floats (one pass at a time)
+  std::vector<float> s, chunk_max;  // a chunk's scores, then weights; their row maxima
+  int64_t chunk_keys = 0;           // keys in a chunk: whole blocks
   void Resize(const Problem& p) {
     int64_t rows = kTile * p.num_heads;
     q.resize(rows * p.head_dim);
     acc.resize(rows * p.head_dim);
     m.resize(rows);
     l.resize(rows);
-    k.resize(p.block_size * p.kv_heads * p.head_dim);
-    v.resize(p.block_size * p.kv_heads * p.head_dim);
+    block.resize(p.block_size * p.kv_heads * p.head_dim);
     chunk_keys = std::max<int64_t>(1, kChunkKeys / p.block_size) * p.block_size;
     s.resize(rows * chunk_keys);
     chunk_max.resize(rows);
@@ -314,7 +314,7 @@ void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t 
         }
         continue;
       }
-      for_rows_seeing(j, block, k_cache, w.k.data(), prefetch,
+      for_rows_seeing(j, block, k_cache, w.block.data(), prefetch,
                       [&](int64_t row, int64_t lo, int64_t hi, const float* keys) {
         float* out = scores + row * w.chunk_keys + column + lo;
         ScoreKeys<kD>(w.q.data() + row * d, keys + lo * slot_stride, slot_stride, hi - lo + 1,
@@ -361,7 +361,7 @@ void AttendTile(const Problem& p, Scratch& w, int64_t r, int64_t first, int64_t 
           j < ce ? prefetcher(block_id(j + 1), v_cache)
                  : prefetcher(ce < last_block ? block_id(ce + 1) : -1, k_cache);
       if (block < 0) continue;
-      for_rows_seeing(j, block, v_cache, w.v.data(), prefetch,
+      for_rows_seeing(j, block, v_cache, w.block.data(), prefetch,
                       [&](int64_t row, int64_t lo, int64_t hi, const float* values) {
         AddWeightedValues<kD>(scores + row * w.chunk_keys + column + lo,
                               values + lo * slot_stride, slot_stride, hi - lo + 1,
