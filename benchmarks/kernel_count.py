@@ -15,7 +15,9 @@ one decode step, what the engine runs for decoding batches on a GPU) padded to e
 `--rows` as the engine pads it, sampling as default `SamplingParams` do (`--greedy`: as
 temperature 0); `--single` counts the single-step decode program instead. With
 `--compare-unfused` the same programs are also compiled with the attention variant's fused
-decode kernel off (KV write and attention as separate kernels), in the same run.
+decode kernel off (KV write and attention as separate kernels), in the same run, and with
+`--compare-small-batch-matmuls` with the model's small-batch projection kernels on
+(`small_batch_matmuls`, pallas_kernels/small_batch_matmul.py).
 
 Without a GPU XLA does not autotune: its GEMM configurations (and the split-K reductions they
 may bring) can differ from a real compile's; every other fusion is XLA's real decision. The
@@ -119,14 +121,19 @@ def count_kernels(hlo_text: str) -> dict:
             "loops": loops}
 
 
-def _build_runner(args, max_rows: int):
-    """The engine's runner for the model as a GPU engine builds it: layers unrolled (the
-    default on one GPU), powers-of-two decode buckets from 16."""
+def _build_runner(args, max_rows: int, loaded=None, small_batch_matmuls: bool = False):
+    """The engine's runner for the model (`loaded`, else loaded from args.model) as a GPU
+    engine builds it: layers unrolled (the default on one GPU), powers-of-two decode buckets
+    from 16."""
     from jaxvllm.engine.runner import ModelRunner
     from jaxvllm.models.loader import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype, attention_backend=args.attention_backend)
-    loaded.model.unroll_layers()
+    if loaded is None:
+        loaded = load_model(args.model, dtype=args.dtype,
+                            attention_backend=args.attention_backend)
+        loaded.model.unroll_layers()
+    # read when the runner splits the model (the engine sets it before, too)
+    loaded.model.small_batch_matmuls = small_batch_matmuls
     runner = ModelRunner(loaded.model, num_blocks=args.num_blocks, block_size=args.block_size,
                          max_model_len=args.max_model_len,
                          max_num_batched_tokens=args.max_num_batched_tokens,
@@ -185,15 +192,18 @@ def run(args) -> dict:
     variant = resolve_attention_backend(args.attention_backend)[0]
     # the multi-step program's steps are decode-only: `attend` fuses them where it can
     fused = fused_decode_kernel(args.attention_backend) is not None and not args.single
-    modes = [("fused" if fused else "default", contextlib.nullcontext)]
+    modes = [("fused" if fused else "default", contextlib.nullcontext, runner)]
     if args.compare_unfused and fused:
-        modes.append(("unfused", lambda: overridden_variant(variant, decode=None)))
+        modes.append(("unfused", lambda: overridden_variant(variant, decode=None), runner))
+    if args.compare_small_batch_matmuls:
+        modes.append(("small_batch_matmuls", contextlib.nullcontext,
+                      _build_runner(args, max(rows), loaded, small_batch_matmuls=True)[1]))
     results: dict = {}
-    for mode, context in modes:
+    for mode, context, mode_runner in modes:
         for r in rows:
             with context():
                 results.setdefault(mode, {})[str(r)] = _count_program(
-                    runner, loaded.config.vocab_size, r, args)
+                    mode_runner, loaded.config.vocab_size, r, args)
     table = [("Model", Path(args.model).name), ("Target (deviceless)", args.target),
              ("Program", "single decode step" if args.single
               else f"multi-step decode call, {args.num_scheduler_steps} steps"),
@@ -201,14 +211,14 @@ def run(args) -> dict:
     for r in rows:
         table.append((f"-- {r} rows (padded to {results[modes[0][0]][str(r)]['padded_rows']})",
                       ""))
-        for mode, _ in modes:
+        for mode, *_ in modes:
             c = results[mode][str(r)]
             table.append((f"kernels per decode step, {mode}", c["per_decode_step"]))
             if not args.single:
                 table.append((f"kernels per call outside the loop, {mode}", c["entry"]))
-        if len(modes) == 2:
-            a, b = (results[m][str(r)]["per_decode_step"] for m, _ in modes)
-            table.append(("fused / unfused", round(a / b, 3)))
+        for mode, *_ in modes[1:]:
+            a, b = (results[m][str(r)]["per_decode_step"] for m in (modes[0][0], mode))
+            table.append((f"{modes[0][0]} / {mode}", round(a / b, 3)))
     common.print_table("Kernels per step (XLA GPU compile, no GPU)", table, width=64)
     first = results[modes[0][0]][str(rows[-1])]
     top = (max(first["loops"], key=lambda loop: loop["kernels"])["by_kind"]
@@ -245,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="sampling as temperature 0")
     p.add_argument("--compare-unfused", action="store_true",
                    help="also count with the variant's fused decode kernel off")
+    p.add_argument("--compare-small-batch-matmuls", action="store_true",
+                   help="also count with the small-batch projection kernels on")
     p.add_argument("--top", type=int, default=15, help="kinds listed")
     p.add_argument("--output-json")
     return p

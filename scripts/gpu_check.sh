@@ -41,6 +41,10 @@
 #   tests        tests/test_kernels.py compiled on the GPU
 #   kernels, sweep   benchmarks/kernels.py
 #   decode       the fused decode kernel's configurations (benchmarks/decode_kernel.py)
+#   smallmm      the small-batch projection kernels' tilings against XLA on a layer's
+#                projections (benchmarks/small_batch_matmul.py)
+#   sblatency, sbprofile   the latency phase (no baselines) and the profile phase with
+#                --small-batch-matmuls (those kernels in the engine's small decode steps)
 # The whole
 # run ends by DEADLINE seconds (default 450): each phase gets its own limit, cut to what is
 # left, and a failing phase does not stop the next.
@@ -56,7 +60,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,throughput,latency,pthroughput,coldstart,profile,tests,decode,mtests,unfused,sthroughput,bthroughput,nocb,mofusion,sampler,athroughput,async,scan,eager,kernels}"
+PHASES="${PHASES:-model,throughput,latency,sblatency,smallmm,pthroughput,coldstart,profile,sbprofile,tests,decode,mtests,unfused,sthroughput,bthroughput,nocb,mofusion,sampler,athroughput,async,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -177,6 +181,13 @@ phase_mofusion() {  # the profile phase's steps with multi-output Triton fusions
     grep -v '^{' "$WORK/mofusion.log" | tail -n 8
 }
 
+phase_sbprofile() {  # the profile phase's steps with the small-batch projection kernels
+    run_phase sbprofile 120 "$PY" benchmarks/step_profile.py "${COMMON[@]}" --attention-backend \
+        "$BACKEND" "${PROF_ARGS[@]}" --small-batch-matmuls \
+        --output-json "$WORK/step_profile_small_batch.json"
+    grep -v '^{' "$WORK/sbprofile.log" | tail -n 40
+}
+
 phase_async() {  # the profile phase's steps timed with each step scheduled ahead of the last
     run_phase async 90 "$PY" benchmarks/step_profile.py "${COMMON[@]}" --attention-backend \
         "$BACKEND" "${PROF_ARGS[@]}" --async-scheduling --no-profile \
@@ -240,6 +251,13 @@ phase_latency() {
     grep -v '^{' "$WORK/latency.log" | tail -n 30
 }
 
+phase_sblatency() {  # batch 1 with the small-batch projection kernels, no baselines
+    run_phase sblatency 120 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
+        --temperature 0 --attention-backend "$BACKEND" "${LAT_ARGS[@]}" --small-batch-matmuls \
+        --output-json "$OUT/latency_small_batch.json"
+    grep -v '^{' "$WORK/sblatency.log" | tail -n 20
+}
+
 phase_coldstart() {  # LLM(...) to first token in fresh processes: cold, warm, JAX's cache alone
     local args=(--input-len 32 --output-len 8 --num-iters-warmup 1 --num-iters 2)
     run_phase coldstart 240 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
@@ -254,7 +272,8 @@ phase_mtests() {  # multi-step decoding against single steps, on the Pallas kern
 }
 
 phase_tests() {
-    local sel=(tests/test_kernels.py)  # on a GPU every kernel test runs compiled
+    # on a GPU every kernel test runs compiled
+    local sel=(tests/test_kernels.py tests/test_small_batch_matmul.py)
     [ "$MODE" = smoke ] && sel+=(-m gpu)  # on CPU they skip: the selection itself is checked
     [ -n "${TESTS_K:-}" ] && sel+=(-k "$TESTS_K")  # e.g. TESTS_K=decode: only those tests
     # Compiling dominates the kernel tests: with pytest-xdist (on the GPU image) 4 processes
@@ -279,6 +298,14 @@ phase_decode() {  # the fused decode kernel's configurations (benchmarks/decode_
     run_phase decode 150 "$PY" benchmarks/decode_kernel.py "${args[@]}" \
         --output-json "$OUT/decode_kernel.json"
     grep -v '^{' "$WORK/decode.log" | tail -n 60
+}
+
+phase_smallmm() {  # the small-batch projection kernels against XLA's
+    local args=(--rows 1,64)
+    [ "$MODE" = smoke ] && args=(--smoke)
+    run_phase smallmm 150 "$PY" benchmarks/small_batch_matmul.py "${args[@]}" \
+        --output-json "$OUT/small_batch_matmul.json"
+    grep -v '^{' "$WORK/smallmm.log" | tail -n 40
 }
 
 phase_sweep() {
@@ -343,6 +370,14 @@ if (d := load("decode_kernel")) is not None:
                                         s.get("default_splits")}
         | {k: r.get("ms", r.get("error")) for k, r in s["results"].items()}
         for s in d["shapes"]}
+if (m := load("small_batch_matmul")) is not None:
+    summary["small_batch_matmul"] = {
+        str(s["rows"]): {"best": s.get("best")}
+        | {k: r.get("us_per_layer", r.get("error")) for k, r in s["results"].items()}
+        for s in m["shapes"]}
+if (l := load("latency_small_batch")) is not None:
+    summary["latency_small_batch"] = {k: v for k, v in l.items()
+                                      if not isinstance(v, (list, dict))}
 if (s := load("sampler")) is not None:
     summary["sampler"] = s.get("rows")
 for label, name in (("throughput_warm_cache", "throughput_warm"),
@@ -364,7 +399,8 @@ for label, name in (("step_profile_xla_default_command_buffers", "step_profile_g
                     ("step_profile_no_command_buffers", "step_profile_nocb"),
                     ("step_profile_async_scheduling", "step_profile_async"),
                     ("step_profile_unfused_decode", "step_profile_unfused"),
-                    ("step_profile_multi_output_fusion", "step_profile_mofusion")):
+                    ("step_profile_multi_output_fusion", "step_profile_mofusion"),
+                    ("step_profile_small_batch_matmuls", "step_profile_small_batch")):
     if os.path.exists(path := os.path.join(work, f"{name}.json")):
         summary[label] = {
             b: {k: r.get(k) for k in ("wall_ms_per_step", "runner_host_ms_per_step",

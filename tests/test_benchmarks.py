@@ -756,3 +756,24 @@ def test_compile_for_gpu_without_the_cuda_plugin():
         pytest.skip("the CUDA plugin is installed: a deviceless compile works here")
     with pytest.raises(RuntimeError, match=r"jax\[cuda12\]"):
         compile_for_gpu(lambda x: x + 1, jax.ShapeDtypeStruct((4,), jnp.float32))
+
+
+def test_small_batch_matmul_benchmark(capsys, tmp_path):
+    """XLA's layer and every kernel tiling timed, each checked against XLA's output."""
+    from benchmarks import small_batch_matmul
+
+    out = tmp_path / "sbm.json"
+    small_batch_matmul.main(["--smoke", "--output-json", str(out)])
+    printed = _last_json(capsys)
+    assert printed == json.loads(out.read_text())
+    assert printed["benchmark"] == "small_batch_matmul"
+    assert [s["padded_rows"] for s in printed["shapes"]] == [16, 32]
+    for shape in printed["shapes"]:
+        assert set(shape["results"]) == {"xla", "default", "bn16 bk32 st2"}
+        for r in shape["results"].values():
+            assert "error" not in r and r["rel_err"] < 1e-4 and r["us_per_layer"] > 0
+        assert shape["results"]["xla"]["vs_xla"] == 1
+        assert shape["best"] in ("default", "bn16 bk32 st2")
+    labels = [label for label, _ in small_batch_matmul.configurations(
+        small_batch_matmul.build_parser().parse_args([]))]
+    assert len(labels) == 12 and "bn32 bk512 st4" in labels

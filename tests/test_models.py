@@ -372,3 +372,28 @@ def test_unrolled_layers_match_transformers(zoo, name):
     assert_logits_close(gen.prompt_logits(LONG_PROMPT), hf_logits(case.hf_model, LONG_PROMPT))
     got = gen.generate(PROMPTS, NEW_TOKENS, prefill_chunk=6)
     assert got == hf_greedy(name, case.hf_model)
+
+
+# gated MLP with GQA; biases and tied embeddings; q/k norms; a LayerNorm model (unfused)
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias_tied", "qwen3_qknorm", "opt_prenorm"])
+def test_small_batch_matmuls_match_transformers(zoo, name, monkeypatch):
+    """With `small_batch_matmuls` (Pallas kernels, interpreted on the CPU) the unrolled model
+    still gives transformers' logits and greedy tokens; every RMSNorm model runs them."""
+    from pallas_kernels import small_batch_matmul
+
+    calls = []
+    kernel = small_batch_matmul.fused_matmul
+    monkeypatch.setattr(small_batch_matmul, "fused_matmul",
+                        lambda *a, **k: calls.append(k) or kernel(*a, **k))
+    case = zoo.case(name)
+    lm = load_model(str(case.path), dtype="float32")
+    lm.model.unroll_layers()
+    lm.model.small_batch_matmuls = True
+    gen = SimpleGenerator(lm.model, block_size=case.spec.block_size)
+    assert_logits_close(gen.prompt_logits(LONG_PROMPT), hf_logits(case.hf_model, LONG_PROMPT))
+    assert gen.generate(PROMPTS, NEW_TOKENS, prefill_chunk=6) == hf_greedy(name, case.hf_model)
+    if lm.config.norm == "rms":
+        assert any(k.get("norm_scale") is not None for k in calls)
+        assert any(k.get("residual") is not None for k in calls)
+    else:
+        assert not calls

@@ -428,3 +428,28 @@ def test_unrolled_layers_are_traced_and_lowered_once(llama_folder):
     assert runner.cfg.num_layers >= 2
     assert len(re.findall(r"func\.func private @_layer\b", text)) == 1
     assert len(re.findall(r"call @_layer\b", text)) == runner.cfg.num_layers
+
+
+def test_small_batch_matmuls_generate_what_xla_generates(llama_folder):
+    """With `small_batch_matmuls` (the projections as Pallas kernels, interpreted here) the
+    engine's greedy tokens, in single and multi-step decode calls, equal XLA's; the option
+    needs unrolled layers."""
+    from jaxvllm import LLM, SamplingParams
+
+    kwargs = dict(attention_backend="pallas", max_model_len=64, max_num_seqs=4,
+                  max_num_batched_tokens=32, num_scheduler_steps=4)
+    prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65, 35, 89][: 2 + i]} for i in range(4)]
+    params = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
+    plain = LLM(str(llama_folder), **kwargs)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    fused = LLM(str(llama_folder), **kwargs, small_batch_matmuls=True)
+    runner = fused.llm_engine.runner
+    key, args = runner.dummy_multi_step(fused.llm_engine.vocab_size, runner.multi_step_rows(2),
+                                        runner.min_table_width)
+    step, args, _ = runner.step_function(key, args)
+    assert "small_batch_matmul" in str(jax.make_jaxpr(step)(*args))
+    got = [o.outputs[0].token_ids for o in fused.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert fused.llm_engine.runner.counters.multi_steps > 0
+    with pytest.raises(ValueError, match="small_batch_matmuls=True needs unrolled layers"):
+        LLM(str(llama_folder), **kwargs, unroll_layers=False, small_batch_matmuls=True)

@@ -133,6 +133,7 @@ class LLMEngine:
         self.model_config = self.loaded.config
         if self._unroll_layers():
             self.loaded.model.unroll_layers()
+        self.loaded.model.small_batch_matmuls = self._small_batch_matmuls()
         distributed.check_same_everywhere(
             (dataclasses.replace(config, model=None, tokenizer=None), self.model_config))
         self.tokenizer = self._load_tokenizer()
@@ -251,6 +252,10 @@ class LLMEngine:
     def _unroll_layers(self) -> bool:
         return self._option("unroll_layers", self.mesh is None,
                             "tensor_parallel_size=1 on one process", default=True)
+
+    def _small_batch_matmuls(self) -> bool:
+        return self._option("small_batch_matmuls", self.loaded.model.layers.unstacked,
+                            "unrolled layers (unroll_layers, one device)", default=False)
 
     def _num_blocks(self, max_num_seqs: int) -> int:
         """KV cache blocks: the override; on CPU, max_num_seqs full-length requests within

@@ -1,5 +1,5 @@
 """`jaxvllm bench NAME ...` (throughput, latency, serve, sampler, cpu_attention, host_overhead,
-kernel_count, decode_kernel): the benchmarks of `benchmarks/`, with the same flags as
+kernel_count, decode_kernel, small_batch_matmul): the benchmarks of `benchmarks/`, with the same flags as
 `python benchmarks/<name>.py` (`jaxvllm bench NAME --help`)."""
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ BENCHMARKS = {"throughput": "offline LLM.generate over a dataset (requests/s, to
                                "pipelined against in order",
               "kernel_count": "kernels per decode step, compiled for an H100 without one",
               "decode_kernel": "the fused decode kernel's configurations against the "
-                               "separate KV write and attention"}
+                               "separate KV write and attention",
+              "small_batch_matmul": "the small-batch projection kernels' tilings against "
+                                    "XLA on a decoder layer's projections"}
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="run a benchmark (throughput, latency, serve, sampler, cpu_attention, "
-                      "host_overhead, kernel_count, decode_kernel)",
+                      "host_overhead, kernel_count, decode_kernel, small_batch_matmul)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a benchmark. Every benchmark prints a table, then one JSON line.\n\n"
-                    + "\n".join(f"  {name:<13} {text}" for name, text in BENCHMARKS.items()),
+                    + "\n".join(f"  {name:<18} {text}" for name, text in BENCHMARKS.items()),
         epilog="examples:\n"
                "  jaxvllm bench throughput --dataset random --num-prompts 64 --input-len 128 "
                "--output-len 128 --range-ratio 0.75 --compare-hf\n"

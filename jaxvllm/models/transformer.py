@@ -19,6 +19,11 @@ SmolLM2 decode step of one row takes ~29 ms unrolled against ~48 ms as a scan. T
 traced and lowered once (a jitted function called per layer, which XLA inlines), but XLA
 compiles it num_layers times: the price is compile time (SmolLM2 on the CPU: ~4.3 s against
 ~1.9 s a program), paid once per program with the program cache.
+
+With `small_batch_matmuls` (unrolled, RMSNorm, pre-norm models), a step of at most
+`small_batch_matmul.MAX_ROWS` rows runs each projection as one Pallas kernel that also does
+the RMSNorm before it and the bias, SiLU(gate) * up and residual add after it: four kernels a
+layer beside the attention, where XLA launches about eight.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from flax import nnx
 from jaxvllm.models import layers as L
 from jaxvllm.models.attention import AttentionMetadata, KVCache, attend
 from jaxvllm.models.config import ModelConfig
+from pallas_kernels import small_batch_matmul
 
 
 def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -152,6 +158,7 @@ class CausalLM(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.attention_backend = attention_backend
+        self.small_batch_matmuls = False  # set by the engine (see the module docstring)
         for name, shape in top_param_shapes(cfg).items():
             setattr(self, name, nnx.Param(_init(name, shape, rngs.params(), dtype)))
         self.layers = LayerStack(cfg, dtype, rngs)
@@ -177,10 +184,10 @@ class CausalLM(nnx.Module):
             # one jitted layer, called once a layer with that layer's weights and index: the
             # program traces and lowers it once instead of num_layers times (seconds a
             # program with the Pallas kernels), and XLA inlines the calls
-            layer_fn = jax.jit(self._layer)
+            layer_fn = jax.jit(self._layer, static_argnames="small_batch")
             for layer, weights in enumerate(self.layers.per_layer):
                 x, kv = layer_fn(weights.arrays(), np.int32(layer), x, positions, inv_freq,
-                                 meta, kv)
+                                 meta, kv, small_batch=self.small_batch_matmuls)
         else:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
             (x, kv), _ = jax.lax.scan(one_layer, (x, kv), (self.layers.arrays(), layer_ids))
@@ -224,15 +231,40 @@ class CausalLM(nnx.Module):
         return [h @ p[f"{n}_proj"] + p[f"{n}_bias"] if f"{n}_bias" in p else h @ p[f"{n}_proj"]
                 for n in names]
 
-    def _layer(self, p, layer, x, positions, inv_freq, meta, kv):
+    def _fused_kernels(self, p, t: int) -> bool:
+        """Whether an unrolled layer's projections can run as small-batch kernels."""
+        cfg = self.cfg
+        return ("qkv_proj" in p and cfg.pre_norm and cfg.norm == "rms"
+                and t <= small_batch_matmul.MAX_ROWS)
+
+    @staticmethod
+    def _small_batch(x, p, name, **epilogue):
+        """x @ p[name] (+ its bias) with `epilogue` as one kernel where its shapes fit."""
+        w = p[name]
+        n_out = w.shape[1] // (2 if epilogue.get("gated_act") else 1)
+        bias = p.get(name.replace("_proj", "_bias"))
+        if small_batch_matmul.supports(x.shape[0], w.shape[0], n_out):
+            return small_batch_matmul.fused_matmul(x, w, bias=bias, **epilogue)
+        return small_batch_matmul.reference(x, w, bias=bias, **epilogue)
+
+    def _layer(self, p, layer, x, positions, inv_freq, meta, kv, small_batch: bool = False):
+        """One decoder layer; `small_batch`: its projections as the small-batch kernels
+        where they fit (the module docstring). A static argument, not read from `self`: the
+        jitted layer's trace is cached by function, and would keep an earlier setting."""
         cfg = self.cfg
         t = x.shape[0]
         attn_norm = lambda h: self._norm(h, p["attn_norm_scale"], p.get("attn_norm_bias"))
         mlp_norm = lambda h: self._norm(h, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
+        fused = small_batch and self._fused_kernels(p, t)
 
-        h = attn_norm(x) if cfg.pre_norm else x
-        q, k, v = self._projections(h, p, ("q", "k", "v"), "qkv",
-                                    (cfg.q_size, cfg.q_size + cfg.kv_size))
+        if fused:
+            qkv = self._small_batch(x, p, "qkv_proj", norm_scale=p["attn_norm_scale"],
+                                    norm_eps=cfg.norm_eps)
+            q, k, v = jnp.split(qkv, (cfg.q_size, cfg.q_size + cfg.kv_size), axis=-1)
+        else:
+            h = attn_norm(x) if cfg.pre_norm else x
+            q, k, v = self._projections(h, p, ("q", "k", "v"), "qkv",
+                                        (cfg.q_size, cfg.q_size + cfg.kv_size))
         q = q.reshape(t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -245,6 +277,16 @@ class CausalLM(nnx.Module):
 
         o, kv = attend(q, k, v, kv, layer, meta, scale=cfg.head_dim ** -0.5,
                        sliding_window=cfg.sliding_window, backend=self.attention_backend)
+        if fused:
+            x = self._small_batch(o.reshape(t, cfg.q_size), p, "o_proj", residual=x)
+            act = L.activation(cfg.activation)
+            if cfg.mlp == "gated":
+                up = self._small_batch(x, p, "gate_up_proj", norm_scale=p["mlp_norm_scale"],
+                                       norm_eps=cfg.norm_eps, gated_act=act)
+            else:
+                up = act(self._small_batch(x, p, "up_proj", norm_scale=p["mlp_norm_scale"],
+                                           norm_eps=cfg.norm_eps))
+            return self._small_batch(up, p, "down_proj", residual=x), kv
         o = o.reshape(t, cfg.q_size) @ p["o_proj"]
         if cfg.o_bias:
             o = o + p["o_bias"]

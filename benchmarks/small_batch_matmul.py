@@ -1,0 +1,222 @@
+"""The small-batch projection kernels against XLA on a decoder layer's projections, in one run.
+
+    python benchmarks/small_batch_matmul.py                # rows 1 and 64, Qwen2.5-0.5B's shapes
+    python benchmarks/small_batch_matmul.py --block-n 16,32 --block-k 256,512 --num-stages 3,4
+    python benchmarks/small_batch_matmul.py --smoke        # tiny shapes, interpret mode (CPU)
+    jaxvllm bench small_batch_matmul ...                   # the same
+
+Times a decoder layer without its attention, as a decode step of `rows` requests runs it
+(padded as the engine pads a multi-step decode: a power of two, at least 16 rows), over
+`--layers` layers of their own weights, bfloat16, Qwen2.5-0.5B's geometry by default:
+
+    qkv = norm(x) @ W_qkv + b;  x = x + qkv[:, :hidden] @ W_o          (the attention's stand-in:
+    h = act(norm(x) @ W_gate) * (norm(x) @ W_up);  x = x + h @ W_down   the query part of qkv)
+
+- `xla`: as the model runs it without `small_batch_matmuls`: XLA's fusions and GEMMs;
+- `default`: the four projections as `fused_matmul` kernels with their default tiling;
+- every combination of `--block-n`, `--block-k` and `--num-stages` (one tiling for all four).
+
+Each runs `--iters` times in one jitted loop compiled with jaxvllm's XLA flags (the loop one
+CUDA graph, as a decode step's), so the time includes the gaps between kernels as the
+engine has them. Reports us per layer, the weights' read rate (their bytes / time), and the
+ratio to `xla`; every output is checked against `xla`'s first. The last line is one JSON
+object. On the CPU the kernels run interpreted: only `--smoke` is meant for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import itertools
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: import `benchmarks` from the repository root
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import numpy as np  # noqa: E402
+
+import jaxvllm  # noqa: E402,F401 - its XLA flags (CUDA graphs for loops), before jax starts
+from benchmarks import common  # noqa: E402
+from benchmarks.decode_kernel import padded_rows  # noqa: E402
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def build_parser():
+    p = common.parser_from_doc("small_batch_matmul.py", __doc__)
+    p.add_argument("--rows", type=_ints, default=[1, 64])
+    p.add_argument("--hidden", type=int, default=896)
+    p.add_argument("--intermediate", type=int, default=4864)
+    p.add_argument("--kv-size", type=int, default=128, help="K (and V) columns of W_qkv")
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--block-n", type=_ints, default=[16, 32])
+    p.add_argument("--block-k", type=_ints, default=[128, 256, 512])
+    p.add_argument("--num-stages", type=_ints, default=[3, 4])
+    p.add_argument("--num-warps", type=int, default=4)
+    p.add_argument("--iters", type=int, default=50, help="calls per timed loop")
+    p.add_argument("--reps", type=int, default=3, help="timed loops; the best is kept")
+    p.add_argument("--compile-threads", type=int, default=8)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes and iterations, kernels interpreted (runs on CPU)")
+    p.add_argument("--output-json")
+    return p
+
+
+def make_weights(args, seed: int = 0) -> list[dict]:
+    """One dict of projection weights (and norm scales, the QKV bias) per layer."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.float32 if args.smoke else jnp.bfloat16
+    h, i = args.hidden, args.intermediate
+    shapes = {"w_qkv": (h, h + 2 * args.kv_size), "b_qkv": (h + 2 * args.kv_size,),
+              "attn_norm": (h,), "w_o": (h, h), "mlp_norm": (h,), "w_gate_up": (h, 2 * i),
+              "w_down": (i, h)}
+    layers = []
+    for layer in range(args.layers):
+        keys = jax.random.split(jax.random.key(seed + layer), len(shapes))
+        weights = {}
+        for key, (name, shape) in zip(keys, shapes.items()):
+            if name.endswith("_norm"):
+                weights[name] = 1 + 0.1 * jax.random.normal(key, shape, dtype)
+            else:
+                weights[name] = jax.random.normal(key, shape, dtype) * shape[0] ** -0.5
+        layers.append(weights)
+    return layers
+
+
+def layer_xla(x, p):
+    """The layer's projections as the unfused model computes them."""
+    import jax
+
+    from pallas_kernels.small_batch_matmul import reference
+
+    qkv = reference(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"])
+    x = reference(qkv[:, :x.shape[1]], p["w_o"], residual=x)
+    h = reference(x, p["w_gate_up"], norm_scale=p["mlp_norm"], gated_act=jax.nn.silu)
+    return reference(h, p["w_down"], residual=x)
+
+
+def layer_fused(x, p, **tiling):
+    """The same as four `fused_matmul` kernels."""
+    import jax
+
+    from pallas_kernels.small_batch_matmul import fused_matmul
+
+    fused = functools.partial(fused_matmul, **tiling)
+    qkv = fused(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"])
+    x = fused(qkv[:, :x.shape[1]], p["w_o"], residual=x)
+    h = fused(x, p["w_gate_up"], norm_scale=p["mlp_norm"], gated_act=jax.nn.silu)
+    return fused(h, p["w_down"], residual=x)
+
+
+def looped(layer, num_layers: int, iters: int):
+    """`layer` over every layer's weights (each its own array, as the unrolled model holds
+    them), `iters` times in one jitted loop, the hidden state carried."""
+    import jax
+    from jax import lax
+
+    def run(x, weights):
+        def body(_, x):
+            for p in weights:
+                x = layer(x, p)
+            return x
+
+        return lax.fori_loop(0, iters, body, x)
+
+    return jax.jit(run)
+
+
+def configurations(args):
+    """(label, fused_matmul tiling keywords) of every tiling asked for."""
+    for bn, bk, st in itertools.product(args.block_n, args.block_k, args.num_stages):
+        yield f"bn{bn} bk{bk} st{st}", dict(block_n=bn, block_k=bk, num_stages=st,
+                                            num_warps=args.num_warps)
+
+
+def bench_rows(rows: int, weights, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxvllm import xla_flags
+
+    T = padded_rows(rows)
+    x = jax.random.normal(jax.random.key(1), (T, args.hidden), weights[0]["w_o"].dtype)
+    weight_bytes = sum(int(w.size) * w.dtype.itemsize for w in weights[0].values())
+    interpret = {"interpret": True} if args.smoke else {}
+    candidates = [("xla", layer_xla), ("default", functools.partial(layer_fused, **interpret))]
+    candidates += [(label, functools.partial(layer_fused, **kw, **interpret))
+                   for label, kw in configurations(args)]
+
+    def compile_loop(layer):
+        return looped(layer, len(weights), args.iters).lower(x, weights).compile(
+            compiler_options=xla_flags.step_compiler_options())
+
+    # one iteration of one layer against XLA's, for the check
+    want = np.asarray(layer_xla(x, weights[0]), np.float32)
+    result = {"rows": rows, "padded_rows": T, "weight_mb_per_layer": round(weight_bytes / 1e6, 2),
+              "results": {}}
+    # compiled side by side (most of the time on a GPU), then timed one at a time
+    with concurrent.futures.ThreadPoolExecutor(args.compile_threads) as pool:
+        compiled = {label: pool.submit(compile_loop, layer) for label, layer in candidates}
+    for label, layer in candidates:
+        try:
+            got = np.asarray(jax.jit(layer)(x, weights[0]), np.float32)
+            err = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
+            fn = compiled[label].result()
+            ms = common.time_ms(fn, x, weights, iters=2, reps=args.reps) / (
+                args.iters * len(weights))  # a layer's
+            result["results"][label] = {
+                "us_per_layer": common._r(ms * 1e3, 2), "rel_err": common._r(err, 5),
+                "weight_tb_per_s": common._r(weight_bytes / (ms * 1e-3) / 1e12)}
+            if err > 0.05:
+                result["results"][label]["error"] = f"output differs from XLA's by {err:.3g}"
+        except Exception as e:  # noqa: BLE001 - a configuration that fails is reported
+            result["results"][label] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    base = result["results"].get("xla", {}).get("us_per_layer")
+    for r in result["results"].values():
+        if "us_per_layer" in r:
+            r["vs_xla"] = common.ratio(base, r["us_per_layer"])
+    ok = {k: r for k, r in result["results"].items() if "error" not in r and k != "xla"}
+    if ok:
+        result["best"] = min(ok, key=lambda k: ok[k]["us_per_layer"])
+    return result
+
+
+def run(args) -> dict:
+    if args.smoke:
+        args.rows, args.iters, args.reps, args.layers = [1, 20], 2, 1, 2
+        args.hidden, args.intermediate, args.kv_size = 64, 96, 16
+        args.block_n, args.block_k, args.num_stages = [16], [32], [2]
+    weights = make_weights(args)
+    shapes = []
+    for rows in dict.fromkeys(padded_rows(r) for r in args.rows):
+        r = bench_rows(rows, weights, args)
+        shapes.append(r)
+        print(f"-- {rows} rows, {args.layers} layers, {r['weight_mb_per_layer']} MB of weights "
+              f"a layer --")
+        print(f"   {'configuration':<18} {'us/layer':>9} {'TB/s':>7} {'vs xla':>7}")
+        for label, x in r["results"].items():
+            if "error" in x:
+                print(f"   {label:<18} error: {x['error'][:80]}")
+                continue
+            print(f"   {label:<18} {x['us_per_layer']:>9.2f} {x['weight_tb_per_s']:>7.3f} "
+                  f"{common._fmt(x['vs_xla']):>7}")
+        print(f"   best: {r.get('best')}", flush=True)
+    return {"benchmark": "small_batch_matmul", "device": common.device_name(),
+            "geometry": {"hidden": args.hidden, "intermediate": args.intermediate,
+                         "kv_size": args.kv_size, "layers": args.layers},
+            "iters": args.iters, "shapes": shapes}
+
+
+def main(argv=None) -> dict:
+    return common.main_with_json("small_batch_matmul", build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The small-batch projection kernels (pallas_kernels/small_batch_matmul.py): their results
+against the jnp contract in interpret mode, their shape errors, and their GPU lowering and
+Triton build for an H100 on this machine."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import small_batch_matmul as sbm
+
+
+def _operands(rows, k, n, *, norm=False, bias=False, residual=False, gated=False,
+              dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((k, n)) * 0.1, dtype)
+    kw = {}
+    if norm:
+        kw |= {"norm_scale": jnp.asarray(1 + 0.1 * rng.standard_normal(k), dtype),
+               "norm_eps": 1e-5}
+    if bias:
+        kw["bias"] = jnp.asarray(rng.standard_normal(n), dtype)
+    if gated:
+        kw["gated_act"] = jax.nn.silu
+    if residual:
+        kw["residual"] = jnp.asarray(rng.standard_normal((rows, n // 2 if gated else n)), dtype)
+    return x, w, kw
+
+
+CASES = [  # rows, k, n, options
+    (16, 64, 96, dict(norm=True, bias=True)),  # the QKV projection
+    (3, 128, 64, dict(residual=True)),  # O or down: rows padded to 16 inside
+    (16, 96, 64, dict(norm=True, gated=True, bias=True)),  # gate/up; K not a power of two
+    (20, 32, 48, dict(residual=True, bias=True)),  # 20 rows padded to 32
+    (64, 48, 32, dict(norm=True)),  # the most rows it takes
+]
+
+
+@pytest.mark.parametrize("rows, k, n, options", CASES)
+def test_matches_the_reference_in_float32(rows, k, n, options):
+    x, w, kw = _operands(rows, k, n, **options)
+    got = sbm.fused_matmul(x, w, **kw)
+    ref = sbm.reference(x, w, **kw)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, k, n, options", CASES[:3])
+def test_matches_the_reference_in_bfloat16(rows, k, n, options):
+    x, w, kw = _operands(rows, k, n, dtype=jnp.bfloat16, **options)
+    got = np.asarray(sbm.fused_matmul(x, w, **kw), np.float32)
+    ref = np.asarray(sbm.reference(x, w, **kw), np.float32)
+    # a bfloat16 ulp of the largest value, for sums taken in another order
+    np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2 ** -7 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("block_k, block_n", [(16, 16), (32, 32), (128, 16), (64, 64)])
+def test_tilings_agree(block_k, block_n):
+    """Any power-of-two K step (ragged last steps included) and column tile: one result."""
+    x, w, kw = _operands(16, 96, 128, norm=True, bias=True, residual=True)
+    got = sbm.fused_matmul(x, w, block_k=block_k, block_n=block_n, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(sbm.reference(x, w, **kw)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_norm_and_gating_are_applied():
+    """Dropping the norm, the bias or the gate changes the result: the kernel uses each."""
+    x, w, kw = _operands(16, 64, 64, norm=True, bias=True, gated=True)
+    got = np.asarray(sbm.fused_matmul(x, w, **kw))
+    for drop in ("norm_scale", "bias", "gated_act"):
+        other = {key: v for key, v in kw.items() if key != drop}
+        if drop == "norm_scale":
+            other.pop("norm_eps")
+        ref = np.asarray(sbm.reference(x, w, **other))
+        assert ref.shape != got.shape or not np.allclose(got, ref, atol=1e-3), drop
+
+
+@pytest.mark.parametrize("x_shape, w_shape, kw, match", [
+    ((65, 64), (64, 32), {}, "at most 64 rows"),
+    ((16, 40), (40, 32), {}, "K a multiple of 16"),
+    ((16, 64), (64, 24), {}, "16-column"),
+    ((16, 64), (64, 32), {"block_k": 48}, "power-of-two block_k"),
+    ((16, 64), (32, 32), {}, "do not multiply"),
+    ((16, 64), (64, 33), {"gated_act": jax.nn.silu}, "gate and up halves"),
+    ((16, 64), (64, 32), {"bias": jnp.zeros(16)}, r"bias \(16,\)"),
+    ((16, 64), (64, 32), {"norm_scale": jnp.ones(32)}, r"norm_scale \(32,\)"),
+    ((16, 64), (64, 32), {"residual": jnp.zeros((8, 32))}, r"residual \(8, 32\)"),
+])
+def test_bad_shapes_raise_value_error(x_shape, w_shape, kw, match):
+    with pytest.raises(ValueError, match=match):
+        sbm.fused_matmul(jnp.zeros(x_shape), jnp.zeros(w_shape), **kw)
+
+
+def _layer_specs(rows=16, hidden=896, qkv=1152, inter=4864):
+    """A Qwen2.5-0.5B decoder layer's projections, bfloat16."""
+    sd = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+    return (sd((rows, hidden), bf), sd((hidden, qkv), bf), sd((qkv,), bf), sd((hidden,), bf),
+            sd((hidden, hidden), bf), sd((hidden, 2 * inter), bf), sd((inter, hidden), bf))
+
+
+def _layer(x, w_qkv, b_qkv, scale, w_o, w_gate_up, w_down):
+    fused = functools.partial(sbm.fused_matmul, interpret=False)
+    qkv = fused(x, w_qkv, bias=b_qkv, norm_scale=scale)
+    x = fused(qkv[:, :x.shape[1]], w_o, residual=x)
+    up = fused(x, w_gate_up, norm_scale=scale, gated_act=jax.nn.silu)
+    return fused(up, w_down, residual=x)
+
+
+def test_lowers_for_an_h100():
+    from pallas_kernels.gpu_lowering import lower_for_gpu
+
+    text = lower_for_gpu(functools.partial(_layer), *_layer_specs())
+    assert text.count("__gpu$xla.gpu.triton") == 4
+
+
+def test_triton_compiles_to_cubin():
+    """Triton IR -> PTX -> cubin for sm_90 with the triton package, within H100 limits."""
+    pytest.importorskip("triton")
+    from pallas_kernels.gpu_lowering import compile_triton
+
+    for rows in (16, 64):
+        # a new callable: jax would reuse an earlier lowering of the same one
+        builds = compile_triton(functools.partial(_layer), *_layer_specs(rows))
+        assert len(builds) == 4
+        assert all(b.shared_bytes <= 227 * 1024 and b.spill_bytes == 0 for b in builds), builds
