@@ -9,7 +9,7 @@ Times a decoder layer without its attention, as a decode step of `rows` requests
 (padded as the engine pads a multi-step decode: a power of two, at least 16 rows), over
 `--layers` layers of their own weights, bfloat16, Qwen2.5-0.5B's geometry by default:
 
-    qkv = norm(x) @ W_qkv + b;  x = x + qkv[:, :hidden] @ W_o          (the attention's stand-in:
+    qkv = rope(norm(x) @ W_qkv + b);  x = x + qkv[:, :hidden] @ W_o    (the attention's stand-in:
     h = act(norm(x) @ W_gate) * (norm(x) @ W_up);  x = x + h @ W_down   the query part of qkv)
 
 - `xla`: as the model runs it without `small_batch_matmuls`: XLA's fusions and GEMMs;
@@ -53,6 +53,7 @@ def build_parser():
     p.add_argument("--hidden", type=int, default=896)
     p.add_argument("--intermediate", type=int, default=4864)
     p.add_argument("--kv-size", type=int, default=128, help="K (and V) columns of W_qkv")
+    p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--block-n", type=_ints, default=[16, 32])
     p.add_argument("--block-k", type=_ints, default=[128, 256, 512])
@@ -86,8 +87,18 @@ def make_weights(args, seed: int = 0) -> list[dict]:
                 weights[name] = 1 + 0.1 * jax.random.normal(key, shape, dtype)
             else:
                 weights[name] = jax.random.normal(key, shape, dtype) * shape[0] ** -0.5
+        weights["positions"] = 500 + jnp.arange(64, dtype=jnp.int32)
+        weights["inv_freq"] = jnp.asarray(
+            1.0 / 10000 ** (np.arange(0, args.head_dim, 2) / args.head_dim), jnp.float32)
         layers.append(weights)
     return layers
+
+
+def _rope(x, p) -> dict:
+    """Rotary embeddings of the q and k heads at positions 500.. (the tables in `p`)."""
+    return {"rope_positions": p["positions"][:x.shape[0]], "rope_inv_freq": p["inv_freq"],
+            # q and k: the columns before v, which has as many as k
+            "rope_columns": (p["w_qkv"].shape[1] + p["w_o"].shape[0]) // 2}
 
 
 def layer_xla(x, p):
@@ -96,7 +107,7 @@ def layer_xla(x, p):
 
     from pallas_kernels.small_batch_matmul import reference
 
-    qkv = reference(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"])
+    qkv = reference(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"], **_rope(x, p))
     x = reference(qkv[:, :x.shape[1]], p["w_o"], residual=x)
     h = reference(x, p["w_gate_up"], norm_scale=p["mlp_norm"], gated_act=jax.nn.silu)
     return reference(h, p["w_down"], residual=x)
@@ -109,7 +120,7 @@ def layer_fused(x, p, **tiling):
     from pallas_kernels.small_batch_matmul import fused_matmul
 
     fused = functools.partial(fused_matmul, **tiling)
-    qkv = fused(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"])
+    qkv = fused(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"], **_rope(x, p))
     x = fused(qkv[:, :x.shape[1]], p["w_o"], residual=x)
     h = fused(x, p["w_gate_up"], norm_scale=p["mlp_norm"], gated_act=jax.nn.silu)
     return fused(h, p["w_down"], residual=x)
@@ -147,7 +158,8 @@ def bench_rows(rows: int, weights, args) -> dict:
 
     T = padded_rows(rows)
     x = jax.random.normal(jax.random.key(1), (T, args.hidden), weights[0]["w_o"].dtype)
-    weight_bytes = sum(int(w.size) * w.dtype.itemsize for w in weights[0].values())
+    weight_bytes = sum(int(weights[0][name].size) * weights[0][name].dtype.itemsize
+                       for name in weights[0] if name.startswith(("w_", "b_")) or "norm" in name)
     interpret = {"interpret": True} if args.smoke else {}
     candidates = [("xla", layer_xla), ("default", functools.partial(layer_fused, **interpret))]
     candidates += [(label, functools.partial(layer_fused, **kw, **interpret))
@@ -191,7 +203,7 @@ def bench_rows(rows: int, weights, args) -> dict:
 def run(args) -> dict:
     if args.smoke:
         args.rows, args.iters, args.reps, args.layers = [1, 20], 2, 1, 2
-        args.hidden, args.intermediate, args.kv_size = 64, 96, 16
+        args.hidden, args.intermediate, args.kv_size, args.head_dim = 64, 96, 32, 32
         args.block_n, args.block_k, args.num_stages = [16], [32], [2]
     weights = make_weights(args)
     shapes = []
@@ -210,7 +222,8 @@ def run(args) -> dict:
         print(f"   best: {r.get('best')}", flush=True)
     return {"benchmark": "small_batch_matmul", "device": common.device_name(),
             "geometry": {"hidden": args.hidden, "intermediate": args.intermediate,
-                         "kv_size": args.kv_size, "layers": args.layers},
+                         "kv_size": args.kv_size, "head_dim": args.head_dim,
+                         "layers": args.layers},
             "iters": args.iters, "shapes": shapes}
 
 

@@ -8,10 +8,12 @@ adds, each its own kernel. `fused_matmul` does one projection and what surrounds
 
     y = epilogue(prologue(x) @ w)
     prologue: nothing, or RMSNorm (`norm_scale`, float32 math as `layers.rms_norm`)
-    epilogue: + bias; for a fused gate/up matrix `act(gate) * up`; + residual
+    epilogue: + bias; then rotary embeddings on the leading (q and k) heads, or, for a
+              fused gate/up matrix, `act(gate) * up`; + residual
 
-so a layer is four such kernels beside its attention: RMSNorm + QKV (+ bias), O (+ residual),
-RMSNorm + gate/up + act * up, down (+ residual).
+so a layer is four such kernels beside its attention: RMSNorm + QKV (+ bias) + RoPE,
+O (+ residual), RMSNorm + gate/up + act * up, down (+ residual). With RoPE a program's two
+column tiles are a head's rotation partners (columns i and i + head_dim / 2).
 
 One program computes `block_n` output columns for all rows (at most `MAX_ROWS`; the engine
 pads a small decode step to 16, Triton's smallest dot) over the whole of K, `block_k` at a
@@ -41,7 +43,8 @@ MAX_BLOCK_K = 512
 
 
 def reference(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: float = 1e-6,
-              gated_act: Optional[Callable] = None):
+              gated_act: Optional[Callable] = None, rope_positions=None, rope_inv_freq=None,
+              rope_columns: int = 0):
     """The contract in plain jnp, as the decoder layer computes it unfused."""
     if norm_scale is not None:
         x32 = x.astype(jnp.float32)
@@ -53,6 +56,13 @@ def reference(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: floa
     if gated_act is not None:
         gate, up = jnp.split(y, 2, axis=-1)
         y = gated_act(gate) * up
+    if rope_columns:
+        from jaxvllm.models.layers import apply_rope
+
+        d = 2 * rope_inv_freq.shape[0]
+        heads = apply_rope(y[:, :rope_columns].reshape(y.shape[0], -1, d), rope_positions,
+                           rope_inv_freq)
+        y = jnp.concatenate([heads.reshape(y.shape[0], rope_columns), y[:, rope_columns:]], -1)
     if residual is not None:
         y = residual + y
     return y
@@ -65,22 +75,35 @@ def default_block_k(k: int, rows: int) -> int:
     return min(max(most, 16), 1 << max(k - 1, 15).bit_length())
 
 
-def supports(rows: int, k: int, n_out: int, *, block_n: int = BLOCK_N) -> bool:
-    """Whether `fused_matmul` takes these shapes: few rows, K in 16s, whole output tiles."""
+def supports(rows: int, k: int, n_out: int, *, block_n: int = BLOCK_N,
+             rope_head_dim: int = 0) -> bool:
+    """Whether `fused_matmul` takes these shapes: few rows, K in 16s, whole output tiles
+    (with RoPE, whole tiles in each half of a head)."""
+    if rope_head_dim and (rope_head_dim % (2 * block_n) or n_out % rope_head_dim):
+        return False
     return rows <= MAX_ROWS and k % 16 == 0 and n_out % block_n == 0
 
 
 def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
             gated_act: Optional[Callable], norm_eps: float, block_n: int, block_k: int,
-            n_out: int, dot_precision):
+            n_out: int, rope_columns: int, dot_precision):
     refs = list(refs)
     x_ref, w_ref = refs.pop(0), refs.pop(0)
     scale_ref = refs.pop(0) if has_norm else None
     bias_ref = refs.pop(0) if has_bias else None
     residual_ref = refs.pop(0) if has_residual else None
+    positions_ref, inv_freq_ref = (refs.pop(0), refs.pop(0)) if rope_columns else (None, None)
     (o_ref,) = refs
     rows, k = x_ref.shape
-    col = pl.program_id(0) * block_n
+    if rope_columns:  # this program's tiles: one in each half of a head, i and i + half
+        half = inv_freq_ref.shape[0]
+        per_half = half // block_n
+        freq_at = (pl.program_id(0) % per_half) * block_n
+        col = (pl.program_id(0) // per_half) * 2 * half + freq_at
+        cols = (col, col + half)
+    else:
+        col = pl.program_id(0) * block_n
+        cols = (col,) if gated_act is None else (col, n_out + col)
     steps = -(-k // block_k)
     ragged = k % block_k != 0
 
@@ -114,17 +137,14 @@ def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
         if has_norm:
             xs = (xs.astype(jnp.float32) * inv_rms[:, None]
                   * load(scale_ref, step).astype(jnp.float32)[None, :]).astype(x_ref.dtype)
-        dot = lambda c: accs_dot(xs, load(w_ref, step, c))
-        if gated_act is None:
-            return (accs[0] + dot(col),)
-        return accs[0] + dot(col), accs[1] + dot(n_out + col)
+        return tuple(acc + accs_dot(xs, load(w_ref, step, c)) for acc, c in zip(accs, cols))
 
     def accs_dot(a, b):
         return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=dot_precision,
                                preferred_element_type=jnp.float32)
 
-    zeros = jnp.zeros((rows, block_n), jnp.float32)
-    accs = lax.fori_loop(0, steps, body, (zeros,) if gated_act is None else (zeros, zeros))
+    accs = lax.fori_loop(0, steps, body,
+                         tuple(jnp.zeros((rows, block_n), jnp.float32) for _ in cols))
 
     def biased(acc, c):
         # the projection's result in the model's dtype, as XLA's dot + bias gives it
@@ -134,6 +154,18 @@ def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
         return y
 
     y = biased(accs[0], col)
+    if rope_columns:
+        # rotate-half (layers.apply_rope) on the q and k heads; the v heads pass through
+        a, b = y.astype(jnp.float32), biased(accs[1], cols[1]).astype(jnp.float32)
+        angle = (positions_ref[...].astype(jnp.float32)[:, None]
+                 * inv_freq_ref[pl.ds(freq_at, block_n)][None, :])
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        rotate = col < rope_columns
+        o_ref[:, pl.ds(col, block_n)] = jnp.where(rotate, a * cos - b * sin, a).astype(
+            o_ref.dtype)
+        o_ref[:, pl.ds(cols[1], block_n)] = jnp.where(rotate, b * cos + a * sin, b).astype(
+            o_ref.dtype)
+        return
     if gated_act is not None:
         y = (gated_act(y.astype(jnp.float32)).astype(o_ref.dtype).astype(jnp.float32)
              * biased(accs[1], n_out + col).astype(jnp.float32)).astype(o_ref.dtype)
@@ -144,12 +176,15 @@ def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
 
 
 def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: float = 1e-6,
-                 gated_act: Optional[Callable] = None, block_n: int = BLOCK_N,
+                 gated_act: Optional[Callable] = None, rope_positions=None,
+                 rope_inv_freq=None, rope_columns: int = 0, block_n: int = BLOCK_N,
                  block_k: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
                  interpret: Optional[bool] = None):
     """`reference`'s result from one Pallas Triton kernel. x [M, K] (M <= MAX_ROWS; padded
     to MIN_ROWS inside), w [K, N] (gate/up concatenated, [K, 2 I], when `gated_act`),
-    bias [N], norm_scale [K], residual [M, N_out]."""
+    bias [N], norm_scale [K], residual [M, N_out]. RoPE: the first `rope_columns` output
+    columns are heads of 2 * len(rope_inv_freq) that rotate by `rope_positions` [M]; the
+    rest are heads of that size too, left as they are (v)."""
     rows, k = x.shape
     if w.ndim != 2 or w.shape[0] != k:
         raise ValueError(f"x {x.shape} and w {w.shape} do not multiply")
@@ -169,6 +204,16 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
         raise ValueError(f"norm_scale {norm_scale.shape} must be ({k},)")
     if residual is not None and residual.shape != (rows, n_out):
         raise ValueError(f"residual {residual.shape} must be ({rows}, {n_out})")
+    rope_head_dim = 0
+    if rope_columns:
+        rope_head_dim = 2 * rope_inv_freq.shape[0]
+        if gated_act is not None or residual is not None or rope_positions.shape != (rows,) \
+                or rope_columns % rope_head_dim or rope_columns > n_out \
+                or not supports(rows, k, n_out, block_n=block_n, rope_head_dim=rope_head_dim):
+            raise ValueError(f"RoPE takes no gate or residual, a position a row, whole heads "
+                             f"and {block_n}-column tiles in each half of a head: rows {rows},"
+                             f" {rope_columns} of {n_out} columns rotated, head dim "
+                             f"{rope_head_dim}, positions {rope_positions.shape}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     from jax.experimental.pallas import triton as plgpu
@@ -182,15 +227,18 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
             operands.append(extra)
     if residual is not None:
         operands.append(pad(residual.astype(dtype)))
+    if rope_columns:
+        operands += [jnp.pad(rope_positions.astype(jnp.int32), (0, padded - rows)),
+                     rope_inv_freq.astype(jnp.float32)]
     kernel = functools.partial(
         _kernel, has_norm=norm_scale is not None, has_bias=bias is not None,
         has_residual=residual is not None, gated_act=gated_act, norm_eps=float(norm_eps),
-        block_n=block_n, block_k=block_k, n_out=n_out,
+        block_n=block_n, block_k=block_k, n_out=n_out, rope_columns=rope_columns,
         dot_precision=lax.Precision.HIGHEST if dtype == jnp.float32 else None)
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
     out = pl.pallas_call(
         kernel,
-        grid=(n_out // block_n,),
+        grid=(n_out // block_n // (2 if rope_columns else 1),),
         in_specs=[whole(a.shape) for a in operands],
         out_specs=whole((padded, n_out)),
         out_shape=jax.ShapeDtypeStruct((padded, n_out), dtype),

@@ -13,9 +13,9 @@ import torch
 from flax import nnx
 
 try:
-    from conftest import CASES, VOCAB
+    from conftest import CASES, VOCAB, CaseSpec, build_hf_model
 except ImportError:  # tests/ imported as a package
-    from tests.conftest import CASES, VOCAB
+    from tests.conftest import CASES, VOCAB, CaseSpec, build_hf_model
 from jaxvllm.models.config import resolve_dtype
 from jaxvllm.models.loader import load_model
 from jaxvllm.models.registry import REGISTRY, model_config_from_hf, supported_architectures
@@ -374,9 +374,32 @@ def test_unrolled_layers_match_transformers(zoo, name):
     assert got == hf_greedy(name, case.hf_model)
 
 
-# gated MLP with GQA; biases and tied embeddings; q/k norms; a LayerNorm model (unfused)
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias_tied", "qwen3_qknorm", "opt_prenorm"])
-def test_small_batch_matmuls_match_transformers(zoo, name, monkeypatch):
+def _qwen2_head_dim_32():
+    import transformers
+
+    return transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=1, max_position_embeddings=256,
+                                    tie_word_embeddings=False, use_sliding_window=False,
+                                    bos_token_id=1, eos_token_id=None, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def qwen2_head_dim_32(tmp_path_factory):
+    """A Qwen2 of head dim 32: its rotation partners fill whole 16-column tiles, so the
+    small-batch QKV kernel applies the rotary embeddings itself."""
+    spec = CaseSpec(_qwen2_head_dim_32, "Qwen2ForCausalLM", 8, 8)
+    model = build_hf_model(spec)
+    path = tmp_path_factory.mktemp("qwen2_head_dim_32")
+    model.save_pretrained(path)
+    return model, path
+
+
+# gated MLP with GQA; biases and tied embeddings; q/k norms; a LayerNorm model (unfused); head
+# dim 32 (the rotary embeddings in the QKV kernel)
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias_tied", "qwen3_qknorm", "opt_prenorm",
+                                  "qwen2_head_dim_32"])
+def test_small_batch_matmuls_match_transformers(zoo, name, monkeypatch, request):
     """With `small_batch_matmuls` (Pallas kernels, interpreted on the CPU) the unrolled model
     still gives transformers' logits and greedy tokens; every RMSNorm model runs them."""
     from pallas_kernels import small_batch_matmul
@@ -385,15 +408,21 @@ def test_small_batch_matmuls_match_transformers(zoo, name, monkeypatch):
     kernel = small_batch_matmul.fused_matmul
     monkeypatch.setattr(small_batch_matmul, "fused_matmul",
                         lambda *a, **k: calls.append(k) or kernel(*a, **k))
-    case = zoo.case(name)
-    lm = load_model(str(case.path), dtype="float32")
+    if name == "qwen2_head_dim_32":
+        hf_model, path, block_size = *request.getfixturevalue(name), 8
+    else:
+        case = zoo.case(name)
+        hf_model, path, block_size = case.hf_model, case.path, case.spec.block_size
+    lm = load_model(str(path), dtype="float32")
     lm.model.unroll_layers()
     lm.model.small_batch_matmuls = True
-    gen = SimpleGenerator(lm.model, block_size=case.spec.block_size)
-    assert_logits_close(gen.prompt_logits(LONG_PROMPT), hf_logits(case.hf_model, LONG_PROMPT))
-    assert gen.generate(PROMPTS, NEW_TOKENS, prefill_chunk=6) == hf_greedy(name, case.hf_model)
+    gen = SimpleGenerator(lm.model, block_size=block_size)
+    assert_logits_close(gen.prompt_logits(LONG_PROMPT), hf_logits(hf_model, LONG_PROMPT))
+    assert gen.generate(PROMPTS, NEW_TOKENS, prefill_chunk=6) == hf_greedy(name, hf_model)
     if lm.config.norm == "rms":
         assert any(k.get("norm_scale") is not None for k in calls)
         assert any(k.get("residual") is not None for k in calls)
     else:
         assert not calls
+    rotated = any(k.get("rope_columns") for k in calls)
+    assert rotated == (name == "qwen2_head_dim_32"), "rotary embeddings in the kernel"

@@ -101,12 +101,14 @@ def _layer_specs(rows=16, hidden=896, qkv=1152, inter=4864):
     sd = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
     return (sd((rows, hidden), bf), sd((hidden, qkv), bf), sd((qkv,), bf), sd((hidden,), bf),
-            sd((hidden, hidden), bf), sd((hidden, 2 * inter), bf), sd((inter, hidden), bf))
+            sd((hidden, hidden), bf), sd((hidden, 2 * inter), bf), sd((inter, hidden), bf),
+            sd((rows,), jnp.int32), sd((32,), jnp.float32))
 
 
-def _layer(x, w_qkv, b_qkv, scale, w_o, w_gate_up, w_down):
+def _layer(x, w_qkv, b_qkv, scale, w_o, w_gate_up, w_down, positions, inv_freq):
     fused = functools.partial(sbm.fused_matmul, interpret=False)
-    qkv = fused(x, w_qkv, bias=b_qkv, norm_scale=scale)
+    qkv = fused(x, w_qkv, bias=b_qkv, norm_scale=scale, rope_positions=positions,
+                rope_inv_freq=inv_freq, rope_columns=w_qkv.shape[1] - 128)
     x = fused(qkv[:, :x.shape[1]], w_o, residual=x)
     up = fused(x, w_gate_up, norm_scale=scale, gated_act=jax.nn.silu)
     return fused(up, w_down, residual=x)
@@ -129,3 +131,40 @@ def test_triton_compiles_to_cubin():
         builds = compile_triton(functools.partial(_layer), *_layer_specs(rows))
         assert len(builds) == 4
         assert all(b.shared_bytes <= 227 * 1024 and b.spill_bytes == 0 for b in builds), builds
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rows, k, heads, kv_heads, head_dim, block_n", [
+    (16, 64, 4, 2, 32, 16), (5, 96, 2, 1, 64, 16), (16, 64, 2, 1, 64, 32)])
+def test_rotary_embeddings_match_the_reference(dtype, rows, k, heads, kv_heads, head_dim,
+                                                block_n):
+    """RoPE in the QKV kernel: the q and k heads rotated by position, v left alone."""
+    n = (heads + 2 * kv_heads) * head_dim
+    x, w, kw = _operands(rows, k, n, norm=True, bias=True, dtype=dtype)
+    rng = np.random.default_rng(1)
+    kw |= {"rope_positions": jnp.asarray(rng.integers(0, 500, rows), jnp.int32),
+           "rope_inv_freq": jnp.asarray(1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim),
+                                        jnp.float32),
+           "rope_columns": (heads + kv_heads) * head_dim}
+    got = np.asarray(sbm.fused_matmul(x, w, block_n=block_n, **kw), np.float32)
+    ref = np.asarray(sbm.reference(x, w, **kw), np.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 2 ** -7 * np.abs(ref).max()
+    np.testing.assert_allclose(got, ref, rtol=1e-5 if dtype == jnp.float32 else 2e-2, atol=tol)
+    unrotated = np.asarray(sbm.reference(x, w, bias=kw["bias"], norm_scale=kw["norm_scale"],
+                                         norm_eps=kw["norm_eps"]), np.float32)
+    v = slice(kw["rope_columns"], n)
+    np.testing.assert_array_equal(got[:, v], unrotated[:, v])
+    assert not np.allclose(got[:, :kw["rope_columns"]], unrotated[:, :kw["rope_columns"]],
+                           atol=1e-2)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"rope_columns": 64, "gated_act": jax.nn.silu}, "RoPE takes no gate"),
+    ({"rope_columns": 48}, "whole heads"),  # not a multiple of the head dim (32)
+    ({"rope_columns": 64, "block_n": 32}, "each half of a head"),  # half a head is 16
+    ({"rope_columns": 64, "rope_positions": jnp.zeros(3, jnp.int32)}, "a position a row"),
+])
+def test_bad_rotary_arguments_raise_value_error(kw, match):
+    kw = {"rope_positions": jnp.zeros(16, jnp.int32), "rope_inv_freq": jnp.ones(16)} | kw
+    with pytest.raises(ValueError, match=match):
+        sbm.fused_matmul(jnp.zeros((16, 64)), jnp.zeros((64, 128)), **kw)

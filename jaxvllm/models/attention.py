@@ -175,14 +175,17 @@ def fused_decode_kernel(backend: str) -> Callable | None:
 
 
 def attend(q, k, v, kv: KVCache, layer, meta: AttentionMetadata, *, scale: float,
-           sliding_window: int | None, backend: str,
-           soft_cap: float | None = None) -> tuple[jax.Array, KVCache]:
+           sliding_window: int | None, backend: str, soft_cap: float | None = None,
+           qkv: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Store this step's k, v [T, KVH, D] and attend with q [T, H, D]: (out [T, H, D], cache).
     One fused kernel for a `decode_only` step where the backend has one
-    (`fused_decode_kernel`) and the step is not sharded."""
+    (`fused_decode_kernel`) and the step is not sharded; `qkv`, where the caller has q, k and
+    v as one [T, H + 2 KVH, D] array already, is that kernel's input as it is (XLA would
+    otherwise copy the three into a new one)."""
     decode = fused_decode_kernel(backend)
     if meta.decode_only and decode is not None and parallel.active_mesh() is None:
-        qkv = jnp.concatenate([q, k.astype(q.dtype), v.astype(q.dtype)], axis=1)
+        if qkv is None:
+            qkv = jnp.concatenate([q, k.astype(q.dtype), v.astype(q.dtype)], axis=1)
         out, k_cache, v_cache = decode(
             qkv, kv.k, kv.v, layer, meta.seq_lens, meta.block_tables, meta.slot_mapping,
             scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,

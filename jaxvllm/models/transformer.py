@@ -22,8 +22,9 @@ compiles it num_layers times: the price is compile time (SmolLM2 on the CPU: ~4.
 
 With `small_batch_matmuls` (unrolled, RMSNorm, pre-norm models), a step of at most
 `small_batch_matmul.MAX_ROWS` rows runs each projection as one Pallas kernel that also does
-the RMSNorm before it and the bias, SiLU(gate) * up and residual add after it: four kernels a
-layer beside the attention, where XLA launches about eight.
+the RMSNorm before it and the bias, rotary embeddings (without q/k norms), SiLU(gate) * up
+and residual add after it: four kernels a layer beside the attention, where XLA launches
+about nine.
 """
 
 from __future__ import annotations
@@ -243,7 +244,10 @@ class CausalLM(nnx.Module):
         w = p[name]
         n_out = w.shape[1] // (2 if epilogue.get("gated_act") else 1)
         bias = p.get(name.replace("_proj", "_bias"))
-        if small_batch_matmul.supports(x.shape[0], w.shape[0], n_out):
+        inv_freq = epilogue.get("rope_inv_freq")
+        rope_head_dim = 2 * inv_freq.shape[0] if inv_freq is not None else 0
+        if small_batch_matmul.supports(x.shape[0], w.shape[0], n_out,
+                                       rope_head_dim=rope_head_dim):
             return small_batch_matmul.fused_matmul(x, w, bias=bias, **epilogue)
         return small_batch_matmul.reference(x, w, bias=bias, **epilogue)
 
@@ -257,9 +261,16 @@ class CausalLM(nnx.Module):
         mlp_norm = lambda h: self._norm(h, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
         fused = small_batch and self._fused_kernels(p, t)
 
+        # rotary embeddings in the QKV kernel, unless q/k norms come between
+        rope_fused = fused and inv_freq is not None and not cfg.qk_norm
+        qkv_heads = None  # q, k and v, rotated, as one [T, H + 2 KVH, D] array
         if fused:
+            rope = dict(rope_positions=positions, rope_inv_freq=inv_freq,
+                        rope_columns=cfg.q_size + cfg.kv_size) if rope_fused else {}
             qkv = self._small_batch(x, p, "qkv_proj", norm_scale=p["attn_norm_scale"],
-                                    norm_eps=cfg.norm_eps)
+                                    norm_eps=cfg.norm_eps, **rope)
+            if rope_fused or inv_freq is None and not cfg.qk_norm:
+                qkv_heads = qkv.reshape(t, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
             q, k, v = jnp.split(qkv, (cfg.q_size, cfg.q_size + cfg.kv_size), axis=-1)
         else:
             h = attn_norm(x) if cfg.pre_norm else x
@@ -271,12 +282,13 @@ class CausalLM(nnx.Module):
         if cfg.qk_norm:
             q = L.rms_norm(q, p["q_norm"], cfg.norm_eps)
             k = L.rms_norm(k, p["k_norm"], cfg.norm_eps)
-        if inv_freq is not None:
+        if inv_freq is not None and not rope_fused:
             q = L.apply_rope(q, positions, inv_freq)
             k = L.apply_rope(k, positions, inv_freq)
 
         o, kv = attend(q, k, v, kv, layer, meta, scale=cfg.head_dim ** -0.5,
-                       sliding_window=cfg.sliding_window, backend=self.attention_backend)
+                       sliding_window=cfg.sliding_window, backend=self.attention_backend,
+                       qkv=qkv_heads)
         if fused:
             x = self._small_batch(o.reshape(t, cfg.q_size), p, "o_proj", residual=x)
             act = L.activation(cfg.activation)
