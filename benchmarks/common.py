@@ -62,6 +62,36 @@ def parser_from_doc(prog: str, doc: str) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers."""
+    return [int(x) for x in text.split(",") if x]
+
+
+def add_sweep_args(parser: argparse.ArgumentParser, iters: int) -> None:
+    """The timing and output flags of a kernel sweep (decode_kernel.py, small_batch_matmul.py):
+    calls per timed loop, loops, compile threads, --smoke, --output-json."""
+    parser.add_argument("--iters", type=int, default=iters, help="calls per timed loop")
+    parser.add_argument("--reps", type=int, default=3, help="timed loops; the best is kept")
+    parser.add_argument("--compile-threads", type=int, default=8)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes and iterations, kernels interpreted (runs on CPU)")
+    parser.add_argument("--output-json")
+
+
+def print_sweep(results: dict, columns: Sequence[tuple[str, str, int, str]],
+                width: int = 22) -> None:
+    """One line per configuration of a kernel sweep: its label, then each column (result key,
+    header, width, format spec; "" formats a ratio as `_fmt` does), or its error."""
+    print(f"   {'configuration':<{width}}" + "".join(f" {h:>{w}}" for _, h, w, _ in columns))
+    for label, r in results.items():
+        if "error" in r:
+            print(f"   {label:<{width}} error: {r['error'][:80]}")
+            continue
+        print(f"   {label:<{width}}" + "".join(
+            f" {format(r[key], spec) if spec else _fmt(r[key]):>{w}}"
+            for key, _, w, spec in columns))
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """vLLM's engine flags (those jaxvllm has); unset ones keep the engine's defaults."""
     g = parser.add_argument_group("engine")

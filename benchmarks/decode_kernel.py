@@ -51,29 +51,20 @@ LAYERS = 2
 MAX_PROGRAMS = 2048  # explicit splits beyond this many programs are not tried
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def build_parser():
     p = common.parser_from_doc("decode_kernel.py", __doc__)
-    p.add_argument("--rows", type=_ints, default=[1, 64, 256])
-    p.add_argument("--contexts", type=_ints, default=[512, 1024, 2048])
+    p.add_argument("--rows", type=common.int_list, default=[1, 64, 256])
+    p.add_argument("--contexts", type=common.int_list, default=[512, 1024, 2048])
     p.add_argument("--heads", type=int, default=14)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--block-k", type=_ints, default=[32, 64, 128])
+    p.add_argument("--block-k", type=common.int_list, default=[32, 64, 128])
     p.add_argument("--splits", default="auto,1,2,4,8,16",
                    help="comma-separated; 'auto': the kernel's default for the shape")
-    p.add_argument("--num-warps", type=_ints, default=[4])
-    p.add_argument("--num-stages", type=_ints, default=[2])
-    p.add_argument("--iters", type=int, default=100, help="calls per timed loop")
-    p.add_argument("--reps", type=int, default=3, help="timed loops; the best is kept")
-    p.add_argument("--compile-threads", type=int, default=8)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes and iterations, kernels interpreted (runs on CPU)")
-    p.add_argument("--output-json")
+    p.add_argument("--num-warps", type=common.int_list, default=[4])
+    p.add_argument("--num-stages", type=common.int_list, default=[2])
+    common.add_sweep_args(p, iters=100)
     return p
 
 
@@ -248,14 +239,9 @@ def run(args) -> dict:
         shapes.append(r)
         print(f"-- {rows} rows (padded to {r['padded_rows']}) x context {context} "
               f"(table width {r['table_width']}) --")
-        print(f"   {'configuration':<22} {'ms':>9} {'TB/s':>7} {'vs separate':>12} "
-              f"{'vs default':>11}")
-        for label, x in r["results"].items():
-            if "error" in x:
-                print(f"   {label:<22} error: {x['error'][:80]}")
-                continue
-            print(f"   {label:<22} {x['ms']:>9.4f} {x['kv_tb_per_s']:>7.3f} "
-                  f"{common._fmt(x['vs_separate']):>12} {common._fmt(x['vs_default']):>11}")
+        common.print_sweep(r["results"], [
+            ("ms", "ms", 9, ".4f"), ("kv_tb_per_s", "TB/s", 7, ".3f"),
+            ("vs_separate", "vs separate", 12, ""), ("vs_default", "vs default", 11, "")])
         print(f"   best: {r.get('best')}; default = block_k, splits "
               f"{tuple(r['default_tiling'])}", flush=True)
     return {"benchmark": "decode_kernel", "device": common.device_name(),

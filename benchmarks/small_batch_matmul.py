@@ -43,28 +43,19 @@ from benchmarks import common  # noqa: E402
 from benchmarks.decode_kernel import padded_rows  # noqa: E402
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def build_parser():
     p = common.parser_from_doc("small_batch_matmul.py", __doc__)
-    p.add_argument("--rows", type=_ints, default=[1, 64])
+    p.add_argument("--rows", type=common.int_list, default=[1, 64])
     p.add_argument("--hidden", type=int, default=896)
     p.add_argument("--intermediate", type=int, default=4864)
     p.add_argument("--kv-size", type=int, default=128, help="K (and V) columns of W_qkv")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--block-n", type=_ints, default=[16, 32])
-    p.add_argument("--block-k", type=_ints, default=[128, 256, 512])
-    p.add_argument("--num-stages", type=_ints, default=[3, 4])
+    p.add_argument("--block-n", type=common.int_list, default=[16, 32])
+    p.add_argument("--block-k", type=common.int_list, default=[128, 256, 512])
+    p.add_argument("--num-stages", type=common.int_list, default=[3, 4])
     p.add_argument("--num-warps", type=int, default=4)
-    p.add_argument("--iters", type=int, default=50, help="calls per timed loop")
-    p.add_argument("--reps", type=int, default=3, help="timed loops; the best is kept")
-    p.add_argument("--compile-threads", type=int, default=8)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes and iterations, kernels interpreted (runs on CPU)")
-    p.add_argument("--output-json")
+    common.add_sweep_args(p, iters=50)
     return p
 
 
@@ -212,13 +203,9 @@ def run(args) -> dict:
         shapes.append(r)
         print(f"-- {rows} rows, {args.layers} layers, {r['weight_mb_per_layer']} MB of weights "
               f"a layer --")
-        print(f"   {'configuration':<18} {'us/layer':>9} {'TB/s':>7} {'vs xla':>7}")
-        for label, x in r["results"].items():
-            if "error" in x:
-                print(f"   {label:<18} error: {x['error'][:80]}")
-                continue
-            print(f"   {label:<18} {x['us_per_layer']:>9.2f} {x['weight_tb_per_s']:>7.3f} "
-                  f"{common._fmt(x['vs_xla']):>7}")
+        common.print_sweep(r["results"], [("us_per_layer", "us/layer", 9, ".2f"),
+                                          ("weight_tb_per_s", "TB/s", 7, ".3f"),
+                                          ("vs_xla", "vs xla", 7, "")], width=18)
         print(f"   best: {r.get('best')}", flush=True)
     return {"benchmark": "small_batch_matmul", "device": common.device_name(),
             "geometry": {"hidden": args.hidden, "intermediate": args.intermediate,

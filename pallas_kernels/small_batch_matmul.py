@@ -15,8 +15,8 @@ so a layer is four such kernels beside its attention: RMSNorm + QKV (+ bias) + R
 O (+ residual), RMSNorm + gate/up + act * up, down (+ residual). With RoPE a program's two
 column tiles are a head's rotation partners (columns i and i + head_dim / 2).
 
-One program computes `block_n` output columns for all rows (at most `MAX_ROWS`; the engine
-pads a small decode step to 16, Triton's smallest dot) over the whole of K, `block_k` at a
+One program computes `block_n` output columns for all rows (at most `MAX_ROWS`, padded to a
+power of two from 16, Triton's smallest dot; the engine pads a batch-1 decode step to 16) over the whole of K, `block_k` at a
 time (the last step masked where K is not a multiple): nothing to add up afterwards, and
 each program's RMSNorm is a second read of the rows, which sit in L2. With 16 columns a
 program, Qwen2.5-0.5B's projections run 56 (O, down) to 304 (gate/up, two tiles each)
@@ -68,10 +68,15 @@ def reference(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: floa
     return y
 
 
+def padded_rows(rows: int) -> int:
+    """The rows a kernel runs: a power of two (Triton's shapes), at least MIN_ROWS."""
+    return max(MIN_ROWS, 1 << (rows - 1).bit_length())
+
+
 def default_block_k(k: int, rows: int) -> int:
     """K a step: all of it up to MAX_BLOCK_K (rounded up to a power of two), less for more
     than 16 rows (the rows' tiles, pipelined like the weights', share the shared memory)."""
-    most = MAX_BLOCK_K * MIN_ROWS // max(rows, MIN_ROWS)
+    most = MAX_BLOCK_K * MIN_ROWS // padded_rows(rows)
     return min(max(most, 16), 1 << max(k - 1, 15).bit_length())
 
 
@@ -218,7 +223,7 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
         interpret = jax.default_backend() == "cpu"
     from jax.experimental.pallas import triton as plgpu
 
-    padded = max(MIN_ROWS, -(-rows // MIN_ROWS) * MIN_ROWS)
+    padded = padded_rows(rows)
     pad = lambda a: jnp.pad(a, ((0, padded - rows), (0, 0))) if padded != rows else a
     dtype = jnp.promote_types(x.dtype, w.dtype)
     operands = [pad(x.astype(dtype)), w.astype(dtype)]

@@ -126,7 +126,7 @@ def test_triton_compiles_to_cubin():
     pytest.importorskip("triton")
     from pallas_kernels.gpu_lowering import compile_triton
 
-    for rows in (16, 64):
+    for rows in (16, 40):  # 40 rows run padded to 64 (Triton's shapes are powers of two)
         # a new callable: jax would reuse an earlier lowering of the same one
         builds = compile_triton(functools.partial(_layer), *_layer_specs(rows))
         assert len(builds) == 4
