@@ -1,10 +1,10 @@
 """A decoder layer's matmuls for small batches (Pallas Triton), each with the elementwise work
 around it in the same kernel.
 
-At batch 1 a decode step is a few hundred small kernels, ~10 a layer: the four matmuls (XLA's
-Triton GEMMs, split over K, whose partial sums another kernel adds), and beside them the
-RMSNorm before the QKV and gate/up projections, the SiLU(gate) * up product and the residual
-adds, each its own kernel. `fused_matmul` does one projection and what surrounds it:
+At batch 1 a decode step is a few hundred small kernels, ~11 a layer: the attention's two, the
+four matmuls (XLA's Triton GEMMs, split over K, whose partial sums another kernel adds), and
+beside them the RMSNorm before the QKV and gate/up projections, the rotary embeddings, the
+SiLU(gate) * up product and the residual adds, each its own kernel. `fused_matmul` does one projection and what surrounds it:
 
     y = epilogue(prologue(x) @ w)
     prologue: nothing, or RMSNorm (`norm_scale`, float32 math as `layers.rms_norm`)
@@ -16,11 +16,11 @@ O (+ residual), RMSNorm + gate/up + act * up, down (+ residual). With RoPE a pro
 column tiles are a head's rotation partners (columns i and i + head_dim / 2).
 
 One program computes `block_n` output columns for all rows (at most `MAX_ROWS`, padded to a
-power of two from 16, Triton's smallest dot; the engine pads a batch-1 decode step to 16) over the whole of K, `block_k` at a
-time (the last step masked where K is not a multiple): nothing to add up afterwards, and
-each program's RMSNorm is a second read of the rows, which sit in L2. With 16 columns a
-program, Qwen2.5-0.5B's projections run 56 (O, down) to 304 (gate/up, two tiles each)
-programs. So few programs keep the memory system busy only with many bytes in flight each:
+power of two from 16, Triton's smallest dot) over the whole of K, `block_k` at a time (the
+last step masked where K is not a multiple): nothing to add up afterwards, and each
+program's RMSNorm is a second read of the rows, which sit in L2. With 16 columns a program,
+Qwen2.5-0.5B's projections run 36 (QKV, two tiles each for RoPE), 56 (O, down) and 304
+(gate/up, two tiles each) programs. So few programs keep the memory system busy only with many bytes in flight each:
 hence wide K steps (512 by default) and pipelined loads (`num_stages`). The tiling is not yet
 tuned on a GPU: `benchmarks/small_batch_matmul.py` sweeps it. `reference` is the contract in
 plain jnp.
@@ -46,10 +46,10 @@ def reference(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: floa
               gated_act: Optional[Callable] = None, rope_positions=None, rope_inv_freq=None,
               rope_columns: int = 0):
     """The contract in plain jnp, as the decoder layer computes it unfused."""
+    from jaxvllm.models.layers import apply_rope, rms_norm
+
     if norm_scale is not None:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + norm_eps)
-        x = (x32 * norm_scale.astype(jnp.float32)).astype(x.dtype)
+        x = rms_norm(x, norm_scale, norm_eps)
     y = x @ w
     if bias is not None:
         y = y + bias
@@ -57,8 +57,6 @@ def reference(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: floa
         gate, up = jnp.split(y, 2, axis=-1)
         y = gated_act(gate) * up
     if rope_columns:
-        from jaxvllm.models.layers import apply_rope
-
         d = 2 * rope_inv_freq.shape[0]
         heads = apply_rope(y[:, :rope_columns].reshape(y.shape[0], -1, d), rope_positions,
                            rope_inv_freq)
