@@ -430,10 +430,10 @@ def test_unrolled_layers_are_traced_and_lowered_once(llama_folder):
     assert len(re.findall(r"call @_layer\b", text)) == runner.cfg.num_layers
 
 
-def test_small_batch_matmuls_generate_what_xla_generates(llama_folder):
+def test_small_batch_matmuls_generate_what_xla_generates(llama_folder, zoo):
     """With `small_batch_matmuls` (the projections as Pallas kernels, interpreted here) the
     engine's greedy tokens, in single and multi-step decode calls, equal XLA's; the option
-    needs unrolled layers."""
+    needs unrolled layers and an RMSNorm model."""
     from jaxvllm import LLM, SamplingParams
 
     kwargs = dict(attention_backend="pallas", max_model_len=64, max_num_seqs=4,
@@ -453,3 +453,5 @@ def test_small_batch_matmuls_generate_what_xla_generates(llama_folder):
     assert fused.llm_engine.runner.counters.multi_steps > 0
     with pytest.raises(ValueError, match="small_batch_matmuls=True needs unrolled layers"):
         LLM(str(llama_folder), **kwargs, unroll_layers=False, small_batch_matmuls=True)
+    with pytest.raises(ValueError, match="RMSNorm before its projections"):
+        LLM(str(zoo.case("opt_prenorm").path), **kwargs, small_batch_matmuls=True)

@@ -254,8 +254,12 @@ class LLMEngine:
                             "tensor_parallel_size=1 on one process", default=True)
 
     def _small_batch_matmuls(self) -> bool:
-        return self._option("small_batch_matmuls", self.loaded.model.layers.unstacked,
-                            "unrolled layers (unroll_layers, one device)", default=False)
+        cfg = self.model_config
+        return self._option("small_batch_matmuls",
+                            self.loaded.model.layers.unstacked and cfg.pre_norm
+                            and cfg.norm == "rms",
+                            "unrolled layers (unroll_layers, one device) and a model with "
+                            "RMSNorm before its projections", default=False)
 
     def _num_blocks(self, max_num_seqs: int) -> int:
         """KV cache blocks: the override; on CPU, max_num_seqs full-length requests within

@@ -102,8 +102,9 @@ ENGINE_SWITCHES = {
                         "--no-async-scheduling: never)",
     "unroll_layers": "run the layers unrolled on per-layer fused weights (default: on one device)",
     "small_batch_matmuls": "small decode steps' projections as Pallas kernels with the norm, "
-                           "bias, gating and residual add fused in (unrolled layers; "
-                           "interpreted on the CPU; default: off)",
+                           "bias, rotary embeddings, gating and residual add fused in "
+                           "(unrolled layers, RMSNorm models; interpreted on the CPU; "
+                           "default: off)",
     "precompile": "compile the decode steps in background threads at start-up "
                   "(default: on a GPU)",
     "wait_for_precompile": "start serving only once those are compiled (default: on a GPU; "
