@@ -1,10 +1,11 @@
 """A decoder layer's matmuls for small batches (Pallas Triton), each with the elementwise work
 around it in the same kernel.
 
-At batch 1 a decode step is a few hundred small kernels, ~11 a layer: the attention's two, the
-four matmuls (XLA's Triton GEMMs, split over K, whose partial sums another kernel adds), and
-beside them the RMSNorm before the QKV and gate/up projections, the rotary embeddings, the
-SiLU(gate) * up product and the residual adds, each its own kernel. `fused_matmul` does one projection and what surrounds it:
+At batch 1 a decode step is a few hundred small kernels, ~11 a layer: the attention's two,
+the four matmuls (XLA's Triton GEMMs, split over K, whose partial sums another kernel adds),
+and beside them the RMSNorm before the QKV and gate/up projections, the rotary embeddings,
+the SiLU(gate) * up product and the residual adds, each its own kernel. `fused_matmul` does
+one projection and what surrounds it:
 
     y = epilogue(prologue(x) @ w)
     prologue: nothing, or RMSNorm (`norm_scale`, float32 math as `layers.rms_norm`)
@@ -20,10 +21,11 @@ power of two from 16, Triton's smallest dot) over the whole of K, `block_k` at a
 last step masked where K is not a multiple): nothing to add up afterwards, and each
 program's RMSNorm is a second read of the rows, which sit in L2. With 16 columns a program,
 Qwen2.5-0.5B's projections run 36 (QKV, two tiles each for RoPE), 56 (O, down) and 304
-(gate/up, two tiles each) programs. So few programs keep the memory system busy only with many bytes in flight each:
-hence wide K steps (512 by default) and pipelined loads (`num_stages`). The tiling is not yet
-tuned on a GPU: `benchmarks/small_batch_matmul.py` sweeps it. `reference` is the contract in
-plain jnp.
+(gate/up, two tiles each) programs. So few programs keep the memory system busy only with
+many bytes in flight each: hence wide K steps (512 by default, less where shared memory or
+registers would run short) and pipelined loads (`num_stages`). The tiling is not yet tuned
+on a GPU: `benchmarks/small_batch_matmul.py` sweeps it. `reference` is the contract in plain
+jnp.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ MIN_ROWS = 16  # Triton's smallest dot dimension
 MAX_ROWS = 64  # more rows than this: XLA's own GEMMs (one program's rows stay in registers)
 BLOCK_N = 16
 MAX_BLOCK_K = 512
+# Shared memory the pipelined tiles of a default tiling may take (an H100 block can have
+# 227 KB; float32 at block_k 512 with two weight tiles would need 228), and the bytes of a
+# step's rows (held in registers, normed) for 16-bit and 32-bit types: past these the
+# Triton builds for sm_90 spilled registers
+SHARED_BUDGET = 160 * 1024
+ROWS_TILE_BUDGET = {2: 32 * 1024, 4: 16 * 1024}
 
 
 def reference(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: float = 1e-6,
@@ -71,11 +79,24 @@ def padded_rows(rows: int) -> int:
     return max(MIN_ROWS, 1 << (rows - 1).bit_length())
 
 
-def default_block_k(k: int, rows: int) -> int:
-    """K a step: all of it up to MAX_BLOCK_K (rounded up to a power of two), less for more
-    than 16 rows (the rows' tiles, pipelined like the weights', share the shared memory)."""
-    most = MAX_BLOCK_K * MIN_ROWS // padded_rows(rows)
-    return min(max(most, 16), 1 << max(k - 1, 15).bit_length())
+def default_block_k(k: int, rows: int, *, itemsize: int = 2, weight_tiles: int = 1,
+                    block_n: int = BLOCK_N, num_stages: int = 3) -> int:
+    """K a step: all of it up to MAX_BLOCK_K (rounded up to a power of two), less where the
+    pipelined tiles of a step (the rows' and each weight tile's, `num_stages` deep) would
+    take more than SHARED_BUDGET of shared memory, or the rows' tile more than
+    ROWS_TILE_BUDGET."""
+    block = min(MAX_BLOCK_K, 1 << max(k - 1, 15).bit_length())
+    padded = padded_rows(rows)
+    per_k = num_stages * (padded + weight_tiles * block_n) * itemsize
+    while block > 16 and (block * per_k > SHARED_BUDGET
+                          or padded * block * itemsize > ROWS_TILE_BUDGET.get(itemsize, 16384)):
+        block //= 2
+    return block
+
+
+def default_num_warps(rows: int, itemsize: int) -> int:
+    """4, or 8 for float32 rows past 16 (4 warps spilled registers there)."""
+    return 8 if itemsize > 2 and padded_rows(rows) > MIN_ROWS else 4
 
 
 def supports(rows: int, k: int, n_out: int, *, block_n: int = BLOCK_N,
@@ -181,8 +202,8 @@ def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
 def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: float = 1e-6,
                  gated_act: Optional[Callable] = None, rope_positions=None,
                  rope_inv_freq=None, rope_columns: int = 0, block_n: int = BLOCK_N,
-                 block_k: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
-                 interpret: Optional[bool] = None):
+                 block_k: Optional[int] = None, num_warps: Optional[int] = None,
+                 num_stages: int = 3, interpret: Optional[bool] = None):
     """`reference`'s result from one Pallas Triton kernel. x [M, K] (M <= MAX_ROWS; padded
     to MIN_ROWS inside), w [K, N] (gate/up concatenated, [K, 2 I], when `gated_act`),
     bias [N], norm_scale [K], residual [M, N_out]. RoPE: the first `rope_columns` output
@@ -195,7 +216,12 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
     if gated_act is not None and n % 2:
         raise ValueError(f"a gated projection needs gate and up halves: w {w.shape}")
     n_out = n // 2 if gated_act is not None else n
-    block_k = block_k or default_block_k(k, rows)
+    dtype = jnp.promote_types(x.dtype, w.dtype)
+    itemsize = jnp.dtype(dtype).itemsize
+    block_k = block_k or default_block_k(
+        k, rows, itemsize=itemsize, block_n=block_n, num_stages=num_stages,
+        weight_tiles=2 if gated_act is not None or rope_columns else 1)
+    num_warps = num_warps or default_num_warps(rows, itemsize)
     if not supports(rows, k, n_out, block_n=block_n) or block_k < 16 \
             or block_k & (block_k - 1):
         raise ValueError(f"fused_matmul takes at most {MAX_ROWS} rows, K a multiple of 16, "
@@ -223,7 +249,6 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
 
     padded = padded_rows(rows)
     pad = lambda a: jnp.pad(a, ((0, padded - rows), (0, 0))) if padded != rows else a
-    dtype = jnp.promote_types(x.dtype, w.dtype)
     operands = [pad(x.astype(dtype)), w.astype(dtype)]
     for extra in (norm_scale, bias):
         if extra is not None:

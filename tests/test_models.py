@@ -419,10 +419,25 @@ def test_small_batch_matmuls_match_transformers(zoo, name, monkeypatch, request)
     gen = SimpleGenerator(lm.model, block_size=block_size)
     assert_logits_close(gen.prompt_logits(LONG_PROMPT), hf_logits(hf_model, LONG_PROMPT))
     assert gen.generate(PROMPTS, NEW_TOKENS, prefill_chunk=6) == hf_greedy(name, hf_model)
-    if lm.config.norm == "rms":
-        assert any(k.get("norm_scale") is not None for k in calls)
-        assert any(k.get("residual") is not None for k in calls)
+    if lm.config.norm == "rms":  # all four projections ran as kernels
+        kinds = {("norm" if k.get("norm_scale") is not None else "")
+                 + ("+gate" if k.get("gated_act") else "")
+                 + ("+residual" if k.get("residual") is not None else "") for k in calls}
+        assert kinds == {"norm", "norm+gate", "+residual"}, kinds
     else:
         assert not calls
     rotated = any(k.get("rope_columns") for k in calls)
     assert rotated == (name == "qwen2_head_dim_32"), "rotary embeddings in the kernel"
+
+
+def test_small_batch_matmuls_in_bfloat16(qwen2_head_dim_32):
+    """In bfloat16 the kernels' prompt logits stay within bfloat16's rounding of XLA's."""
+    _, path = qwen2_head_dim_32
+    logits = []
+    for fused in (False, True):
+        lm = load_model(str(path), dtype="bfloat16")
+        lm.model.unroll_layers()
+        lm.model.small_batch_matmuls = fused
+        logits.append(SimpleGenerator(lm.model, block_size=8).prompt_logits(LONG_PROMPT[:30]))
+    assert_logits_close(logits[1], logits[0], rtol=3e-2)
+    assert not np.array_equal(logits[1], logits[0])  # the kernels did run

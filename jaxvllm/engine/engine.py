@@ -36,6 +36,7 @@ from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxvllm.models.attention import kv_cache_bytes_per_block
 from jaxvllm.models.config import resolve_dtype
 from jaxvllm.models.loader import load_model
+from jaxvllm.models.transformer import SMALL_BATCH_ACTIVATIONS, small_batch_supported
 from jaxvllm.outputs import CompletionOutput, DeltaTracker, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -254,12 +255,12 @@ class LLMEngine:
                             "tensor_parallel_size=1 on one process", default=True)
 
     def _small_batch_matmuls(self) -> bool:
-        cfg = self.model_config
         return self._option("small_batch_matmuls",
-                            self.loaded.model.layers.unstacked and cfg.pre_norm
-                            and cfg.norm == "rms",
+                            self.loaded.model.layers.unstacked
+                            and small_batch_supported(self.model_config),
                             "unrolled layers (unroll_layers, one device) and a model with "
-                            "RMSNorm before its projections", default=False)
+                            "RMSNorm before its projections and an activation among "
+                            f"{SMALL_BATCH_ACTIVATIONS}", default=False)
 
     def _num_blocks(self, max_num_seqs: int) -> int:
         """KV cache blocks: the override; on CPU, max_num_seqs full-length requests within

@@ -90,6 +90,17 @@ def _init(name: str, shape, key, dtype):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
+# Activations the small-batch kernels apply (Pallas Triton has no lowering of the exact GELU's
+# erf)
+SMALL_BATCH_ACTIVATIONS = ("silu", "swish", "relu", "gelu_new", "gelu_pytorch_tanh")
+
+
+def small_batch_supported(cfg: ModelConfig) -> bool:
+    """Whether `small_batch_matmuls` can run this model's layers: RMSNorm before the
+    projections and an activation the kernels lower (see the module docstring)."""
+    return cfg.pre_norm and cfg.norm == "rms" and cfg.activation in SMALL_BATCH_ACTIVATIONS
+
+
 # Weights an unrolled layer keeps as one matrix (or bias): (name, parts, concatenated on the
 # last axis in this order).
 FUSED_WEIGHTS = (("qkv_proj", ("q_proj", "k_proj", "v_proj")),
@@ -234,8 +245,7 @@ class CausalLM(nnx.Module):
 
     def _fused_kernels(self, p, t: int) -> bool:
         """Whether an unrolled layer's projections can run as small-batch kernels."""
-        cfg = self.cfg
-        return ("qkv_proj" in p and cfg.pre_norm and cfg.norm == "rms"
+        return ("qkv_proj" in p and small_batch_supported(self.cfg)
                 and t <= small_batch_matmul.MAX_ROWS)
 
     @staticmethod
@@ -261,8 +271,12 @@ class CausalLM(nnx.Module):
         mlp_norm = lambda h: self._norm(h, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
         fused = small_batch and self._fused_kernels(p, t)
 
-        # rotary embeddings in the QKV kernel, unless q/k norms come between
-        rope_fused = fused and inv_freq is not None and not cfg.qk_norm
+        # rotary embeddings in the QKV kernel, unless q/k norms come between or half a head
+        # is no whole number of the kernel's column tiles
+        qkv_size = cfg.q_size + 2 * cfg.kv_size
+        rope_fused = (fused and inv_freq is not None and not cfg.qk_norm
+                      and small_batch_matmul.supports(t, cfg.hidden_size, qkv_size,
+                                                      rope_head_dim=cfg.head_dim))
         qkv_heads = None  # q, k and v, rotated, as one [T, H + 2 KVH, D] array
         if fused:
             rope = dict(rope_positions=positions, rope_inv_freq=inv_freq,
