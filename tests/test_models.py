@@ -395,9 +395,9 @@ def qwen2_head_dim_32(tmp_path_factory):
     return model, path
 
 
-# gated MLP with GQA; biases and tied embeddings; q/k norms; a LayerNorm model (unfused); head
-# dim 32 (the rotary embeddings in the QKV kernel)
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias_tied", "qwen3_qknorm", "opt_prenorm",
+# gated MLP with GQA and llama3 rope scaling (head dim 16: the rotation in XLA); q/k norms;
+# a LayerNorm model (unfused); Qwen2's biases at head dim 32 (the rotation in the QKV kernel)
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen3_qknorm", "opt_prenorm",
                                   "qwen2_head_dim_32"])
 def test_small_batch_matmuls_match_transformers(zoo, name, monkeypatch, request):
     """With `small_batch_matmuls` (Pallas kernels, interpreted on the CPU) the unrolled model

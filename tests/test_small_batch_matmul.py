@@ -127,9 +127,8 @@ def test_triton_compiles_to_cubin():
     from pallas_kernels.gpu_lowering import compile_triton
 
     # 40 rows run padded to 64 (Triton's shapes are powers of two); float32 tiles take twice
-    # the shared memory
-    for rows, dtype in ((16, jnp.bfloat16), (40, jnp.bfloat16), (16, jnp.float32),
-                        (64, jnp.float32)):
+    # the shared memory and more registers
+    for rows, dtype in ((16, jnp.bfloat16), (40, jnp.float32)):
         # a new callable: jax would reuse an earlier lowering of the same one
         builds = compile_triton(functools.partial(_layer), *_layer_specs(rows, dtype=dtype))
         assert len(builds) == 4
