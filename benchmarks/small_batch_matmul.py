@@ -78,40 +78,41 @@ def make_weights(args, seed: int = 0) -> list[dict]:
                 weights[name] = 1 + 0.1 * jax.random.normal(key, shape, dtype)
             else:
                 weights[name] = jax.random.normal(key, shape, dtype) * shape[0] ** -0.5
-        weights["positions"] = 500 + jnp.arange(64, dtype=jnp.int32)
-        weights["inv_freq"] = jnp.asarray(
-            1.0 / 10000 ** (np.arange(0, args.head_dim, 2) / args.head_dim), jnp.float32)
         layers.append(weights)
     return layers
 
 
-def _rope(x, p) -> dict:
-    """Rotary embeddings of the q and k heads at positions 500.. (the tables in `p`)."""
-    return {"rope_positions": p["positions"][:x.shape[0]], "rope_inv_freq": p["inv_freq"],
-            # q and k: the columns before v, which has as many as k
-            "rope_columns": (p["w_qkv"].shape[1] + p["w_o"].shape[0]) // 2}
+def rope_arguments(rows: int, args) -> dict:
+    """The QKV projection's rotary embeddings: `rows` rows at positions 500.., the q and k
+    columns rotated."""
+    import jax.numpy as jnp
+
+    inv_freq = 1.0 / 10000 ** (np.arange(0, args.head_dim, 2) / args.head_dim)
+    return {"rope_positions": 500 + jnp.arange(rows, dtype=jnp.int32),
+            "rope_inv_freq": jnp.asarray(inv_freq, jnp.float32),
+            "rope_columns": args.hidden + args.kv_size}
 
 
-def layer_xla(x, p):
+def layer_xla(x, p, rope: dict):
     """The layer's projections as the unfused model computes them."""
     import jax
 
     from pallas_kernels.small_batch_matmul import reference
 
-    qkv = reference(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"], **_rope(x, p))
+    qkv = reference(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"], **rope)
     x = reference(qkv[:, :x.shape[1]], p["w_o"], residual=x)
     h = reference(x, p["w_gate_up"], norm_scale=p["mlp_norm"], gated_act=jax.nn.silu)
     return reference(h, p["w_down"], residual=x)
 
 
-def layer_fused(x, p, **tiling):
+def layer_fused(x, p, rope: dict, **tiling):
     """The same as four `fused_matmul` kernels."""
     import jax
 
     from pallas_kernels.small_batch_matmul import fused_matmul
 
     fused = functools.partial(fused_matmul, **tiling)
-    qkv = fused(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"], **_rope(x, p))
+    qkv = fused(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"], **rope)
     x = fused(qkv[:, :x.shape[1]], p["w_o"], residual=x)
     h = fused(x, p["w_gate_up"], norm_scale=p["mlp_norm"], gated_act=jax.nn.silu)
     return fused(h, p["w_down"], residual=x)
@@ -149,11 +150,12 @@ def bench_rows(rows: int, weights, args) -> dict:
 
     T = padded_rows(rows)
     x = jax.random.normal(jax.random.key(1), (T, args.hidden), weights[0]["w_o"].dtype)
-    weight_bytes = sum(int(weights[0][name].size) * weights[0][name].dtype.itemsize
-                       for name in weights[0] if name.startswith(("w_", "b_")) or "norm" in name)
+    weight_bytes = sum(int(w.size) * w.dtype.itemsize for w in weights[0].values())
+    rope = rope_arguments(T, args)
     interpret = {"interpret": True} if args.smoke else {}
-    candidates = [("xla", layer_xla), ("default", functools.partial(layer_fused, **interpret))]
-    candidates += [(label, functools.partial(layer_fused, **kw, **interpret))
+    candidates = [("xla", functools.partial(layer_xla, rope=rope)),
+                  ("default", functools.partial(layer_fused, rope=rope, **interpret))]
+    candidates += [(label, functools.partial(layer_fused, rope=rope, **kw, **interpret))
                    for label, kw in configurations(args)]
 
     def compile_loop(layer):
@@ -161,7 +163,7 @@ def bench_rows(rows: int, weights, args) -> dict:
             compiler_options=xla_flags.step_compiler_options())
 
     # one iteration of one layer against XLA's, for the check
-    want = np.asarray(layer_xla(x, weights[0]), np.float32)
+    want = np.asarray(candidates[0][1](x, weights[0]), np.float32)
     result = {"rows": rows, "padded_rows": T, "weight_mb_per_layer": round(weight_bytes / 1e6, 2),
               "results": {}}
     # compiled side by side (most of the time on a GPU), then timed one at a time

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.ragged_tiles import next_power_of_2
+
 MIN_ROWS = 16  # Triton's smallest dot dimension
 MAX_ROWS = 64  # more rows than this: XLA's own GEMMs (one program's rows stay in registers)
 BLOCK_N = 16
@@ -76,7 +78,7 @@ def reference(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: floa
 
 def padded_rows(rows: int) -> int:
     """The rows a kernel runs: a power of two (Triton's shapes), at least MIN_ROWS."""
-    return max(MIN_ROWS, 1 << (rows - 1).bit_length())
+    return max(MIN_ROWS, next_power_of_2(rows))
 
 
 def default_block_k(k: int, rows: int, *, itemsize: int = 2, weight_tiles: int = 1,
@@ -85,7 +87,7 @@ def default_block_k(k: int, rows: int, *, itemsize: int = 2, weight_tiles: int =
     pipelined tiles of a step (the rows' and each weight tile's, `num_stages` deep) would
     take more than SHARED_BUDGET of shared memory, or the rows' tile more than
     ROWS_TILE_BUDGET."""
-    block = min(MAX_BLOCK_K, 1 << max(k - 1, 15).bit_length())
+    block = min(MAX_BLOCK_K, max(16, next_power_of_2(k)))
     padded = padded_rows(rows)
     per_k = num_stages * (padded + weight_tiles * block_n) * itemsize
     while block > 16 and (block * per_k > SHARED_BUDGET
@@ -131,12 +133,13 @@ def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
     steps = -(-k // block_k)
     ragged = k % block_k != 0
 
-    def load(ref, step, cols=None):
-        """Rows step*block_k.. of a [K] or [K, N] ref, or columns of an [M, K] one, with
-        zeros past K when K is not a multiple of block_k."""
+    def load(ref, step, first_col=None):
+        """Rows step*block_k.. of a [K] ref, or of the [K, N] weights' tile from column
+        `first_col`, or those columns of an [M, K] one, with zeros past K when K is not a
+        multiple of block_k."""
         at = pl.ds(step * block_k, block_k)
-        if cols is not None:  # a weight tile [block_k, block_n]
-            idx, shape, axis = (at, pl.ds(cols, block_n)), (block_k, block_n), 0
+        if first_col is not None:  # a weight tile [block_k, block_n]
+            idx, shape, axis = (at, pl.ds(first_col, block_n)), (block_k, block_n), 0
         elif len(ref.shape) == 1:
             idx, shape, axis = (at,), (block_k,), 0
         else:
@@ -192,7 +195,7 @@ def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
         return
     if gated_act is not None:
         y = (gated_act(y.astype(jnp.float32)).astype(o_ref.dtype).astype(jnp.float32)
-             * biased(accs[1], n_out + col).astype(jnp.float32)).astype(o_ref.dtype)
+             * biased(accs[1], cols[1]).astype(jnp.float32)).astype(o_ref.dtype)
     if has_residual:
         y = (residual_ref[:, pl.ds(col, block_n)].astype(jnp.float32)
              + y.astype(jnp.float32)).astype(o_ref.dtype)
@@ -205,7 +208,7 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
                  block_k: Optional[int] = None, num_warps: Optional[int] = None,
                  num_stages: int = 3, interpret: Optional[bool] = None):
     """`reference`'s result from one Pallas Triton kernel. x [M, K] (M <= MAX_ROWS; padded
-    to MIN_ROWS inside), w [K, N] (gate/up concatenated, [K, 2 I], when `gated_act`),
+    inside to `padded_rows(M)`), w [K, N] (gate/up concatenated, [K, 2 I], when `gated_act`),
     bias [N], norm_scale [K], residual [M, N_out]. RoPE: the first `rope_columns` output
     columns are heads of 2 * len(rope_inv_freq) that rotate by `rope_positions` [M]; the
     rest are heads of that size too, left as they are (v)."""

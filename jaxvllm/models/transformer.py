@@ -250,14 +250,12 @@ class CausalLM(nnx.Module):
 
     @staticmethod
     def _small_batch(x, p, name, **epilogue):
-        """x @ p[name] (+ its bias) with `epilogue` as one kernel where its shapes fit."""
+        """x @ p[name] (+ its bias) with `epilogue` as one kernel where its shapes fit (a
+        rotation in `epilogue` the caller has checked: see `_layer`)."""
         w = p[name]
         n_out = w.shape[1] // (2 if epilogue.get("gated_act") else 1)
         bias = p.get(name.replace("_proj", "_bias"))
-        inv_freq = epilogue.get("rope_inv_freq")
-        rope_head_dim = 2 * inv_freq.shape[0] if inv_freq is not None else 0
-        if small_batch_matmul.supports(x.shape[0], w.shape[0], n_out,
-                                       rope_head_dim=rope_head_dim):
+        if small_batch_matmul.supports(x.shape[0], w.shape[0], n_out):
             return small_batch_matmul.fused_matmul(x, w, bias=bias, **epilogue)
         return small_batch_matmul.reference(x, w, bias=bias, **epilogue)
 
