@@ -48,7 +48,9 @@ class EngineConfig:
     # small decode steps' projections as Pallas kernels that take the RMSNorm before them and
     # the bias, SiLU(gate) * up and residual add after them (pallas_kernels/
     # small_batch_matmul.py); unrolled layers of RMSNorm (pre-norm) models only; on the CPU
-    # they run interpreted (slowly: for tests). None: off, until measured faster on a GPU
+    # they run interpreted (slowly: for tests). None: on a GPU, measured at start-up against
+    # XLA's way for this model (jaxvllm/engine/autotune.py), on for the step sizes where
+    # they were faster; off on the CPU
     small_batch_matmuls: Optional[bool] = None
     # schedule and dispatch the next step before the one in flight is collected (vLLM's
     # async scheduling; not with tensor parallelism). None: only a multi-step decode after

@@ -17,6 +17,7 @@ they are processed in order, and a stop string drops the tokens after the one co
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from typing import Any, NamedTuple, Optional, Protocol, Sequence
@@ -27,6 +28,7 @@ import numpy as np
 from jaxvllm import distributed, parallel
 from jaxvllm.cache import enable_compilation_cache
 from jaxvllm.config import EngineConfig
+from jaxvllm.engine import autotune
 from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.engine.kv_cache import KVCacheManager
 from jaxvllm.engine.request import Request, RequestStatus
@@ -39,6 +41,8 @@ from jaxvllm.models.loader import load_model
 from jaxvllm.models.transformer import SMALL_BATCH_ACTIVATIONS, small_batch_supported
 from jaxvllm.outputs import CompletionOutput, DeltaTracker, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20
 
@@ -134,6 +138,7 @@ class LLMEngine:
         self.model_config = self.loaded.config
         if self._unroll_layers():
             self.loaded.model.unroll_layers()
+        self.small_batch_choice: Optional[autotune.SmallBatchChoice] = None
         self.loaded.model.small_batch_matmuls = self._small_batch_matmuls()
         distributed.check_same_everywhere(
             (dataclasses.replace(config, model=None, tokenizer=None), self.model_config))
@@ -254,10 +259,16 @@ class LLMEngine:
         return self._option("unroll_layers", self.mesh is None,
                             "tensor_parallel_size=1 on one process", default=True)
 
-    def _small_batch_matmuls(self) -> bool:
-        return self._option("small_batch_matmuls",
-                            self.loaded.model.layers.unstacked
-                            and small_batch_supported(self.model_config),
+    def _small_batch_matmuls(self) -> bool | int:
+        """True, False, or (unset, on a GPU) the most rows a step runs the small-batch
+        kernels for, as measured at start-up (`autotune.small_batch_rows`)."""
+        possible = (self.loaded.model.layers.unstacked
+                    and small_batch_supported(self.model_config))
+        if self.config.small_batch_matmuls is None and possible and autotune.should_measure():
+            self.small_batch_choice = autotune.small_batch_rows(self.loaded.model)
+            logger.info("%s", autotune.describe(self.small_batch_choice))
+            return self.small_batch_choice.rows
+        return self._option("small_batch_matmuls", possible,
                             "unrolled layers (unroll_layers, one device) and a model with "
                             "RMSNorm before its projections and an activation among "
                             f"{SMALL_BATCH_ACTIVATIONS}", default=False)
@@ -638,7 +649,10 @@ class LLMEngine:
                 "steps_scheduled_ahead": self._steps_scheduled_ahead,
                 "num_generation_tokens": self.num_generation_tokens,
                 **self.runner.counters.summary(), **self._output_stats(),
-                **self._memory_stats()}
+                **self._memory_stats(),
+                "small_batch_matmul_rows": self.loaded.model.small_batch_limit(),
+                **({"small_batch_probe": self.small_batch_choice.as_dict()}
+                   if self.small_batch_choice is not None else {})}
 
     def _program_cache_stats(self) -> dict[str, int]:
         """Step programs loaded from the program cache and looked up there in vain."""

@@ -104,7 +104,8 @@ ENGINE_SWITCHES = {
     "small_batch_matmuls": "small decode steps' projections as Pallas kernels with the norm, "
                            "bias, rotary embeddings, gating and residual add fused in "
                            "(unrolled layers, RMSNorm models; interpreted on the CPU; "
-                           "default: off)",
+                           "default: on a GPU, for the step sizes where a start-up measurement "
+                           "found them faster than XLA; off on the CPU)",
     "precompile": "compile the decode steps in background threads at start-up "
                   "(default: on a GPU)",
     "wait_for_precompile": "start serving only once those are compiled (default: on a GPU; "

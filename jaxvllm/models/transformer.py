@@ -21,10 +21,11 @@ compiles it num_layers times: the price is compile time (SmolLM2 on the CPU: ~4.
 ~1.9 s a program), paid once per program with the program cache.
 
 With `small_batch_matmuls` (unrolled, RMSNorm, pre-norm models), a step of at most
-`small_batch_matmul.MAX_ROWS` rows runs each projection as one Pallas kernel that also does
-the RMSNorm before it and the bias, rotary embeddings (without q/k norms), SiLU(gate) * up
-and residual add after it: four kernels a layer beside the attention, where XLA launches
-about nine.
+`small_batch_matmul.MAX_ROWS` rows (or of the row limit it is set to: the engine's start-up
+measurement, jaxvllm/engine/autotune.py, picks one on a GPU) runs each projection as one
+Pallas kernel that also does the RMSNorm before it and the bias, rotary embeddings (without
+q/k norms), SiLU(gate) * up and residual add after it: four kernels a layer beside the
+attention, where XLA launches about nine.
 """
 
 from __future__ import annotations
@@ -170,7 +171,9 @@ class CausalLM(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.attention_backend = attention_backend
-        self.small_batch_matmuls = False  # set by the engine (see the module docstring)
+        # set by the engine: False, True, or the most rows a step runs the kernels for
+        # (see the module docstring)
+        self.small_batch_matmuls = False
         for name, shape in top_param_shapes(cfg).items():
             setattr(self, name, nnx.Param(_init(name, shape, rngs.params(), dtype)))
         self.layers = LayerStack(cfg, dtype, rngs)
@@ -199,7 +202,7 @@ class CausalLM(nnx.Module):
             layer_fn = jax.jit(self._layer, static_argnames="small_batch")
             for layer, weights in enumerate(self.layers.per_layer):
                 x, kv = layer_fn(weights.arrays(), np.int32(layer), x, positions, inv_freq,
-                                 meta, kv, small_batch=self.small_batch_matmuls)
+                                 meta, kv, small_batch=self.small_batch_limit())
         else:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
             (x, kv), _ = jax.lax.scan(one_layer, (x, kv), (self.layers.arrays(), layer_ids))
@@ -243,10 +246,17 @@ class CausalLM(nnx.Module):
         return [h @ p[f"{n}_proj"] + p[f"{n}_bias"] if f"{n}_bias" in p else h @ p[f"{n}_proj"]
                 for n in names]
 
-    def _fused_kernels(self, p, t: int) -> bool:
-        """Whether an unrolled layer's projections can run as small-batch kernels."""
+    def _fused_kernels(self, p, t: int, small_batch: int) -> bool:
+        """Whether an unrolled layer's projections run as small-batch kernels for `t` rows
+        (`small_batch`: the most rows they run for; 0: never)."""
         return ("qkv_proj" in p and small_batch_supported(self.cfg)
-                and t <= small_batch_matmul.MAX_ROWS)
+                and t <= min(small_batch, small_batch_matmul.MAX_ROWS))
+
+    def small_batch_limit(self) -> int:
+        """`small_batch_matmuls` as the most rows a step's kernels run for (True: up to
+        `small_batch_matmul.MAX_ROWS`; False, 0: none)."""
+        value = self.small_batch_matmuls
+        return small_batch_matmul.MAX_ROWS if value is True else int(value)
 
     @staticmethod
     def _small_batch(x, p, name, **epilogue):
@@ -259,23 +269,40 @@ class CausalLM(nnx.Module):
             return small_batch_matmul.fused_matmul(x, w, bias=bias, **epilogue)
         return small_batch_matmul.reference(x, w, bias=bias, **epilogue)
 
-    def _layer(self, p, layer, x, positions, inv_freq, meta, kv, small_batch: bool = False):
-        """One decoder layer; `small_batch`: its projections as the small-batch kernels
-        where they fit (the module docstring). A static argument, not read from `self`: the
-        jitted layer's trace is cached by function, and would keep an earlier setting."""
+    def _layer(self, p, layer, x, positions, inv_freq, meta, kv, small_batch: int = 0):
+        """One decoder layer; `small_batch`: its projections as the small-batch kernels for
+        steps of at most that many rows (the module docstring). A static argument, not read
+        from `self`: the jitted layer's trace is cached by function, and would keep an
+        earlier setting."""
+        cfg = self.cfg
+        fused = self._fused_kernels(p, x.shape[0], small_batch)
+        q, k, v, qkv_heads = self._attention_inputs(p, x, positions, inv_freq, fused)
+        o, kv = attend(q, k, v, kv, layer, meta, scale=cfg.head_dim ** -0.5,
+                       sliding_window=cfg.sliding_window, backend=self.attention_backend,
+                       qkv=qkv_heads)
+        return self._after_attention(p, x, o.reshape(x.shape[0], cfg.q_size), fused), kv
+
+    def layer_projections(self, p, x, positions, inv_freq, small_batch: int = 0):
+        """A layer without its attention, whose output is taken to be the queries: all of
+        its projections and the work around them as `_layer` runs them (for
+        `jaxvllm.engine.autotune`, which times them with and without the kernels)."""
+        fused = self._fused_kernels(p, x.shape[0], small_batch)
+        q = self._attention_inputs(p, x, positions, inv_freq, fused)[0]
+        return self._after_attention(p, x, q.reshape(x.shape[0], self.cfg.q_size), fused)
+
+    def _attention_inputs(self, p, x, positions, inv_freq, fused: bool):
+        """(q [T, H, D], k, v [T, KVH, D], qkv: the three as one [T, H + 2 KVH, D] array
+        where the small-batch QKV kernel gave them so, else None), normed, projected,
+        rotated."""
         cfg = self.cfg
         t = x.shape[0]
-        attn_norm = lambda h: self._norm(h, p["attn_norm_scale"], p.get("attn_norm_bias"))
-        mlp_norm = lambda h: self._norm(h, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
-        fused = small_batch and self._fused_kernels(p, t)
-
         # rotary embeddings in the QKV kernel, unless q/k norms come between or half a head
         # is no whole number of the kernel's column tiles
         qkv_size = cfg.q_size + 2 * cfg.kv_size
         rope_fused = (fused and inv_freq is not None and not cfg.qk_norm
                       and small_batch_matmul.supports(t, cfg.hidden_size, qkv_size,
                                                       rope_head_dim=cfg.head_dim))
-        qkv_heads = None  # q, k and v, rotated, as one [T, H + 2 KVH, D] array
+        qkv_heads = None
         if fused:
             rope = dict(rope_positions=positions, rope_inv_freq=inv_freq,
                         rope_columns=cfg.q_size + cfg.kv_size) if rope_fused else {}
@@ -285,7 +312,8 @@ class CausalLM(nnx.Module):
                 qkv_heads = qkv.reshape(t, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
             q, k, v = jnp.split(qkv, (cfg.q_size, cfg.q_size + cfg.kv_size), axis=-1)
         else:
-            h = attn_norm(x) if cfg.pre_norm else x
+            h = self._norm(x, p["attn_norm_scale"], p.get("attn_norm_bias")) if cfg.pre_norm \
+                else x
             q, k, v = self._projections(h, p, ("q", "k", "v"), "qkv",
                                         (cfg.q_size, cfg.q_size + cfg.kv_size))
         q = q.reshape(t, cfg.num_heads, cfg.head_dim)
@@ -297,12 +325,16 @@ class CausalLM(nnx.Module):
         if inv_freq is not None and not rope_fused:
             q = L.apply_rope(q, positions, inv_freq)
             k = L.apply_rope(k, positions, inv_freq)
+        return q, k, v, qkv_heads
 
-        o, kv = attend(q, k, v, kv, layer, meta, scale=cfg.head_dim ** -0.5,
-                       sliding_window=cfg.sliding_window, backend=self.attention_backend,
-                       qkv=qkv_heads)
+    def _after_attention(self, p, x, o, fused: bool):
+        """The rest of the layer from the attention's output o [T, H * D]: the O projection
+        and residual, then the MLP block."""
+        cfg = self.cfg
+        attn_norm = lambda h: self._norm(h, p["attn_norm_scale"], p.get("attn_norm_bias"))
+        mlp_norm = lambda h: self._norm(h, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
         if fused:
-            x = self._small_batch(o.reshape(t, cfg.q_size), p, "o_proj", residual=x)
+            x = self._small_batch(o, p, "o_proj", residual=x)
             act = L.activation(cfg.activation)
             if cfg.mlp == "gated":
                 up = self._small_batch(x, p, "gate_up_proj", norm_scale=p["mlp_norm_scale"],
@@ -310,8 +342,8 @@ class CausalLM(nnx.Module):
             else:
                 up = act(self._small_batch(x, p, "up_proj", norm_scale=p["mlp_norm_scale"],
                                            norm_eps=cfg.norm_eps))
-            return self._small_batch(up, p, "down_proj", residual=x), kv
-        o = o.reshape(t, cfg.q_size) @ p["o_proj"]
+            return self._small_batch(up, p, "down_proj", residual=x)
+        o = o @ p["o_proj"]
         if cfg.o_bias:
             o = o + p["o_bias"]
         x = x + o
@@ -330,4 +362,4 @@ class CausalLM(nnx.Module):
         x = x + m
         if not cfg.pre_norm:
             x = mlp_norm(x)
-        return x, kv
+        return x

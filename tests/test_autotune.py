@@ -1,0 +1,162 @@
+"""The start-up measurement that turns the small-batch kernels on where they are faster
+(jaxvllm/engine/autotune.py): its choice, its cache, its failures, and the engine with it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvllm.engine import autotune
+from jaxvllm.models import layers as L
+from jaxvllm.models.loader import load_model
+
+
+def _timing(xla_us, kernels_us, rel_err=0.0):
+    return {"xla_us": xla_us, "kernels_us": kernels_us, "rel_err": rel_err}
+
+
+@pytest.mark.parametrize("timings, rows", [
+    ({16: _timing(10, 5), 32: _timing(10, 6), 64: _timing(10, 9)}, 64),
+    ({16: _timing(10, 5), 32: _timing(10, 11), 64: _timing(10, 5)}, 16),  # no gap above a loss
+    ({16: _timing(10, 9.8), 32: _timing(10, 5)}, 0),  # within the margin: XLA's way
+    ({16: _timing(10, 5, rel_err=0.2), 32: _timing(10, 5)}, 0),  # a wrong result
+    ({16: {"error": "ValueError: no"}, 32: _timing(10, 5)}, 0),
+    ({16: _timing(10, 5), 32: {"error": "RuntimeError: out of resources"}}, 16),
+    ({}, 0),
+])
+def test_choose_rows(timings, rows):
+    assert autotune.choose_rows(timings) == rows
+
+
+@pytest.fixture(scope="module")
+def qwen2_model(zoo):
+    """Qwen2 with biases, unrolled, float32."""
+    lm = load_model(str(zoo.case("qwen2_bias_tied").path), dtype="float32")
+    lm.model.unroll_layers()
+    return lm.model
+
+
+def _projection_kernels(model, rows: int, small_batch: int) -> int:
+    p = model.layers.per_layer[0].arrays()
+    x = jnp.ones((rows, model.cfg.hidden_size), jnp.float32)
+    positions = jnp.arange(rows, dtype=jnp.int32)
+    inv_freq = jnp.asarray(L.rope_inv_freq(model.cfg), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda p, x: model.layer_projections(p, x, positions, inv_freq,
+                                                                small_batch=small_batch))(p, x)
+    return str(jaxpr).count("pallas_call")
+
+
+def test_a_row_limit_keeps_larger_steps_on_xla(qwen2_model):
+    """small_batch = 16: a 16-row step runs the four kernels, a 32-row one none."""
+    assert _projection_kernels(qwen2_model, 16, 16) == 4
+    assert _projection_kernels(qwen2_model, 32, 16) == 0
+    assert _projection_kernels(qwen2_model, 32, 64) == 4
+    assert _projection_kernels(qwen2_model, 16, 0) == 0
+
+
+def test_measure_times_both_ways_and_checks_the_kernels(qwen2_model):
+    choice = autotune.measure(qwen2_model, (16, 32), iterations=1, repetitions=1)
+    assert sorted(choice.timings) == [16, 32]
+    for t in choice.timings.values():
+        assert t["xla_us"] > 0 and t["kernels_us"] > 0
+        assert t["rel_err"] < 1e-5  # float32: the kernels gave XLA's result
+    assert choice.layers == qwen2_model.cfg.num_layers  # tiny layers: all of them probed
+    assert choice.rows == autotune.choose_rows(choice.timings)
+
+
+def test_a_kernel_that_fails_is_not_chosen(qwen2_model, monkeypatch):
+    from pallas_kernels import small_batch_matmul
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Triton: out of resources")
+
+    monkeypatch.setattr(small_batch_matmul, "fused_matmul", broken)
+    choice = autotune.measure(qwen2_model, (16,), iterations=1, repetitions=1)
+    assert choice.rows == 0
+    assert "out of resources" in choice.timings[16]["error"]
+    assert "out of resources" in autotune.describe(choice)
+
+
+def test_a_wrong_kernel_is_not_chosen(qwen2_model, monkeypatch):
+    from pallas_kernels import small_batch_matmul
+
+    kernel = small_batch_matmul.fused_matmul
+    monkeypatch.setattr(small_batch_matmul, "fused_matmul",
+                        lambda *a, **k: kernel(*a, **k) * 1.5)
+    choice = autotune.measure(qwen2_model, (16,), iterations=1, repetitions=1)
+    assert choice.timings[16]["rel_err"] > autotune.TOLERANCE
+    assert choice.rows == 0
+
+
+def test_the_choice_is_cached_per_device_model_and_rows(qwen2_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measured = []
+
+    def fake_measure(model, candidates, **kw):
+        measured.append(tuple(candidates))
+        return autotune.SmallBatchChoice(16, {16: _timing(10, 5), 32: _timing(10, 12)}, 2)
+
+    monkeypatch.setattr(autotune, "measure", fake_measure)
+    first = autotune.small_batch_rows(qwen2_model, candidates=(16, 32))
+    again = autotune.small_batch_rows(qwen2_model, candidates=(16, 32))
+    assert measured == [(16, 32)]
+    assert (first.rows, first.cached) == (16, False)
+    assert (again.rows, again.cached, again.timings, again.layers) == (16, True, first.timings,
+                                                                       2)
+    assert (tmp_path / "jaxvllm" / autotune.CACHE_FILE).exists()
+    autotune.small_batch_rows(qwen2_model, candidates=(16,))  # other rows: another entry
+    autotune.small_batch_rows(qwen2_model, candidates=(16, 32), use_cache=False)
+    assert measured == [(16, 32), (16,), (16, 32)]
+    # an unreadable file is measured over, not an error
+    (tmp_path / "jaxvllm" / autotune.CACHE_FILE).write_text("{not json")
+    assert autotune.small_batch_rows(qwen2_model, candidates=(16, 32)).cached is False
+
+
+def test_the_engine_runs_the_kernels_where_measured_faster(llama_folder, monkeypatch, tmp_path):
+    """Unset on a GPU (here: made to measure), the engine measures at start-up and runs the
+    kernels up to the chosen rows; its tokens are XLA's, and stats() report the choice."""
+    from jaxvllm import LLM, SamplingParams
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kwargs = dict(attention_backend="pallas", max_model_len=64, max_num_seqs=4,
+                  max_num_batched_tokens=32, num_scheduler_steps=4)
+    prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65, 35, 89][: 2 + i]} for i in range(4)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    plain = LLM(str(llama_folder), **kwargs)  # on the CPU: not measured, off
+    assert plain.llm_engine.stats()["small_batch_matmul_rows"] == 0
+    assert "small_batch_probe" not in plain.llm_engine.stats()
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+
+    measure = autotune.measure
+    monkeypatch.setattr(autotune, "should_measure", lambda: True)
+    monkeypatch.setattr(autotune, "measure", lambda model, candidates, **kw: measure(
+        model, (16,), iterations=1, repetitions=1))
+    monkeypatch.setattr(autotune, "choose_rows", lambda timings: max(timings))
+    tuned = LLM(str(llama_folder), **kwargs)
+    stats = tuned.llm_engine.stats()
+    assert stats["small_batch_matmul_rows"] == 16
+    assert stats["small_batch_probe"]["timings"]["16"]["rel_err"] < 1e-5
+    got = [o.outputs[0].token_ids for o in tuned.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    # asked for explicitly, nothing is measured
+    monkeypatch.setattr(autotune, "measure", lambda *a, **k: pytest.fail("measured"))
+    assert LLM(str(llama_folder), **kwargs, small_batch_matmuls=False).llm_engine.stats()[
+        "small_batch_matmul_rows"] == 0
+
+
+def test_should_measure_only_on_a_gpu_unless_turned_off(monkeypatch):
+    assert autotune.should_measure() is (jax.default_backend() == "gpu")
+    monkeypatch.setattr(autotune.jax, "default_backend", lambda: "gpu")
+    assert autotune.should_measure() is True
+    monkeypatch.setenv("JAXVLLM_AUTOTUNE", "0")
+    assert autotune.should_measure() is False
+
+
+def test_the_kernels_choice_reads_back_as_numbers():
+    choice = autotune.SmallBatchChoice(32, {16: _timing(10, 5), 32: _timing(10, 8)}, 3)
+    d = choice.as_dict()
+    assert d["rows"] == 32 and d["timings"]["32"]["kernels_us"] == 8
+    assert "up to 32 rows" in autotune.describe(choice)
+    assert np.isclose(d["timings"]["16"]["xla_us"], 10)
