@@ -45,6 +45,9 @@
 #                projections (benchmarks/small_batch_matmul.py)
 #   sblatency, sbprofile   the latency phase (no baselines) and the profile phase with
 #                --small-batch-matmuls (those kernels in the engine's small decode steps)
+#   xlalatency   the latency phase (no baselines) with --no-small-batch-matmuls; the other
+#                phases leave the choice to the engine's start-up measurement
+#                (jaxvllm/engine/autotune.py; its result: "small_batch" in the summary)
 # The whole
 # run ends by DEADLINE seconds (default 450): each phase gets its own limit, cut to what is
 # left, and a failing phase does not stop the next.
@@ -60,7 +63,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,throughput,latency,sblatency,smallmm,pthroughput,coldstart,profile,sbprofile,tests,decode,mtests,unfused,sthroughput,bthroughput,nocb,mofusion,sampler,athroughput,async,scan,eager,kernels}"
+PHASES="${PHASES:-model,throughput,latency,sblatency,xlalatency,smallmm,pthroughput,coldstart,profile,sbprofile,tests,decode,mtests,unfused,sthroughput,bthroughput,nocb,mofusion,sampler,athroughput,async,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -258,6 +261,13 @@ phase_sblatency() {  # batch 1 with the small-batch projection kernels, no basel
     grep -v '^{' "$WORK/sblatency.log" | tail -n 20
 }
 
+phase_xlalatency() {  # batch 1 with the projections left to XLA, no baselines
+    run_phase xlalatency 120 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
+        --temperature 0 --attention-backend "$BACKEND" "${LAT_ARGS[@]}" \
+        --no-small-batch-matmuls --output-json "$OUT/latency_xla_matmuls.json"
+    grep -v '^{' "$WORK/xlalatency.log" | tail -n 20
+}
+
 phase_coldstart() {  # LLM(...) to first token in fresh processes: cold, warm, JAX's cache alone
     local args=(--input-len 32 --output-len 8 --num-iters-warmup 1 --num-iters 2)
     run_phase coldstart 240 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
@@ -375,9 +385,16 @@ if (m := load("small_batch_matmul")) is not None:
         str(s["rows"]): {"best": s.get("best")}
         | {k: r.get("us_per_layer", r.get("error")) for k, r in s["results"].items()}
         for s in m["shapes"]}
-if (l := load("latency_small_batch")) is not None:
-    summary["latency_small_batch"] = {k: v for k, v in l.items()
-                                      if not isinstance(v, (list, dict))}
+for label in ("latency_small_batch", "latency_xla_matmuls"):
+    if (l := load(label)) is not None:
+        summary[label] = {k: v for k, v in l.items() if not isinstance(v, (list, dict))}
+# the engine's start-up choice of the small-batch kernels, from the first run that made one
+for name in ("latency", "throughput"):
+    engine = (load(name) or {}).get("engine") or {}
+    if "small_batch_probe" in engine:
+        summary["small_batch"] = {"rows": engine.get("small_batch_matmul_rows"),
+                                  "probe": engine["small_batch_probe"], "from": name}
+        break
 if (s := load("sampler")) is not None:
     summary["sampler"] = s.get("rows")
 for label, name in (("throughput_warm_cache", "throughput_warm"),

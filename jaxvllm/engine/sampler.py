@@ -330,54 +330,95 @@ def gather_logprobs(logprobs: jax.Array, token_ids: jax.Array, num_logprobs: int
 
 
 def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int | None = None,
-           paths: Optional[SamplerPaths] = None) -> SamplerOutput:
+           paths: Optional[SamplerPaths] = None, kernel: bool = False) -> SamplerOutput:
     """Sample one token per row of [R, V] logits (call inside jit; `num_logprobs` static).
 
     `num_logprobs=None` returns no logprobs; an int N >= 0 returns the sampled token's raw
-    logprob and the top N (`SamplerOutput.logprobs` [R, N+1]).
+    logprob and the top N (`SamplerOutput.logprobs` [R, N+1]). `kernel`: where `paths` has
+    random rows, draw every row's token (the greedy ones' argmax too) with the Pallas
+    kernels of pallas_kernels/sampling.py instead of XLA's ~15 fusions.
     """
+    raw = logits
     logits = logits.astype(jnp.float32)
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1) if num_logprobs is not None else None
 
     processed = apply_penalties_and_bias(logits, meta, paths)
-    greedy_tokens = argmax_tokens(processed)
     is_greedy = meta.temperature < SAMPLING_EPS
     needed = lambda: _needed_paths(meta, jnp, logits.shape[-1])
 
-    def random_tokens(processed):
-        # The filters become per-row logit thresholds: only [R]-sized values leave the
-        # `cond` around the sort, so the [R, V] logits are divided, masked and exponentiated
-        # in one pass instead of being written out for the `cond` (~4 ms at [64, 49152]).
-        temperature = jnp.where(is_greedy, 1.0, meta.temperature).astype(jnp.float32)
-        # +inf logits (an infinite logit_bias) become the largest float: the row then draws
-        # among them alone instead of turning inf - inf into NaN
-        scaled = lambda p: jnp.minimum(p / temperature[:, None], jnp.finfo(jnp.float32).max)
-        # max(p / t) = max(p) / t exactly (division rounds monotonically); every filter
-        # keeps the largest logit, so this is also the row maximum after filtering
-        row_max = scaled(jnp.max(processed, axis=-1, keepdims=True))
-        keep_min_p = row_max + jnp.log(meta.min_p)[:, None]  # p >= min_p * p_max (0: -inf)
+    if kernel and paths is not None and paths.random:
+        from pallas_kernels.sampling import sample_tokens
 
-        def sorted_cutoff(p):
-            x = scaled(p)
-            x = jnp.where(x >= keep_min_p, x, -jnp.inf)
-            return top_k_top_p_cutoff(x, meta.top_k, meta.top_p)
+        keep_sorted = _random_cutoffs(processed, meta, paths, needed)[2]
+        # unprocessed logits go in as they are (no float32 copy for the kernels to read)
+        source = raw if _unprocessed(meta, paths) else processed
+        tokens = sample_tokens(source, meta.temperature, meta.min_p, keep_sorted[:, 0],
+                               _row_uniforms(meta), greedy_below=SAMPLING_EPS)
+    else:
+        greedy_tokens = argmax_tokens(processed)
 
-        keep_sorted = _branch(paths, needed, "sort", sorted_cutoff,
-                              lambda p: jnp.full_like(keep_min_p, -jnp.inf), processed)
-        x = scaled(processed)
-        x = jnp.where(x >= jnp.maximum(keep_min_p, keep_sorted), x, -jnp.inf)
-        keys = row_keys(meta.seeds, meta.step_positions)
-        uniforms = jax.vmap(lambda key: jax.random.uniform(key, (2,), jnp.float32))(keys)
-        return inverse_cdf_tokens(x, uniforms, row_max)
+        def random_tokens(processed):
+            temperature, row_max, keep_sorted = _random_cutoffs(processed, meta, paths,
+                                                                needed)
+            x = _scaled(processed, temperature)
+            keep_min_p = row_max + jnp.log(meta.min_p)[:, None]
+            x = jnp.where(x >= jnp.maximum(keep_min_p, keep_sorted), x, -jnp.inf)
+            return inverse_cdf_tokens(x, _row_uniforms(meta), row_max)
 
-    sampled = _branch(paths, needed, "random", random_tokens, lambda x: greedy_tokens,
-                      processed)
-    tokens = jnp.where(is_greedy, greedy_tokens, sampled)
+        sampled = _branch(paths, needed, "random", random_tokens, lambda x: greedy_tokens,
+                          processed)
+        tokens = jnp.where(is_greedy, greedy_tokens, sampled)
 
     if num_logprobs is None:
         return SamplerOutput(tokens, None, None, None)
     values, ids, ranks = gather_logprobs(raw_logprobs, tokens, num_logprobs)
     return SamplerOutput(tokens, values, ids, ranks)
+
+
+def _scaled(processed: jax.Array, temperature: jax.Array) -> jax.Array:
+    """Logits divided by the rows' temperature; +inf logits (an infinite logit_bias) become
+    the largest float: the row then draws among them alone instead of turning inf - inf
+    into NaN."""
+    return jnp.minimum(processed / temperature[:, None], jnp.finfo(jnp.float32).max)
+
+
+def _random_cutoffs(processed: jax.Array, meta: SamplingMetadata,
+                    paths: Optional[SamplerPaths], needed: Callable[[], SamplerPaths]):
+    """(temperature [R] (1 on greedy rows), the scaled rows' maxima [R, 1], the top-k/top-p
+    cutoff [R, 1]: the smallest scaled logit those filters keep, -inf where none filters).
+
+    The filters become per-row logit thresholds: only [R]-sized values leave the `cond`
+    around the sort, so the [R, V] logits are divided, masked and exponentiated in one pass
+    instead of being written out for the `cond` (~4 ms at [64, 49152])."""
+    temperature = jnp.where(meta.temperature < SAMPLING_EPS, 1.0,
+                            meta.temperature).astype(jnp.float32)
+    # max(p / t) = max(p) / t exactly (division rounds monotonically); every filter keeps
+    # the largest logit, so this is also the row maximum after filtering
+    row_max = _scaled(jnp.max(processed, axis=-1, keepdims=True), temperature)
+    keep_min_p = row_max + jnp.log(meta.min_p)[:, None]  # p >= min_p * p_max (0: -inf)
+
+    def sorted_cutoff(p):
+        x = _scaled(p, temperature)
+        x = jnp.where(x >= keep_min_p, x, -jnp.inf)
+        return top_k_top_p_cutoff(x, meta.top_k, meta.top_p)
+
+    keep_sorted = _branch(paths, needed, "sort", sorted_cutoff,
+                          lambda p: jnp.full_like(keep_min_p, -jnp.inf), processed)
+    return temperature, row_max, keep_sorted
+
+
+def _row_uniforms(meta: SamplingMetadata) -> jax.Array:
+    """[R, 2] uniform numbers in [0, 1), from each row's own key (see `row_keys`)."""
+    keys = row_keys(meta.seeds, meta.step_positions)
+    return jax.vmap(lambda key: jax.random.uniform(key, (2,), jnp.float32))(keys)
+
+
+def _unprocessed(meta: SamplingMetadata, paths: SamplerPaths) -> bool:
+    """Whether `apply_penalties_and_bias` leaves every row's logits as they are, known from
+    the static shapes and paths: no allowed-token lists or penalties, and no row with bad
+    words, stop tokens to ban or a logit bias (their id lists are 0 wide)."""
+    return (not paths.allowed and not paths.penalties and meta.bad_word_ids.shape[1] == 0
+            and meta.stop_ids.shape[1] == 0 and meta.bias_ids.shape[1] == 0)
 
 
 # ---------------------------------------------------------------------------------------------
