@@ -17,7 +17,9 @@ temperature 0); `--single` counts the single-step decode program instead. With
 `--compare-unfused` the same programs are also compiled with the attention variant's fused
 decode kernel off (KV write and attention as separate kernels), in the same run, and with
 `--compare-small-batch-matmuls` with the model's small-batch projection kernels on
-(`small_batch_matmuls`, pallas_kernels/small_batch_matmul.py).
+(`small_batch_matmuls`, pallas_kernels/small_batch_matmul.py), with
+`--compare-sampling-kernels` with the sampler's kernels on (pallas_kernels/sampling.py; and
+the small-batch ones, where both are asked for).
 
 Without a GPU XLA does not autotune: its GEMM configurations (and the split-K reductions they
 may bring) can differ from a real compile's; every other fusion is XLA's real decision. The
@@ -121,7 +123,8 @@ def count_kernels(hlo_text: str) -> dict:
             "loops": loops}
 
 
-def _build_runner(args, max_rows: int, loaded=None, small_batch_matmuls: bool = False):
+def _build_runner(args, max_rows: int, loaded=None, small_batch_matmuls: bool = False,
+                  sampling_kernels: bool = False):
     """The engine's runner for the model (`loaded`, else loaded from args.model) as a GPU
     engine builds it: layers unrolled (the default on one GPU), powers-of-two decode buckets
     from 16."""
@@ -134,6 +137,8 @@ def _build_runner(args, max_rows: int, loaded=None, small_batch_matmuls: bool = 
         loaded.model.unroll_layers()
     # read when the runner splits the model (the engine sets it before, too)
     loaded.model.small_batch_matmuls = small_batch_matmuls
+    loaded.model.sampling_kernel_rows = max(max_rows, args.max_num_seqs) if sampling_kernels \
+        else 0
     runner = ModelRunner(loaded.model, num_blocks=args.num_blocks, block_size=args.block_size,
                          max_model_len=args.max_model_len,
                          max_num_batched_tokens=args.max_num_batched_tokens,
@@ -198,6 +203,12 @@ def run(args) -> dict:
     if args.compare_small_batch_matmuls:
         modes.append(("small_batch_matmuls", contextlib.nullcontext,
                       _build_runner(args, max(rows), loaded, small_batch_matmuls=True)[1]))
+    if args.compare_sampling_kernels:  # with the small-batch kernels too where compared
+        sb = args.compare_small_batch_matmuls
+        modes.append(("small_batch_matmuls+sampling_kernels" if sb else "sampling_kernels",
+                      contextlib.nullcontext,
+                      _build_runner(args, max(rows), loaded, small_batch_matmuls=sb,
+                                    sampling_kernels=True)[1]))
     results: dict = {}
     for mode, context, mode_runner in modes:
         for r in rows:
@@ -255,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="sampling as temperature 0")
     p.add_argument("--compare-unfused", action="store_true",
                    help="also count with the variant's fused decode kernel off")
+    p.add_argument("--compare-sampling-kernels", action="store_true",
+                   help="also with the sampler's kernels (pallas_kernels/sampling.py), and the "
+                        "small-batch ones where those are compared too")
     p.add_argument("--compare-small-batch-matmuls", action="store_true",
                    help="also count with the small-batch projection kernels on")
     p.add_argument("--top", type=int, default=15, help="kinds listed")

@@ -10,6 +10,10 @@ Per batch size R it times, jitted, on [R, V] float32 logits:
               `jax.random.categorical` of the logits (Gumbel-max, one draw per token)
     greedy    `sampler.sample`, every row temperature 0 (argmax over block maxima), against
               `jnp.argmax`
+    kernels   (on a GPU, or with --kernels) `random` with the sampler's Pallas kernels
+              (`sample(kernel=True)`, pallas_kernels/sampling.py), against the same
+              baseline and against `random`; the share of rows whose token differs from
+              `random`'s is reported (float sums in another order: ~0)
 
 and prints each time and the baseline / engine ratio (above 1: the engine is faster). The
 engine's processing (penalty / bias / mask shortcuts, temperature) is inside its time; the
@@ -43,21 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", default="1,64,256", help="comma-separated batch sizes R")
     p.add_argument("--vocab-size", type=int, default=49152)
     p.add_argument("--iters", type=int, default=10, help="calls per timing (best of 5)")
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the sampler's kernels (default: on a GPU)")
     p.add_argument("--output-json", default=None, help="also write the JSON object here")
     return p
 
 
-def _engine_sampler(rows: int, vocab: int, temperature: float):
+def _engine_sampler(rows: int, vocab: int, temperature: float, kernel: bool = False):
     """The sampler as the engine's steps run it: its shortcuts decided on the host."""
     specs = [RowSpec(temperature=temperature, seed=i, step_position=7) for i in range(rows)]
     meta, num_logprobs = build_sampling_metadata(specs, vocab, device_put=False)
     paths = SamplerPaths.of(meta)
     fn = jax.jit(lambda logits, meta: sample(logits, meta, num_logprobs=num_logprobs,
-                                             paths=paths).token_ids)
+                                             paths=paths, kernel=kernel).token_ids)
     return fn, jax.device_put(meta)
 
 
-def bench_rows(rows: int, vocab: int, iters: int) -> dict:
+def bench_rows(rows: int, vocab: int, iters: int, kernels: bool = False) -> dict:
     logits = jnp.asarray(2.0 * np.random.default_rng(rows).standard_normal((rows, vocab)),
                          jnp.float32)
     keys = jax.random.split(jax.random.key(0), rows)
@@ -73,6 +79,15 @@ def bench_rows(rows: int, vocab: int, iters: int) -> dict:
         base_ms = common.time_ms(baseline, *base_args, iters=iters)
         out[name] = {"engine_ms": round(engine_ms, 4), "jax_ms": round(base_ms, 4),
                      "speedup": common.ratio(base_ms, engine_ms)}
+    if kernels:
+        fn, meta = _engine_sampler(rows, vocab, 1.0, kernel=True)
+        kernel_ms = common.time_ms(fn, logits, meta, iters=iters)
+        xla_fn, _ = _engine_sampler(rows, vocab, 1.0)
+        differ = float(np.mean(np.asarray(fn(logits, meta)) != np.asarray(xla_fn(logits, meta))))
+        out["kernels"] = {"engine_ms": round(kernel_ms, 4), "jax_ms": out["random"]["jax_ms"],
+                          "speedup": common.ratio(out["random"]["jax_ms"], kernel_ms),
+                          "vs_random": common.ratio(out["random"]["engine_ms"], kernel_ms),
+                          "tokens_differing": differ}
     greedy_fn, greedy_meta = _engine_sampler(rows, vocab, 0.0)
     if not np.array_equal(np.asarray(greedy_fn(logits, greedy_meta)), np.asarray(argmax(logits))):
         raise RuntimeError("the engine's greedy tokens differ from jnp.argmax")
@@ -83,15 +98,19 @@ def run(args) -> dict:
     row_counts = [int(r) for r in args.rows.split(",") if r.strip()]
     if not row_counts or min(row_counts) < 1 or args.vocab_size < 2:
         raise ValueError("--rows needs batch sizes >= 1 and --vocab-size >= 2")
+    kernels = args.kernels if args.kernels is not None else jax.default_backend() == "gpu"
     result = {"benchmark": "sampler", "device": common.device_name(), "dtype": "float32",
               "vocab_size": args.vocab_size,
-              "rows": {str(r): bench_rows(r, args.vocab_size, args.iters) for r in row_counts}}
+              "rows": {str(r): bench_rows(r, args.vocab_size, args.iters, kernels)
+                       for r in row_counts}}
     table = []
     for r, res in result["rows"].items():
         table.append((f"-- R = {r} rows x {args.vocab_size} --", ""))
         for name, m in res.items():
             table.append((f"{name}: engine / jax ms", f"{m['engine_ms']:.3f} / {m['jax_ms']:.3f}"))
             table.append((f"{name}: speedup", m["speedup"]))
+            if "vs_random" in m:
+                table.append((f"{name}: XLA's random / kernels", m["vs_random"]))
     common.print_table(f"Sampler ({result['device']})", table)
     return result
 

@@ -52,6 +52,10 @@ class EngineConfig:
     # XLA's way for this model (jaxvllm/engine/autotune.py), on for the step sizes where
     # they were faster; off on the CPU
     small_batch_matmuls: Optional[bool] = None
+    # sample with the Pallas kernels of pallas_kernels/sampling.py (one device) instead of
+    # XLA's fusions. None: on a GPU, measured at start-up like small_batch_matmuls; off on
+    # the CPU
+    sampling_kernels: Optional[bool] = None
     # schedule and dispatch the next step before the one in flight is collected (vLLM's
     # async scheduling; not with tensor parallelism). None: only a multi-step decode after
     # another (pipelined); False: never; True: every step where the batch allows it

@@ -36,7 +36,8 @@
 #                kernels in multi-step calls (BACKEND+kv_scatter: no fused decode kernel)
 #   mofusion     the profile's steps with XLA's multi-output Triton fusions (an unsupported
 #                flag; 252 -> 241 kernels a greedy batch-1 step in benchmarks/kernel_count.py)
-#   sampler      the engine's sampler against jax.random.categorical / jnp.argmax
+#   sampler      the engine's sampler against jax.random.categorical / jnp.argmax, and
+#                its Pallas kernels (pallas_kernels/sampling.py) against both
 #   mtests       tests/test_multi_step.py on the Pallas kernels
 #   tests        tests/test_kernels.py compiled on the GPU
 #   kernels, sweep   benchmarks/kernels.py
@@ -47,7 +48,8 @@
 #                --small-batch-matmuls (those kernels in the engine's small decode steps)
 #   xlalatency   the latency phase (no baselines) with --no-small-batch-matmuls; the other
 #                phases leave the choice to the engine's start-up measurement
-#                (jaxvllm/engine/autotune.py; its result: "small_batch" in the summary)
+#                (jaxvllm/engine/autotune.py; its results: "kernel_choices" in the
+#                summary)
 # The whole
 # run ends by DEADLINE seconds (default 450): each phase gets its own limit, cut to what is
 # left, and a failing phase does not stop the next.
@@ -143,8 +145,8 @@ phase_profile() {
 }
 
 phase_sampler() {
-    local args=(--rows 1,256 --vocab-size 151936 --iters 20)
-    [ "$MODE" = smoke ] && args=(--rows 1,8 --vocab-size 1000 --iters 2)
+    local args=(--rows 1,16,64,256 --vocab-size 151936 --iters 20)
+    [ "$MODE" = smoke ] && args=(--rows 1,8 --vocab-size 1000 --iters 2 --kernels)
     run_phase sampler 60 "$PY" benchmarks/sampler.py "${args[@]}" --output-json "$OUT/sampler.json"
     grep -v '^{' "$WORK/sampler.log" | tail -n 14
 }
@@ -283,7 +285,8 @@ phase_mtests() {  # multi-step decoding against single steps, on the Pallas kern
 
 phase_tests() {
     # on a GPU every kernel test runs compiled
-    local sel=(tests/test_kernels.py tests/test_small_batch_matmul.py)
+    local sel=(tests/test_kernels.py tests/test_small_batch_matmul.py
+               tests/test_sampling_kernel.py)
     [ "$MODE" = smoke ] && sel+=(-m gpu)  # on CPU they skip: the selection itself is checked
     [ -n "${TESTS_K:-}" ] && sel+=(-k "$TESTS_K")  # e.g. TESTS_K=decode: only those tests
     # Compiling dominates the kernel tests: with pytest-xdist (on the GPU image) 4 processes
@@ -388,12 +391,16 @@ if (m := load("small_batch_matmul")) is not None:
 for label in ("latency_small_batch", "latency_xla_matmuls"):
     if (l := load(label)) is not None:
         summary[label] = {k: v for k, v in l.items() if not isinstance(v, (list, dict))}
-# the engine's start-up choice of the small-batch kernels, from the first run that made one
+# the engine's start-up choices of its kernels (jaxvllm/engine/autotune.py), from the first
+# run that made them
 for name in ("latency", "throughput"):
     engine = (load(name) or {}).get("engine") or {}
-    if "small_batch_probe" in engine:
-        summary["small_batch"] = {"rows": engine.get("small_batch_matmul_rows"),
-                                  "probe": engine["small_batch_probe"], "from": name}
+    probes = {k: v for k, v in engine.items() if k.endswith("_probe")}
+    if probes:
+        summary["kernel_choices"] = {"from": name, **probes,
+                                     "small_batch_matmul_rows":
+                                         engine.get("small_batch_matmul_rows"),
+                                     "sampling_kernel_rows": engine.get("sampling_kernel_rows")}
         break
 if (s := load("sampler")) is not None:
     summary["sampler"] = s.get("rows")

@@ -96,7 +96,7 @@ def test_the_choice_is_cached_per_device_model_and_rows(qwen2_model, monkeypatch
 
     def fake_measure(model, candidates, **kw):
         measured.append(tuple(candidates))
-        return autotune.SmallBatchChoice(16, {16: _timing(10, 5), 32: _timing(10, 12)}, 2)
+        return autotune.KernelChoice("small_batch_matmuls", 16, {16: _timing(10, 5), 32: _timing(10, 12)}, 2)
 
     monkeypatch.setattr(autotune, "measure", fake_measure)
     first = autotune.small_batch_rows(qwen2_model, candidates=(16, 32))
@@ -115,35 +115,68 @@ def test_the_choice_is_cached_per_device_model_and_rows(qwen2_model, monkeypatch
 
 
 def test_the_engine_runs_the_kernels_where_measured_faster(llama_folder, monkeypatch, tmp_path):
-    """Unset on a GPU (here: made to measure), the engine measures at start-up and runs the
-    kernels up to the chosen rows; its tokens are XLA's, and stats() report the choice."""
+    """Unset on a GPU (here: made to measure), the engine measures both kernels at start-up
+    and runs them up to the chosen rows; its tokens, greedy and seeded, are XLA's, and
+    stats() report the choices."""
     from jaxvllm import LLM, SamplingParams
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     kwargs = dict(attention_backend="pallas", max_model_len=64, max_num_seqs=4,
                   max_num_batched_tokens=32, num_scheduler_steps=4)
     prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65, 35, 89][: 2 + i]} for i in range(4)]
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    plain = LLM(str(llama_folder), **kwargs)  # on the CPU: not measured, off
-    assert plain.llm_engine.stats()["small_batch_matmul_rows"] == 0
-    assert "small_batch_probe" not in plain.llm_engine.stats()
-    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    params = [SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0.9, seed=7, ignore_eos=True)]
 
-    measure = autotune.measure
+    def tokens(llm):
+        return [[o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
+                for p in params]
+
+    plain = LLM(str(llama_folder), **kwargs)  # on the CPU: not measured, off
+    stats = plain.llm_engine.stats()
+    assert (stats["small_batch_matmul_rows"], stats["sampling_kernel_rows"]) == (0, 0)
+    assert not [k for k in stats if k.endswith("_probe")]
+    want = tokens(plain)
+
+    measure, measure_sampler = autotune.measure, autotune.measure_sampler
     monkeypatch.setattr(autotune, "should_measure", lambda: True)
     monkeypatch.setattr(autotune, "measure", lambda model, candidates, **kw: measure(
         model, (16,), iterations=1, repetitions=1))
+    monkeypatch.setattr(autotune, "measure_sampler", lambda vocab, dtype, candidates, **kw:
+                        measure_sampler(vocab, dtype, (16,), iterations=1, repetitions=1))
     monkeypatch.setattr(autotune, "choose_rows", lambda timings: max(timings))
     tuned = LLM(str(llama_folder), **kwargs)
     stats = tuned.llm_engine.stats()
-    assert stats["small_batch_matmul_rows"] == 16
-    assert stats["small_batch_probe"]["timings"]["16"]["rel_err"] < 1e-5
-    got = [o.outputs[0].token_ids for o in tuned.generate(prompts, params, use_tqdm=False)]
-    assert got == want
+    assert (stats["small_batch_matmul_rows"], stats["sampling_kernel_rows"]) == (16, 16)
+    assert stats["small_batch_matmuls_probe"]["timings"]["16"]["rel_err"] < 1e-5
+    assert stats["sampling_kernels_probe"]["timings"]["16"]["rel_err"] == 0  # same tokens
+    assert tokens(tuned) == want
+    from jaxvllm.engine.sampler import PLAIN_RANDOM_PATHS
+
+    runner = tuned.llm_engine.runner
+    key, args = runner.dummy_multi_step(tuned.llm_engine.vocab_size, runner.multi_step_rows(2),
+                                        runner.min_table_width, PLAIN_RANDOM_PATHS)
+    step, args, _ = runner.step_function(key, args)
+    program = str(jax.make_jaxpr(step)(*args))
+    assert "sample_maxima" in program and "small_batch_matmul" in program
     # asked for explicitly, nothing is measured
     monkeypatch.setattr(autotune, "measure", lambda *a, **k: pytest.fail("measured"))
-    assert LLM(str(llama_folder), **kwargs, small_batch_matmuls=False).llm_engine.stats()[
-        "small_batch_matmul_rows"] == 0
+    monkeypatch.setattr(autotune, "measure_sampler", lambda *a, **k: pytest.fail("measured"))
+    stats = LLM(str(llama_folder), **kwargs, small_batch_matmuls=False,
+                sampling_kernels=True).llm_engine.stats()
+    assert (stats["small_batch_matmul_rows"], stats["sampling_kernel_rows"]) == (0, 4)
+
+
+def test_the_sampler_measurement_checks_the_tokens(monkeypatch):
+    choice = autotune.measure_sampler(300, jnp.bfloat16, (4,), iterations=2, repetitions=1)
+    assert choice.feature == "sampling_kernels"
+    t = choice.timings[4]
+    assert t["xla_us"] > 0 and t["kernels_us"] > 0 and t["rel_err"] == 0
+    from pallas_kernels import sampling
+
+    monkeypatch.setattr(sampling, "sample_tokens", lambda logits, *a, **k: jnp.zeros(
+        logits.shape[0], jnp.int32) + 3)
+    wrong = autotune.measure_sampler(300, jnp.bfloat16, (4,), iterations=1, repetitions=1)
+    assert wrong.timings[4]["rel_err"] > autotune.TOLERANCE and wrong.rows == 0
 
 
 def test_should_measure_only_on_a_gpu_unless_turned_off(monkeypatch):
@@ -155,7 +188,7 @@ def test_should_measure_only_on_a_gpu_unless_turned_off(monkeypatch):
 
 
 def test_the_kernels_choice_reads_back_as_numbers():
-    choice = autotune.SmallBatchChoice(32, {16: _timing(10, 5), 32: _timing(10, 8)}, 3)
+    choice = autotune.KernelChoice("sampling_kernels", 32, {16: _timing(10, 5), 32: _timing(10, 8)})
     d = choice.as_dict()
     assert d["rows"] == 32 and d["timings"]["32"]["kernels_us"] == 8
     assert "up to 32 rows" in autotune.describe(choice)

@@ -463,16 +463,17 @@ def test_sampler_benchmark(capsys, tmp_path):
     from benchmarks import sampler
 
     out = tmp_path / "sampler.json"
-    sampler.main(["--rows", "1,3", "--vocab-size", "300", "--iters", "1",
+    sampler.main(["--rows", "1,3", "--vocab-size", "300", "--iters", "1", "--kernels",
                   "--output-json", str(out)])
     printed = _last_json(capsys)
     assert printed == json.loads(out.read_text())
     assert printed["benchmark"] == "sampler" and set(printed["rows"]) == {"1", "3"}
     for r in printed["rows"].values():
-        for path in ("random", "greedy"):
+        for path in ("random", "greedy", "kernels"):
             m = r[path]
             assert m["engine_ms"] > 0 and m["jax_ms"] > 0
             assert m["speedup"] == pytest.approx(m["jax_ms"] / m["engine_ms"], rel=0.02, abs=0.01)
+        assert r["kernels"]["tokens_differing"] == 0  # the kernels drew the XLA sampler's
     with pytest.raises(SystemExit, match="sampler: error: --rows"):
         sampler.main(["--rows", "0"])
 

@@ -15,6 +15,8 @@ from jaxvllm.engine.sampler import (SAMPLING_EPS, RowSpec, SamplerPaths,
                                     build_sampling_metadata, sample)
 from pallas_kernels import sampling
 
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+
 GREEDY = functools.partial(sampling.sample_tokens, greedy_below=SAMPLING_EPS)
 REFERENCE = functools.partial(sampling.reference, greedy_below=SAMPLING_EPS)
 

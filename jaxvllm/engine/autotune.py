@@ -1,21 +1,27 @@
 """Start-up measurements that choose, for this GPU and model, between two ways of running the
-same step: whether small decode steps run their projections as the small-batch kernels
-(pallas_kernels/small_batch_matmul.py) or as XLA's GEMMs and fusions.
+same work, each a Pallas kernel against XLA's own code:
+
+- `small_batch_rows`: whether small decode steps run their projections as the small-batch
+  kernels (pallas_kernels/small_batch_matmul.py). It times the model's own code
+  (`CausalLM.layer_projections`: a layer without its attention) over its first layers'
+  weights (`PROBE_BYTES` of them, more than a GPU's L2 cache holds) at 16, 32 and 64 rows;
+- `sampling_kernel_rows`: whether a step samples with the sampler's kernels
+  (pallas_kernels/sampling.py), timed on random logits of the model's vocabulary and dtype
+  at 16, 64 and 256 rows, default sampling parameters.
 
 Which is faster depends on the GPU, the model's shapes and the step's rows, so an engine
-whose `small_batch_matmuls` is unset measures it on a GPU instead of guessing. It times the
-model's own code (`CausalLM.layer_projections`: a layer without its attention) over its
-first layers' weights (`PROBE_BYTES` of them, more than a GPU's L2 cache holds), for each
-row count a decode step is padded to and the kernels can run (16, 32, 64), with the kernels
-and without, each as one jitted loop compiled with the steps' XLA flags (one CUDA graph, as a
-decode step runs). The kernels then run for steps of up to the largest row count at which
-they, and every row count below it, were faster by `MARGIN` and gave XLA's result within
-`TOLERANCE`. A kernel that fails to compile or run counts as slower: the engine runs XLA's
-way, and says why in `LLMEngine.stats()["small_batch_probe"]`.
+that leaves `small_batch_matmuls` or `sampling_kernels` unset measures on a GPU instead of
+guessing. Each way runs as one jitted loop compiled with the steps' XLA flags (one CUDA graph,
+as a decode step runs), each iteration depending on the one before. The kernels then run for
+steps of up to the largest row count at which they, and every row count below it, were
+faster by `MARGIN` and gave XLA's result (within `TOLERANCE`: the largest difference
+relative to the largest value, or for the sampler the share of rows drawing another token).
+A kernel that fails to compile or run counts as slower: the engine runs XLA's way, and says
+why in `LLMEngine.stats()`.
 
-The choice is kept in `cache_dir()/autotune.json`, keyed by the device kind, jax's version,
-the kernels' and the layer's source and the model's shapes, so later starts read it instead
-of measuring. `JAXVLLM_AUTOTUNE=0` skips the measurement (the kernels stay off).
+Choices are kept in `cache_dir()/autotune.json`, keyed by the device kind, jax's version, the
+measured code's source and the shapes, so later starts read them instead of measuring.
+`JAXVLLM_AUTOTUNE=0` skips the measurements (the kernels stay off).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,24 +46,27 @@ from jaxvllm.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
-CANDIDATE_ROWS = (16, 32, 64)  # padded decode rows (runner buckets) the kernels can run
+CANDIDATE_ROWS = (16, 32, 64)  # padded decode rows the small-batch kernels can run
+SAMPLER_ROWS = (16, 64, 256)
 MARGIN = 0.03  # the kernels must be this much faster: XLA's way is the better-trodden one
-TOLERANCE = 0.05  # largest difference from XLA's output, relative to its largest value
-PROBE_BYTES = 256 << 20  # weights read per pass over the probed layers
-ITERATIONS = 10  # passes over the probed layers in one timed call
+TOLERANCE = 0.05
+PROBE_BYTES = 256 << 20  # layer weights read per pass over the probed layers
+ITERATIONS = 10  # passes in one timed call
 REPETITIONS = 5  # timed calls; the fastest counts
 CACHE_FILE = "autotune.json"
 
 
 @dataclasses.dataclass
-class SmallBatchChoice:
-    """What the measurement found: `rows`, the most rows a step runs the kernels for (0:
-    never), and per padded row count XLA's and the kernels' microseconds a layer, the
-    kernels' relative difference from XLA's output, or the error that ruled them out."""
+class KernelChoice:
+    """What a measurement found: `rows`, the most rows a step runs the kernels for (0:
+    never), and per row count XLA's and the kernels' microseconds (a layer, or a sampling),
+    the kernels' difference from XLA's result (`rel_err`), or the error that ruled them
+    out."""
 
+    feature: str
     rows: int
     timings: dict[int, dict[str, Any]]
-    layers: int = 0  # layers probed
+    layers: int = 0  # layers probed (small-batch kernels)
     cached: bool = False  # read from the cache file rather than measured now
 
     def as_dict(self) -> dict[str, Any]:
@@ -79,82 +88,159 @@ def choose_rows(timings: dict[int, dict[str, Any]], margin: float = MARGIN,
     return limit
 
 
+def should_measure() -> bool:
+    """Whether an engine measures what is unset: on a GPU, unless JAXVLLM_AUTOTUNE=0 (on
+    the CPU the kernels run interpreted, never faster)."""
+    return jax.default_backend() == "gpu" and os.environ.get("JAXVLLM_AUTOTUNE", "1") != "0"
+
+
+# -- the small-batch projection kernels ----------------------------------------------------------
+
+
 def small_batch_rows(model, *, candidates: Sequence[int] = CANDIDATE_ROWS,
                      use_cache: bool = True, iterations: int = ITERATIONS,
-                     repetitions: int = REPETITIONS) -> SmallBatchChoice:
-    """The row limit for `model`'s small-batch kernels on this device (the module docstring):
-    from the cache file, else measured (and stored)."""
-    key = cache_key(model, candidates)
-    path = cache_dir() / CACHE_FILE
-    if use_cache:
-        stored = _read(path).get(key)
-        if stored is not None:
-            return SmallBatchChoice(stored["rows"], {int(r): t for r, t in
-                                                     stored["timings"].items()},
-                                    stored["layers"], cached=True)
-    choice = measure(model, candidates, iterations=iterations, repetitions=repetitions)
-    if use_cache:
-        _write(path, key, choice.as_dict() | {"cached": False})
-    return choice
+                     repetitions: int = REPETITIONS) -> KernelChoice:
+    """The row limit for `model`'s small-batch kernels on this device (the module
+    docstring): from the cache file, else measured (and stored)."""
+    from jaxvllm.models import transformer
+    from pallas_kernels import small_batch_matmul
+
+    cfg = model.cfg
+    shape = {name: getattr(cfg, name) for name in (
+        "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "qkv_bias",
+        "o_bias", "mlp", "mlp_bias", "activation", "qk_norm", "position", "norm")}
+    key = cache_key("small_batch_matmuls", (small_batch_matmul, transformer), shape,
+                    model.dtype, candidates)
+    return _cached(key, "small_batch_matmuls", use_cache, lambda: measure(
+        model, candidates, iterations=iterations, repetitions=repetitions))
 
 
 def measure(model, candidates: Sequence[int] = CANDIDATE_ROWS, *,
-            iterations: int = ITERATIONS, repetitions: int = REPETITIONS) -> SmallBatchChoice:
+            iterations: int = ITERATIONS, repetitions: int = REPETITIONS) -> KernelChoice:
     """Time `model.layer_projections` with and without the kernels at each row count."""
     from jaxvllm.models import layers as L
 
-    per_layer = model.layers.per_layer
-    weights = [layer.arrays() for layer in per_layer]
+    weights = [layer.arrays() for layer in model.layers.per_layer]
     layer_bytes = sum(int(a.size) * a.dtype.itemsize for a in weights[0].values())
     weights = weights[:max(1, min(len(weights), -(-PROBE_BYTES // layer_bytes)))]
     cfg = model.cfg
     inv_freq = (jnp.asarray(L.rope_inv_freq(cfg), jnp.float32) if cfg.position == "rope"
                 else None)
-    timings: dict[int, dict[str, Any]] = {}
-    for rows in sorted(candidates):
-        try:
-            timings[rows] = _measure_rows(model, weights, rows, inv_freq, iterations,
-                                          repetitions)
-        except Exception as e:  # noqa: BLE001 - a kernel that cannot run is not chosen
-            timings[rows] = {"error": f"{type(e).__name__}: {e}"[:400]}
-    return SmallBatchChoice(choose_rows(timings), timings, len(weights))
 
+    def measure_rows(rows):
+        x = jax.random.normal(jax.random.key(rows), (rows, cfg.hidden_size), model.dtype)
+        positions = 500 + jnp.arange(rows, dtype=jnp.int32)
+        project = lambda small_batch: functools.partial(model.layer_projections,
+                                                        small_batch=small_batch)
 
-def _measure_rows(model, weights, rows: int, inv_freq, iterations: int,
-                  repetitions: int) -> dict[str, Any]:
-    from jaxvllm import xla_flags
+        def way(small_batch):
+            layer = project(small_batch)
 
-    x = jax.random.normal(jax.random.key(rows), (rows, model.cfg.hidden_size), model.dtype)
-    positions = 500 + jnp.arange(rows, dtype=jnp.int32)
-
-    def project(small_batch):
-        return functools.partial(model.layer_projections, small_batch=small_batch)
-
-    def loop(small_batch):
-        layer = project(small_batch)
-
-        def run(x, weights, positions, inv_freq):
-            def body(_, x):
+            def body(_, x, weights, positions, inv_freq):
                 for p in weights:
                     x = layer(p, x, positions, inv_freq)
                 return x
 
-            return jax.lax.fori_loop(0, iterations, body, x)
+            return body
 
-        args = (x, weights, positions, inv_freq)
+        def difference():
+            want, got = (np.asarray(jax.jit(project(n))(weights[0], x, positions, inv_freq),
+                                    np.float32) for n in (0, rows))
+            return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
+
+        per_layer = iterations * len(weights)
+        return _time_both(way(0), way(rows), (x, weights, positions, inv_freq), difference,
+                          iterations, repetitions, per_layer)
+
+    return _measure_each("small_batch_matmuls", candidates, measure_rows, layers=len(weights))
+
+
+# -- the sampler's kernels -----------------------------------------------------------------------
+
+
+def sampling_kernel_rows(vocab_size: int, dtype, *, candidates: Sequence[int] = SAMPLER_ROWS,
+                         use_cache: bool = True, iterations: int = ITERATIONS,
+                         repetitions: int = REPETITIONS) -> KernelChoice:
+    """The row limit for the sampler's kernels at this vocabulary and logits dtype on this
+    device: from the cache file, else measured (and stored)."""
+    from jaxvllm.engine import sampler
+    from pallas_kernels import sampling
+
+    key = cache_key("sampling_kernels", (sampling, sampler), {"vocab_size": vocab_size},
+                    dtype, candidates)
+    return _cached(key, "sampling_kernels", use_cache, lambda: measure_sampler(
+        vocab_size, dtype, candidates, iterations=iterations, repetitions=repetitions))
+
+
+def measure_sampler(vocab_size: int, dtype, candidates: Sequence[int] = SAMPLER_ROWS, *,
+                    iterations: int = ITERATIONS,
+                    repetitions: int = REPETITIONS) -> KernelChoice:
+    """Time `sampler.sample` on default sampling parameters with and without the kernels at
+    each row count: the share of rows whose token differs is the check."""
+    from jaxvllm.engine.sampler import (PLAIN_RANDOM_PATHS, RowSpec, build_sampling_metadata,
+                                        sample)
+
+    def measure_rows(rows):
+        meta, _ = build_sampling_metadata([RowSpec(seed=i) for i in range(rows)], vocab_size)
+        logits = 3 * jax.random.normal(jax.random.key(rows), (rows, vocab_size), dtype)
+        draw = lambda kernel: functools.partial(sample, paths=PLAIN_RANDOM_PATHS,
+                                                kernel=kernel)
+
+        def way(kernel):
+            def body(i, logits, meta):
+                step = dataclasses.replace(meta, step_positions=meta.step_positions + i)
+                tokens = draw(kernel)(logits, step).token_ids
+                # the next logits depend on these tokens: nothing leaves the loop
+                return logits.at[0, tokens[0]].add(jnp.asarray(1e-3, logits.dtype))
+
+            return body
+
+        def difference():
+            want, got = (np.asarray(jax.jit(draw(k))(logits, meta).token_ids)
+                         for k in (False, True))
+            return float(np.mean(want != got))
+
+        return _time_both(way(False), way(True), (logits, meta), difference, iterations,
+                          repetitions, iterations)
+
+    return _measure_each("sampling_kernels", candidates, measure_rows)
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+
+def _measure_each(feature: str, candidates: Sequence[int],
+                  measure_rows: Callable[[int], dict], layers: int = 0) -> KernelChoice:
+    timings: dict[int, dict[str, Any]] = {}
+    for rows in sorted(candidates):
+        try:
+            timings[rows] = measure_rows(rows)
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run is not chosen
+            timings[rows] = {"error": f"{type(e).__name__}: {e}"[:400]}
+    return KernelChoice(feature, choose_rows(timings), timings, layers)
+
+
+def _time_both(xla_body: Callable, kernel_body: Callable, args: tuple,
+               difference: Callable[[], float], iterations: int, repetitions: int,
+               units: int) -> dict[str, Any]:
+    """Each `body(i, carry, *rest)` (carry = args[0]) looped `iterations` times in one
+    jitted call compiled with the steps' XLA flags; microseconds per `units` of each, and
+    `difference()`."""
+    from jaxvllm import xla_flags
+
+    def compile_loop(body):
+        def run(carry, *rest):
+            return jax.lax.fori_loop(0, iterations, lambda i, c: body(i, c, *rest), carry)
+
         return jax.jit(run).lower(*args).compile(
-            compiler_options=xla_flags.step_compiler_options()), args
+            compiler_options=xla_flags.step_compiler_options())
 
-    # the two loops compile side by side (most of the time on a GPU: XLA's autotuner)
+    # the two compile side by side (most of the time on a GPU: XLA's autotuner)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        xla_loop, kernel_loop = pool.map(loop, (0, rows))
-    # one layer's output each way, for the check
-    want = np.asarray(jax.jit(project(0))(weights[0], x, positions, inv_freq), np.float32)
-    got = np.asarray(jax.jit(project(rows))(weights[0], x, positions, inv_freq), np.float32)
-    rel_err = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
-    per_layer = lambda s: 1e6 * s / (iterations * len(weights))
-    return {"xla_us": round(per_layer(_fastest(*xla_loop, repetitions)), 2),
-            "kernels_us": round(per_layer(_fastest(*kernel_loop, repetitions)), 2),
+        compiled = list(pool.map(compile_loop, (xla_body, kernel_body)))
+    rel_err = difference()
+    xla_s, kernels_s = (_fastest(c, args, repetitions) for c in compiled)
+    return {"xla_us": round(1e6 * xla_s / units, 2), "kernels_us": round(1e6 * kernels_s / units, 2),
             "rel_err": round(rel_err, 5)}
 
 
@@ -169,29 +255,41 @@ def _fastest(compiled, args, repetitions: int) -> float:
     return best
 
 
-def cache_key(model, candidates: Sequence[int]) -> str:
-    """What a measurement depends on: the device, jax, the code measured, the layer's shapes
-    and options, the dtype and the rows tried."""
+# -- the cache file ------------------------------------------------------------------------------
+
+
+def cache_key(feature: str, modules, shape: dict, dtype, candidates: Sequence[int]) -> str:
+    """What a measurement depends on: the device, jax, the measured code's source, the
+    shapes, the dtype and the rows tried."""
     import jaxlib
 
-    from jaxvllm.models import transformer
-    from pallas_kernels import small_batch_matmul
-
     digest = hashlib.sha256()
-    for module in (small_batch_matmul, transformer):
+    for module in modules:
         digest.update(Path(module.__file__).read_bytes())
-    cfg = model.cfg
-    shape = {name: getattr(cfg, name) for name in (
-        "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "qkv_bias",
-        "o_bias", "mlp", "mlp_bias", "activation", "qk_norm", "position", "norm")}
-    return json.dumps([jax.devices()[0].device_kind, jax.__version__, jaxlib.__version__,
-                       digest.hexdigest()[:16], shape, str(jnp.dtype(model.dtype)),
-                       sorted(candidates)], sort_keys=True)
+    return json.dumps([feature, jax.devices()[0].device_kind, jax.__version__,
+                       jaxlib.__version__, digest.hexdigest()[:16], shape,
+                       str(jnp.dtype(dtype)), sorted(candidates)], sort_keys=True)
+
+
+def _cached(key: str, feature: str, use_cache: bool,
+            measure_now: Callable[[], KernelChoice]) -> KernelChoice:
+    path = cache_dir() / CACHE_FILE
+    if use_cache:
+        stored = _read(path).get(key)
+        if stored is not None:
+            return KernelChoice(feature, stored["rows"],
+                                {int(r): t for r, t in stored["timings"].items()},
+                                stored["layers"], cached=True)
+    choice = measure_now()
+    if use_cache:
+        _write(path, key, choice.as_dict() | {"cached": False})
+    return choice
 
 
 def _read(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        entries = json.loads(path.read_text())
+        return entries if isinstance(entries, dict) else {}
     except (OSError, ValueError):
         return {}
 
@@ -211,21 +309,14 @@ def _write(path: Path, key: str, entry: dict) -> None:
         logger.debug("autotune choice not stored: %r", e)
 
 
-def should_measure() -> bool:
-    """Whether an engine measures what is unset: on a GPU, unless JAXVLLM_AUTOTUNE=0 (on
-    the CPU the kernels run interpreted, never faster)."""
-    return jax.default_backend() == "gpu" and os.environ.get("JAXVLLM_AUTOTUNE", "1") != "0"
-
-
-def describe(choice: Optional[SmallBatchChoice]) -> str:
+def describe(choice: Optional[KernelChoice]) -> str:
     """One line for the log."""
     if choice is None:
-        return "small-batch kernels: not measured"
+        return "kernels: not measured"
     parts = []
     for rows, t in sorted(choice.timings.items()):
         parts.append(f"{rows} rows: " + (t["error"][:80] if "error" in t else
-                                         f"{t['kernels_us']} us a layer against XLA's "
-                                         f"{t['xla_us']}"))
-    where = "cached" if choice.cached else f"measured over {choice.layers} layers"
+                                         f"{t['kernels_us']} us against XLA's {t['xla_us']}"))
+    where = "cached" if choice.cached else "measured"
     chosen = f"up to {choice.rows} rows" if choice.rows else "off"
-    return f"small-batch kernels {chosen} ({where}; {'; '.join(parts)})"
+    return f"{choice.feature}: {chosen} ({where}; {'; '.join(parts)})"

@@ -33,7 +33,7 @@ from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.engine.kv_cache import KVCacheManager
 from jaxvllm.engine.request import Request, RequestStatus
 from jaxvllm.engine.runner import ModelRunner, StepResult
-from jaxvllm.engine.sampler import all_plain
+from jaxvllm.engine.sampler import all_plain, pow2_at_least
 from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxvllm.models.attention import kv_cache_bytes_per_block
 from jaxvllm.models.config import resolve_dtype
@@ -138,8 +138,10 @@ class LLMEngine:
         self.model_config = self.loaded.config
         if self._unroll_layers():
             self.loaded.model.unroll_layers()
-        self.small_batch_choice: Optional[autotune.SmallBatchChoice] = None
+        # kernels measured against XLA's way at start-up (jaxvllm/engine/autotune.py)
+        self.kernel_choices: dict[str, autotune.KernelChoice] = {}
         self.loaded.model.small_batch_matmuls = self._small_batch_matmuls()
+        self.loaded.model.sampling_kernel_rows = self._sampling_kernel_rows()
         distributed.check_same_everywhere(
             (dataclasses.replace(config, model=None, tokenizer=None), self.model_config))
         self.tokenizer = self._load_tokenizer()
@@ -259,19 +261,43 @@ class LLMEngine:
         return self._option("unroll_layers", self.mesh is None,
                             "tensor_parallel_size=1 on one process", default=True)
 
+    def _measured(self, name: str, possible: bool, measure) -> Optional[int]:
+        """For a kernel option left unset where it is possible, on a GPU: the most rows a
+        step runs the kernels for, as `measure()` (an `autotune` function) found; else None."""
+        if getattr(self.config, name) is not None or not possible \
+                or not autotune.should_measure():
+            return None
+        choice = self.kernel_choices[name] = measure()
+        logger.info("%s", autotune.describe(choice))
+        return choice.rows
+
     def _small_batch_matmuls(self) -> bool | int:
         """True, False, or (unset, on a GPU) the most rows a step runs the small-batch
-        kernels for, as measured at start-up (`autotune.small_batch_rows`)."""
+        kernels for, as measured at start-up."""
         possible = (self.loaded.model.layers.unstacked
                     and small_batch_supported(self.model_config))
-        if self.config.small_batch_matmuls is None and possible and autotune.should_measure():
-            self.small_batch_choice = autotune.small_batch_rows(self.loaded.model)
-            logger.info("%s", autotune.describe(self.small_batch_choice))
-            return self.small_batch_choice.rows
+        rows = self._measured("small_batch_matmuls", possible,
+                              lambda: autotune.small_batch_rows(self.loaded.model))
+        if rows is not None:
+            return rows
         return self._option("small_batch_matmuls", possible,
                             "unrolled layers (unroll_layers, one device) and a model with "
                             "RMSNorm before its projections and an activation among "
                             f"{SMALL_BATCH_ACTIVATIONS}", default=False)
+
+    def _sampling_kernel_rows(self) -> int:
+        """The most rows a step samples with the sampler's kernels (pallas_kernels/
+        sampling.py): all (True), none (False), or (unset, on a GPU) as measured at
+        start-up."""
+        rows = self._measured("sampling_kernels", self.mesh is None,
+                              lambda: autotune.sampling_kernel_rows(
+                                  self.model_config.vocab_size, self.loaded.dtype))
+        if rows is not None:
+            return rows
+        on = self._option("sampling_kernels", self.mesh is None,
+                          "tensor_parallel_size=1 on one process", default=False)
+        # every step's rows: at most max_num_seqs, padded to a power of two
+        return pow2_at_least(self.config.resolved_max_num_seqs()) if on else 0
 
     def _num_blocks(self, max_num_seqs: int) -> int:
         """KV cache blocks: the override; on CPU, max_num_seqs full-length requests within
@@ -651,8 +677,9 @@ class LLMEngine:
                 **self.runner.counters.summary(), **self._output_stats(),
                 **self._memory_stats(),
                 "small_batch_matmul_rows": self.loaded.model.small_batch_limit(),
-                **({"small_batch_probe": self.small_batch_choice.as_dict()}
-                   if self.small_batch_choice is not None else {})}
+                "sampling_kernel_rows": self.loaded.model.sampling_kernel_rows,
+                **{f"{name}_probe": choice.as_dict()
+                   for name, choice in self.kernel_choices.items()}}
 
     def _program_cache_stats(self) -> dict[str, int]:
         """Step programs loaded from the program cache and looked up there in vain."""

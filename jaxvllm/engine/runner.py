@@ -121,7 +121,8 @@ def _step_fn(graphdef, state_def, sampler_paths, num_logprobs, num_prompt_logpro
     hidden, kv = model(input_ids, positions, meta, kv)
     # tensor parallel: the vocabulary-sharded logits gathered once; sampling runs replicated
     logits = parallel.gather_logits(model.compute_logits(hidden[logits_indices]))
-    sampled = sample(logits, sampling, num_logprobs=num_logprobs, paths=sampler_paths)
+    sampled = sample(logits, sampling, num_logprobs=num_logprobs, paths=sampler_paths,
+                     kernel=logits.shape[0] <= model.sampling_kernel_rows)
     prompt = None
     if num_prompt_logprobs is not None:
         prompt_logits = parallel.gather_logits(model.compute_logits(hidden[prompt_indices]))
@@ -156,7 +157,8 @@ def _multi_step_fn(graphdef, state_def, sampler_paths, num_steps, layout, weight
         logits = parallel.gather_logits(model.compute_logits(hidden))
         step_sampling = dataclasses.replace(sampling,
                                             step_positions=sampling.step_positions + j)
-        new = sample(logits, step_sampling, paths=sampler_paths).token_ids.astype(ids.dtype)
+        new = sample(logits, step_sampling, paths=sampler_paths,
+                     kernel=R <= model.sampling_kernel_rows).token_ids.astype(ids.dtype)
         return new, kv, tokens.at[j].set(new)
 
     tokens = jnp.zeros((num_steps, R), jnp.int32)

@@ -106,6 +106,9 @@ ENGINE_SWITCHES = {
                            "(unrolled layers, RMSNorm models; interpreted on the CPU; "
                            "default: on a GPU, for the step sizes where a start-up measurement "
                            "found them faster than XLA; off on the CPU)",
+    "sampling_kernels": "sample with Pallas kernels instead of XLA's fusions (one device; "
+                        "interpreted on the CPU; default: on a GPU, for the step sizes where "
+                        "a start-up measurement found them faster; off on the CPU)",
     "precompile": "compile the decode steps in background threads at start-up "
                   "(default: on a GPU)",
     "wait_for_precompile": "start serving only once those are compiled (default: on a GPU; "

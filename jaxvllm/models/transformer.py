@@ -174,6 +174,9 @@ class CausalLM(nnx.Module):
         # set by the engine: False, True, or the most rows a step runs the kernels for
         # (see the module docstring)
         self.small_batch_matmuls = False
+        # set by the engine: steps of at most this many rows sample with the Pallas kernels
+        # of pallas_kernels/sampling.py (jaxvllm/engine/runner.py)
+        self.sampling_kernel_rows = 0
         for name, shape in top_param_shapes(cfg).items():
             setattr(self, name, nnx.Param(_init(name, shape, rngs.params(), dtype)))
         self.layers = LayerStack(cfg, dtype, rngs)
