@@ -91,7 +91,7 @@ def test_a_wrong_kernel_is_not_chosen(qwen2_model, monkeypatch):
 
 
 def test_the_choice_is_cached_per_device_model_and_rows(qwen2_model, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / "autotune.json")
     measured = []
 
     def fake_measure(model, candidates, **kw):
@@ -105,12 +105,12 @@ def test_the_choice_is_cached_per_device_model_and_rows(qwen2_model, monkeypatch
     assert (first.rows, first.cached) == (16, False)
     assert (again.rows, again.cached, again.timings, again.layers) == (16, True, first.timings,
                                                                        2)
-    assert (tmp_path / "jaxvllm" / autotune.CACHE_FILE).exists()
+    assert (tmp_path / "autotune.json").exists()
     autotune.small_batch_rows(qwen2_model, candidates=(16,))  # other rows: another entry
     autotune.small_batch_rows(qwen2_model, candidates=(16, 32), use_cache=False)
     assert measured == [(16, 32), (16,), (16, 32)]
     # an unreadable file is measured over, not an error
-    (tmp_path / "jaxvllm" / autotune.CACHE_FILE).write_text("{not json")
+    (tmp_path / "autotune.json").write_text("{not json")
     assert autotune.small_batch_rows(qwen2_model, candidates=(16, 32)).cached is False
 
 
@@ -120,7 +120,7 @@ def test_the_engine_runs_the_kernels_where_measured_faster(llama_folder, monkeyp
     stats() report the choices."""
     from jaxvllm import LLM, SamplingParams
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / "autotune.json")
     kwargs = dict(attention_backend="pallas", max_model_len=64, max_num_seqs=4,
                   max_num_batched_tokens=32, num_scheduler_steps=4)
     prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65, 35, 89][: 2 + i]} for i in range(4)]
@@ -193,3 +193,15 @@ def test_the_kernels_choice_reads_back_as_numbers():
     assert d["rows"] == 32 and d["timings"]["32"]["kernels_us"] == 8
     assert "up to 32 rows" in autotune.describe(choice)
     assert np.isclose(d["timings"]["16"]["xla_us"], 10)
+
+
+def test_the_cache_file_lies_beside_the_compilation_cache(monkeypatch, tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+        assert autotune.cache_path() == tmp_path / "xla" / "jaxvllm-autotune.json"
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        assert autotune.cache_path() == tmp_path / "jaxvllm" / "autotune.json"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -4,10 +4,10 @@ same work, each a Pallas kernel against XLA's own code:
 - `small_batch_rows`: whether small decode steps run their projections as the small-batch
   kernels (pallas_kernels/small_batch_matmul.py). It times the model's own code
   (`CausalLM.layer_projections`: a layer without its attention) over its first layers'
-  weights (`PROBE_BYTES` of them, more than a GPU's L2 cache holds) at 16, 32 and 64 rows;
+  weights (`PROBE_BYTES` of them, more than a GPU's L2 cache holds) at 16 and 64 rows;
 - `sampling_kernel_rows`: whether a step samples with the sampler's kernels
   (pallas_kernels/sampling.py), timed on random logits of the model's vocabulary and dtype
-  at 16, 64 and 256 rows, default sampling parameters.
+  at 16 and 64 rows, default sampling parameters.
 
 Which is faster depends on the GPU, the model's shapes and the step's rows, so an engine
 that leaves `small_batch_matmuls` or `sampling_kernels` unset measures on a GPU instead of
@@ -19,8 +19,9 @@ relative to the largest value, or for the sampler the share of rows drawing anot
 A kernel that fails to compile or run counts as slower: the engine runs XLA's way, and says
 why in `LLMEngine.stats()`.
 
-Choices are kept in `cache_dir()/autotune.json`, keyed by the device kind, jax's version, the
-measured code's source and the shapes, so later starts read them instead of measuring.
+Choices are kept in a file beside JAX's persistent compilation cache (`cache_path`), keyed by
+the device kind, jax's version, the measured code's source and the shapes, so later starts
+read them instead of measuring.
 `JAXVLLM_AUTOTUNE=0` skips the measurements (the kernels stay off).
 """
 
@@ -46,8 +47,13 @@ from jaxvllm.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
-CANDIDATE_ROWS = (16, 32, 64)  # padded decode rows the small-batch kernels can run
-SAMPLER_ROWS = (16, 64, 256)
+# Padded decode rows measured: the smallest and largest the small-batch kernels take (32,
+# between, follows them). The sampler's kernels are measured up to 64 rows too: the
+# measurements run before the KV cache is sized from the device's peak memory use, and
+# [256, V] logits would add to that peak on the first start only (later ones read the
+# cache), which could size the cache, and so every step program, differently.
+CANDIDATE_ROWS = (16, 64)
+SAMPLER_ROWS = (16, 64)
 MARGIN = 0.03  # the kernels must be this much faster: XLA's way is the better-trodden one
 TOLERANCE = 0.05
 PROBE_BYTES = 256 << 20  # layer weights read per pass over the probed layers
@@ -68,9 +74,11 @@ class KernelChoice:
     timings: dict[int, dict[str, Any]]
     layers: int = 0  # layers probed (small-batch kernels)
     cached: bool = False  # read from the cache file rather than measured now
+    seconds: float = 0.0  # the measurement's time (compiling included), when measured now
 
     def as_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "layers": self.layers, "cached": self.cached,
+                "seconds": round(self.seconds, 2),
                 "timings": {str(r): t for r, t in self.timings.items()}}
 
 
@@ -271,18 +279,28 @@ def cache_key(feature: str, modules, shape: dict, dtype, candidates: Sequence[in
                        str(jnp.dtype(dtype)), sorted(candidates)], sort_keys=True)
 
 
+def cache_path() -> Path:
+    """Beside JAX's persistent compilation cache where it has one (a start with an empty
+    one is cold in this too), else in jaxvllm's cache folder."""
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir) / f"jaxvllm-{CACHE_FILE}"
+    return cache_dir() / CACHE_FILE
+
+
 def _cached(key: str, feature: str, use_cache: bool,
             measure_now: Callable[[], KernelChoice]) -> KernelChoice:
-    path = cache_dir() / CACHE_FILE
+    path = cache_path()
     if use_cache:
         stored = _read(path).get(key)
         if stored is not None:
             return KernelChoice(feature, stored["rows"],
                                 {int(r): t for r, t in stored["timings"].items()},
                                 stored["layers"], cached=True)
+    start = time.perf_counter()
     choice = measure_now()
+    choice.seconds = time.perf_counter() - start
     if use_cache:
-        _write(path, key, choice.as_dict() | {"cached": False})
+        _write(path, key, choice.as_dict())
     return choice
 
 
@@ -317,6 +335,6 @@ def describe(choice: Optional[KernelChoice]) -> str:
     for rows, t in sorted(choice.timings.items()):
         parts.append(f"{rows} rows: " + (t["error"][:80] if "error" in t else
                                          f"{t['kernels_us']} us against XLA's {t['xla_us']}"))
-    where = "cached" if choice.cached else "measured"
+    where = "cached" if choice.cached else f"measured in {choice.seconds:.1f} s"
     chosen = f"up to {choice.rows} rows" if choice.rows else "off"
     return f"{choice.feature}: {chosen} ({where}; {'; '.join(parts)})"
