@@ -3,11 +3,14 @@ and the attention as separate kernels, in one run.
 
     python benchmarks/decode_kernel.py                    # rows 1, 64, 256 x contexts 512-2048
     python benchmarks/decode_kernel.py --rows 1 --contexts 640 --splits 1,4,16 --block-k 64
+    python benchmarks/decode_kernel.py --rows 256 --contexts 2048 --spread 0.95 \
+        --split-keys 512,1024 --splits auto,1,2    # rows of 102-2,048 keys: key ranges
     python benchmarks/decode_kernel.py --smoke             # tiny shapes, interpret mode (CPU)
     jaxvllm bench decode_kernel ...                        # the same
 
-A shape is `rows` requests of `context` keys each (their new token's included), one new
-token a row, padded as the engine pads a multi-step decode (to a power of two, at least 16
+A shape is `rows` requests of `context` keys each (their new token's included; with
+`--spread f`, each row's count uniform in [(1 - f) * context, context], as in a batch of
+requests at all stages), one new token a row, padded as the engine pads a multi-step decode (to a power of two, at least 16
 rows; padding rows have seq_len 0), in Qwen2.5-0.5B's attention geometry by default (14 query
 heads, 2 KV heads, head dim 64; `--heads`, `--kv-heads`, `--head-dim`), block size 16,
 bfloat16, each request's blocks at random places. Timed per shape:
@@ -17,8 +20,8 @@ bfloat16, each request's blocks at random places. Timed per shape:
   kernel);
 - `default`: `decode_attention_triton` as the engine calls it (its `default_tiling`);
 - every combination of `--block-k`, `--splits` (programs sharing a row's keys, merged by a
-  second kernel; `auto` = its default for the shape and block_k), `--num-warps` and
-  `--num-stages`.
+  second kernel; `auto` = its default for the shape and block_k) or `--split-keys` (each
+  program a fixed range of that many keys), `--num-warps` and `--num-stages`.
 
 Each runs `--iters` times in one jitted loop over the layers of a stacked cache, carried as
 the model carries it, compiled with jaxvllm's XLA flags (the loop recorded as one CUDA
@@ -62,6 +65,10 @@ def build_parser():
     p.add_argument("--block-k", type=common.int_list, default=[32, 64, 128])
     p.add_argument("--splits", default="auto,1,2,4,8,16",
                    help="comma-separated; 'auto': the kernel's default for the shape")
+    p.add_argument("--split-keys", type=common.int_list, default=[],
+                   help="key ranges a split to try too (multiples of the block_k tried)")
+    p.add_argument("--spread", type=float, default=0.0,
+                   help="rows' key counts uniform in [(1 - spread) * context, context]")
     p.add_argument("--num-warps", type=common.int_list, default=[4])
     p.add_argument("--num-stages", type=common.int_list, default=[2])
     common.add_sweep_args(p, iters=100)
@@ -74,25 +81,39 @@ def padded_rows(rows: int) -> int:
     return max(16, 1 << (rows - 1).bit_length())
 
 
+def row_contexts(rows: int, context: int, spread: float, seed: int = 0) -> np.ndarray:
+    """Each row's key count: `context`, or with `spread` uniform in [(1 - spread) * context,
+    context] (the longest row at `context`)."""
+    if not 0 <= spread < 1:
+        raise ValueError(f"--spread {spread}: from 0 up to (not including) 1")
+    lo = max(1, int(round(context * (1 - spread))))
+    contexts = np.random.default_rng(seed + 1).integers(lo, context + 1, rows)
+    contexts[0] = context
+    return contexts.astype(np.int32)
+
+
 def make_inputs(rows: int, context: int, args, seed: int = 0):
     """(qkv, k_cache, v_cache, seq_lens, block_tables, slot_mapping) for `rows` requests of
-    `context` keys each, the new token's slot at position context - 1."""
+    `row_contexts` keys, each new token's slot at its last position."""
     import jax
     import jax.numpy as jnp
 
     rng = np.random.default_rng(seed)
     bs = args.block_size
     T = padded_rows(rows)
-    per_row = -(-context // bs)
-    width = 1 << (per_row - 1).bit_length()  # table widths are bucketed too
-    num_blocks = 1 + rows * per_row
+    contexts = row_contexts(rows, context, args.spread, seed)
+    per_row = -(-contexts // bs)
+    width = 1 << (int(per_row.max()) - 1).bit_length()  # table widths are bucketed too
+    num_blocks = 1 + int(per_row.sum())
     tables = np.zeros((T, width), np.int32)
-    tables[:rows, :per_row] = rng.permutation(np.arange(1, num_blocks)).reshape(rows, per_row)
+    free = iter(rng.permutation(np.arange(1, num_blocks)))
+    for r, n in enumerate(per_row):
+        tables[r, :n] = [next(free) for _ in range(n)]
     seq_lens = np.zeros(T, np.int32)
-    seq_lens[:rows] = context
-    pos = context - 1
+    seq_lens[:rows] = contexts
+    pos = contexts - 1
     slots = np.zeros(T, np.int32)
-    slots[:rows] = tables[:rows, pos // bs] * bs + pos % bs
+    slots[:rows] = tables[np.arange(rows), pos // bs] * bs + pos % bs
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
     cache_shape = (LAYERS, num_blocks, bs, args.kv_heads, args.head_dim)
@@ -146,6 +167,11 @@ def configurations(args, programs_per_split: int):
                                           args.num_stages):
         label = f"bk{bk} s{'auto' if s is None else s} w{w} st{st}"
         yield label, dict(block_k=bk, num_splits=s, num_warps=w, num_stages=st)
+    for bk, keys, w, st in itertools.product(args.block_k, args.split_keys, args.num_warps,
+                                             args.num_stages):
+        if keys % bk == 0:
+            yield (f"bk{bk} keys{keys} w{w} st{st}",
+                   dict(block_k=bk, split_keys=keys, num_warps=w, num_stages=st))
 
 
 def time_loop(fn, inputs, reps: int, iters: int):
@@ -182,9 +208,11 @@ def bench_shape(rows: int, context: int, args) -> dict:
     want = np.asarray(decode_attention_reference(
         inputs[0], inputs[1], inputs[2], (args.iters - 1) % LAYERS, *inputs[3:],
         **common_kw)[0], np.float32)
-    kv_bytes = rows * context * args.kv_heads * args.head_dim * 2 * inputs[1].dtype.itemsize
+    keys = int(np.asarray(inputs[3]).sum())  # every row's keys
+    kv_bytes = keys * args.kv_heads * args.head_dim * 2 * inputs[1].dtype.itemsize
     T, width = inputs[0].shape[0], inputs[4].shape[1]
-    result = {"rows": rows, "padded_rows": T, "context": context, "table_width": width,
+    result = {"rows": rows, "padded_rows": T, "context": context, "spread": args.spread,
+              "mean_context": round(keys / rows, 1), "table_width": width,
               "default_tiling": default_tiling(T, args.kv_heads, width * args.block_size),
               "default_splits": {bk: default_tiling(T, args.kv_heads, width * args.block_size,
                                                     bk)[1] for bk in args.block_k},
@@ -232,17 +260,17 @@ def run(args) -> dict:
     if args.smoke:
         args.rows, args.contexts, args.iters, args.reps = [1, 3], [40], 2, 1
         args.heads, args.kv_heads, args.head_dim = 4, 2, 16
-        args.block_k, args.splits = [16], "auto,1,4"
+        args.block_k, args.splits, args.split_keys = [16], "auto,1,4", [16]
     shapes = []
     for rows, context in itertools.product(args.rows, args.contexts):
         r = bench_shape(rows, context, args)
         shapes.append(r)
         print(f"-- {rows} rows (padded to {r['padded_rows']}) x context {context} "
-              f"(table width {r['table_width']}) --")
+              f"(mean {r['mean_context']}; table width {r['table_width']}) --")
         common.print_sweep(r["results"], [
             ("ms", "ms", 9, ".4f"), ("kv_tb_per_s", "TB/s", 7, ".3f"),
             ("vs_separate", "vs separate", 12, ""), ("vs_default", "vs default", 11, "")])
-        print(f"   best: {r.get('best')}; default = block_k, splits "
+        print(f"   best: {r.get('best')}; default = block_k, splits, split_keys "
               f"{tuple(r['default_tiling'])}", flush=True)
     return {"benchmark": "decode_kernel", "device": common.device_name(),
             "geometry": {"heads": args.heads, "kv_heads": args.kv_heads,

@@ -21,6 +21,14 @@ tiles (flash-decoding), each keeping its own running softmax, and a second small
 (`_merge_kernel`) rescales and adds them: two kernels a layer instead of one, but a walk
 `num_splits` times shorter. `default_num_splits` picks how many from the shapes.
 
+Many rows fill the GPU in one wave of programs (256 rows, 2 KV heads: 512), so a step lasts
+as long as its longest row's walk: in a batch whose contexts run from 100 to 2,000 keys that
+is twice the walk of the mean row. There, where the table allows contexts longer than
+`SPLIT_KEYS`, program s of a row takes its keys [s * SPLIT_KEYS, (s + 1) * SPLIT_KEYS)
+(`split_keys`; vLLM's paged attention v2 partitions likewise): a short row's other
+programs find no key and end at once, a long row's walk is cut to SPLIT_KEYS, and the
+programs no longer fit one wave, so the GPU's scheduler evens out the load.
+
 The query, the new key and the new value come in one `[T, H + 2 * KVH, D]` array (q, then
 k, then v, rotary embeddings applied): XLA writes it with one fusion. The caches are
 aliased to the outputs. Keys past a row's own position read block 0 and are masked.
@@ -58,6 +66,11 @@ MIN_DOT = 16  # Triton's smallest dot dimension
 TARGET_PROGRAMS = 256
 MAX_SPLITS = 16
 WHOLE_BLOCK_K, SPLIT_BLOCK_K = 128, 64
+# Keys a program takes at most where rows fill the GPU (the module docstring). Not yet timed
+# on a GPU: chosen so that tables of up to 1,024 keys keep one program a row (splitting
+# every row of a 256-row step in two was 5-16% slower when all rows were as long:
+# benchmarks/README.md, seventh round).
+SPLIT_KEYS = 1024
 
 
 def decode_attention_reference(qkv, k_cache, v_cache, layer, seq_lens, block_tables,
@@ -96,6 +109,7 @@ def _kernel(
     rows: int,
     block_k: int,
     num_splits: int,
+    split_keys: int | None,
     sliding_window: int | None,
     soft_cap: float | None,
 ):
@@ -134,7 +148,10 @@ def _kernel(
     kv_lo = 0 if sliding_window is None else jnp.maximum(pos - sliding_window + 1, 0)
     step_lo = kv_lo // block_k
     step_hi = jnp.maximum((pos + block_k - 1) // block_k, step_lo)
-    if num_splits > 1:
+    if split_keys is not None:  # this split's fixed key range
+        step_lo = jnp.clip(split * (split_keys // block_k), step_lo, step_hi)
+        step_hi = jnp.clip((split + 1) * (split_keys // block_k), step_lo, step_hi)
+    elif num_splits > 1:  # an even share of the row's tiles
         share = (step_hi - step_lo + num_splits - 1) // num_splits
         step_lo = jnp.minimum(step_lo + split * share, step_hi)
         step_hi = jnp.minimum(step_lo + share, step_hi)
@@ -209,27 +226,46 @@ def default_num_splits(num_tokens: int, num_kv_heads: int, max_context: int,
 
 
 def default_tiling(num_tokens: int, num_kv_heads: int, max_context: int,
-                   block_k: int | None = None, num_splits: int | None = None):
-    """(block_k, num_splits), each the one given or its default for these shapes."""
-    if num_splits is None:
+                   block_k: int | None = None, num_splits: int | None = None,
+                   split_keys: int | None = None):
+    """(block_k, num_splits, split_keys), each the one given or its default for these
+    shapes: splits sharing each row's tiles evenly where rows are few
+    (`default_num_splits`), else, for tables longer than SPLIT_KEYS keys, fixed key ranges
+    of SPLIT_KEYS (`split_keys`; None: even shares)."""
+    if split_keys is not None and num_splits is not None:
+        raise ValueError("give num_splits (even shares) or split_keys (key ranges), not both")
+    if split_keys is None and num_splits is None:
         num_splits = default_num_splits(num_tokens, num_kv_heads, max_context,
                                         block_k or SPLIT_BLOCK_K)
+        if num_splits == 1 and max_context > SPLIT_KEYS:
+            split_keys = SPLIT_KEYS
+    if split_keys is not None:
+        block_k = block_k or WHOLE_BLOCK_K
+        if split_keys % block_k:
+            raise ValueError(f"split_keys={split_keys} must be a multiple of block_k={block_k}")
+        if -(-max_context // split_keys) > MAX_SPLITS:  # wider ranges, still whole tiles
+            split_keys = -(-max_context // (MAX_SPLITS * block_k)) * block_k
+        num_splits = -(-max_context // split_keys)
+        return block_k, num_splits, split_keys if num_splits > 1 else None
     if block_k is None:
         block_k = SPLIT_BLOCK_K if num_splits > 1 else WHOLE_BLOCK_K
-    return block_k, num_splits
+    return block_k, num_splits, None
 
 
 def decode_attention_triton(qkv, k_cache, v_cache, layer, seq_lens, block_tables,
                             slot_mapping, *, scale: float, sliding_window: int | None = None,
                             soft_cap: float | None = None, num_kv_heads: int,
                             block_k: int | None = None, num_splits: int | None = None,
-                            num_warps: int = 4, num_stages: int = 2,
-                            interpret: bool | None = None):
+                            split_keys: int | None = None, num_warps: int = 4,
+                            num_stages: int = 2, interpret: bool | None = None):
     """One decode token a row: KV write and attention in one Pallas Triton kernel. Returns
     (out [T, H, D], k_cache, v_cache); arguments as `decode_attention_reference`.
 
-    `num_splits` programs share each row's keys (flash-decoding), `block_k` at a time;
-    their partial softmaxes are merged by a second kernel. None: `default_tiling`'s."""
+    `num_splits` programs share each row's keys (flash-decoding), `block_k` at a time: even
+    shares of its tiles, or, given `split_keys` instead, program s the keys
+    [s * split_keys, (s + 1) * split_keys) (as many as the table's width needs; wider
+    ranges past MAX_SPLITS). Their partial softmaxes are merged by a second kernel. None:
+    `default_tiling`'s."""
     num_tokens, qkv_heads, head_dim = qkv.shape
     num_heads = qkv_heads - 2 * num_kv_heads
     if num_heads < num_kv_heads or num_heads % num_kv_heads \
@@ -241,20 +277,22 @@ def decode_attention_triton(qkv, k_cache, v_cache, layer, seq_lens, block_tables
         raise ValueError(f"one row per token: seq_lens {seq_lens.shape}, slot_mapping "
                          f"{slot_mapping.shape} and block_tables {block_tables.shape} must "
                          f"have {num_tokens} rows")
-    block_k, num_splits = default_tiling(num_tokens, num_kv_heads,
-                                         block_tables.shape[1] * k_cache.shape[2], block_k,
-                                         num_splits)
-    if block_k < 1 or block_k & (block_k - 1):
+    if block_k is not None and (block_k < 1 or block_k & (block_k - 1)):
         raise ValueError(f"block_k={block_k} must be a power of two")
-    if num_splits < 1:
+    if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits={num_splits} must be at least 1")
+    if split_keys is not None and split_keys < 1:
+        raise ValueError(f"split_keys={split_keys} must be at least 1")
+    block_k, num_splits, split_keys = default_tiling(
+        num_tokens, num_kv_heads, block_tables.shape[1] * k_cache.shape[2], block_k,
+        num_splits, split_keys)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     group = num_heads // num_kv_heads
     rows = max(next_power_of_2(group), MIN_DOT)
     kernel = functools.partial(_kernel, scale=scale, group=group, rows=rows, block_k=block_k,
-                               num_splits=num_splits, sliding_window=sliding_window,
-                               soft_cap=soft_cap)
+                               num_splits=num_splits, split_keys=split_keys,
+                               sliding_window=sliding_window, soft_cap=soft_cap)
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
     from jax.experimental.pallas import triton as plgpu
 
@@ -279,7 +317,8 @@ def decode_attention_triton(qkv, k_cache, v_cache, layer, seq_lens, block_tables
         input_output_aliases={5: len(outs) - 2, 6: len(outs) - 1},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"decode_attention_bk{block_k}_s{num_splits}",
+        name=f"decode_attention_bk{block_k}_s{num_splits}"
+             + (f"_keys{split_keys}" if split_keys else ""),
     )(seq_lens.astype(jnp.int32), slot_mapping.astype(jnp.int32),
       jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), block_tables.astype(jnp.int32),
       qkv, k_cache, v_cache)

@@ -42,6 +42,8 @@
 #   tests        tests/test_kernels.py compiled on the GPU
 #   kernels, sweep   benchmarks/kernels.py
 #   decode       the fused decode kernel's configurations (benchmarks/decode_kernel.py)
+#   spread       the same at 256 rows whose contexts spread over 5-100% of the longest:
+#                one program a row against splits by key ranges (--split-keys)
 #   smallmm      the small-batch projection kernels' tilings against XLA on a layer's
 #                projections (benchmarks/small_batch_matmul.py)
 #   sblatency, sbprofile   the latency phase (no baselines) and the profile phase with
@@ -65,7 +67,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,throughput,latency,sblatency,xlalatency,smallmm,pthroughput,coldstart,profile,sbprofile,tests,decode,mtests,unfused,sthroughput,bthroughput,nocb,mofusion,sampler,athroughput,async,scan,eager,kernels}"
+PHASES="${PHASES:-model,throughput,latency,sblatency,xlalatency,smallmm,pthroughput,coldstart,profile,sbprofile,tests,decode,spread,mtests,unfused,sthroughput,bthroughput,nocb,mofusion,sampler,athroughput,async,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
@@ -313,6 +315,15 @@ phase_decode() {  # the fused decode kernel's configurations (benchmarks/decode_
     grep -v '^{' "$WORK/decode.log" | tail -n 60
 }
 
+phase_spread() {  # the decode kernel at 256 rows of 5-100% of the longest context
+    local args=(--rows 256 --contexts 1024,2048 --spread 0.95 --block-k 128 --splits auto,1,2
+                --split-keys 512,1024)
+    [ "$MODE" = smoke ] && args=(--smoke --spread 0.5)
+    run_phase spread 150 "$PY" benchmarks/decode_kernel.py "${args[@]}" \
+        --output-json "$OUT/decode_kernel_spread.json"
+    grep -v '^{' "$WORK/spread.log" | tail -n 30
+}
+
 phase_smallmm() {  # the small-batch projection kernels against XLA's
     local args=(--rows 1,64)
     [ "$MODE" = smoke ] && args=(--smoke)
@@ -377,12 +388,14 @@ if (p := load("step_profile")) is not None:
     summary["step_profile"] = {b: {k: v for k, v in r.items() if k != "top_by_hlo_op"}
                                | {"top": r.get("top", [])[:12]}
                                for b, r in p.get("per_batch", {}).items()}
-if (d := load("decode_kernel")) is not None:
-    summary["decode_kernel"] = {
-        f"{s['rows']}x{s['context']}": {"best": s.get("best"), "default_splits":
-                                        s.get("default_splits")}
-        | {k: r.get("ms", r.get("error")) for k, r in s["results"].items()}
-        for s in d["shapes"]}
+for name in ("decode_kernel", "decode_kernel_spread"):
+    if (d := load(name)) is not None:
+        summary[name] = {
+            f"{s['rows']}x{s['context']}": {"best": s.get("best"), "mean_context":
+                                            s.get("mean_context"), "default_tiling":
+                                            s.get("default_tiling")}
+            | {k: r.get("ms", r.get("error")) for k, r in s["results"].items()}
+            for s in d["shapes"]}
 if (m := load("small_batch_matmul")) is not None:
     summary["small_batch_matmul"] = {
         str(s["rows"]): {"best": s.get("best")}

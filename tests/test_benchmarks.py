@@ -505,18 +505,22 @@ def test_decode_kernel_benchmark(capsys, tmp_path):
     from benchmarks import decode_kernel
 
     out = tmp_path / "decode.json"
-    decode_kernel.main(["--smoke", "--output-json", str(out)])
+    decode_kernel.main(["--smoke", "--spread", "0.5", "--output-json", str(out)])
     printed = _last_json(capsys)
     assert printed == json.loads(out.read_text()) and printed["benchmark"] == "decode_kernel"
     assert [(s["rows"], s["padded_rows"]) for s in printed["shapes"]] == [(1, 16), (3, 16)]
     for shape in printed["shapes"]:
         assert set(shape["results"]) == {"separate", "default", "bk16 sauto w4 st2",
-                                         "bk16 s1 w4 st2", "bk16 s4 w4 st2"}
+                                         "bk16 s1 w4 st2", "bk16 s4 w4 st2",
+                                         "bk16 keys16 w4 st2"}
         for r in shape["results"].values():
             assert "error" not in r and r["max_abs_err"] < 1e-4 and r["ms"] > 0
         assert shape["best"] in shape["results"] and shape["best"] != "separate"
         assert shape["default_splits"] == {"16": 4}  # 32 programs want 8; 4 tiles of 16
-        assert shape["default_tiling"] == [128, 1]  # 64 keys: one tile, not split
+        assert shape["default_tiling"] == [128, 1, None]  # 64 keys: one tile, not split
+    # rows of 20 to 40 keys, the longest 40
+    assert printed["shapes"][1]["spread"] == 0.5
+    assert 20 <= printed["shapes"][1]["mean_context"] < 40
     labels = [label for label, _ in decode_kernel.configurations(
         decode_kernel.build_parser().parse_args([]), 256 * 2)]
     assert "bk64 s4 w4 st2" in labels and "bk64 s8 w4 st2" not in labels

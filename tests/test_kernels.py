@@ -292,6 +292,10 @@ def _decode_case(seed, tokens=6, heads=14, kv_heads=2, head_dim=64, block_size=1
     dict(seed=8, num_splits=3, sliding_window=20, padding=2),
     dict(seed=9, num_splits=16, shared_prefix=True, heads=8, kv_heads=1),  # splits w/o keys
     dict(seed=10, num_splits=4, soft_cap=5.0, dtype=jnp.bfloat16),
+    # fixed key ranges a split (many rows): short rows' later splits find no key
+    dict(seed=11, split_keys=32, block_k=16),
+    dict(seed=12, split_keys=16, block_k=16, sliding_window=20, padding=2),
+    dict(seed=13, split_keys=32, block_k=32, shared_prefix=True, dtype=jnp.bfloat16),
 ])
 def test_decode_attention_matches_write_then_attend(case):
     """The fused decode kernel (interpret mode on CPU) against the scatter KV write followed
@@ -301,7 +305,9 @@ def test_decode_attention_matches_write_then_attend(case):
 
     case = dict(case)
     knobs = {k: case.pop(k) for k in ("sliding_window", "soft_cap") if k in case}
-    splits = {"num_splits": case.pop("num_splits", 1), "block_k": case.pop("block_k", None)}
+    split_keys = case.pop("split_keys", None)
+    splits = {"num_splits": case.pop("num_splits", None if split_keys else 1),
+              "block_k": case.pop("block_k", None), "split_keys": split_keys}
     args = _decode_case(**case)
     kwargs = dict(scale=0.125, num_kv_heads=args[1].shape[3], **knobs)
     with jax.default_matmul_precision("highest"):
@@ -316,6 +322,25 @@ def test_decode_attention_matches_write_then_attend(case):
     for cache, want_cache in zip(got[1:], want[1:]):
         cache, want_cache = np.asarray(cache, np.float32), np.asarray(want_cache, np.float32)
         np.testing.assert_array_equal(cache[:, 1:], want_cache[:, 1:])
+
+
+def test_decode_tiling_defaults():
+    """Few rows: even shares of each row's tiles; rows enough to fill the GPU: one program
+    a row up to SPLIT_KEYS keys, fixed key ranges past that (at most MAX_SPLITS)."""
+    from pallas_kernels.decode_attention_triton import MAX_SPLITS, SPLIT_KEYS, default_tiling
+
+    assert default_tiling(16, 2, 1024) == (64, 8, None)
+    assert default_tiling(256, 2, SPLIT_KEYS) == (128, 1, None)
+    assert default_tiling(256, 2, 2048) == (128, -(-2048 // SPLIT_KEYS), SPLIT_KEYS)
+    wide = default_tiling(256, 2, 64 * 1024)
+    assert wide[1] == MAX_SPLITS and wide[1] * wide[2] >= 64 * 1024 and wide[2] % 128 == 0
+    assert default_tiling(256, 2, 2048, num_splits=1) == (128, 1, None)  # as asked
+    assert default_tiling(256, 2, 2048, block_k=64, split_keys=512) == (64, 4, 512)
+    assert default_tiling(256, 2, 512, split_keys=512) == (128, 1, None)
+    with pytest.raises(ValueError, match="not both"):
+        default_tiling(256, 2, 2048, num_splits=2, split_keys=512)
+    with pytest.raises(ValueError, match="multiple of block_k"):
+        default_tiling(256, 2, 2048, block_k=128, split_keys=100)
 
 
 def test_decode_attention_rejects_bad_shapes():
@@ -459,25 +484,27 @@ def test_lowers_for_an_h100(name):
                   *_gpu_specs(heads=14, kv_heads=2, head_dim=64))
 
 
-def _decode_specs(heads=14, kv_heads=2, head_dim=64, tokens=256):
+def _decode_specs(heads=14, kv_heads=2, head_dim=64, tokens=256, width=8):
     sd = jax.ShapeDtypeStruct
     cache = sd((2, 64, 16, kv_heads, head_dim), jnp.bfloat16)
     rows = sd((tokens,), jnp.int32)
     return (sd((tokens, heads + 2 * kv_heads, head_dim), jnp.bfloat16), cache, cache,
-            sd((), jnp.int32), rows, sd((tokens, 8), jnp.int32), rows)
+            sd((), jnp.int32), rows, sd((tokens, width), jnp.int32), rows)
 
 
 def test_decode_attention_lowers_for_an_h100():
     from pallas_kernels.decode_attention_triton import decode_attention_triton
     from pallas_kernels.gpu_lowering import lower_for_gpu
 
-    # 256 rows: one program a row and KV head; 16 rows: the keys split (and merged)
-    for heads, kv_heads, head_dim, tokens in ((14, 2, 64, 256), (14, 2, 64, 16),
-                                              (32, 8, 128, 256)):
+    # 256 rows: one program a row and KV head; 16 rows: the keys split (and merged); 256
+    # rows of up to 2,048 keys: fixed key ranges (and merged)
+    for heads, kv_heads, head_dim, tokens, width in ((14, 2, 64, 256, 8), (14, 2, 64, 16, 8),
+                                                     (32, 8, 128, 256, 8),
+                                                     (14, 2, 64, 256, 128)):
         fn = functools.partial(decode_attention_triton, scale=0.1, interpret=False,
                                num_kv_heads=kv_heads, sliding_window=64, soft_cap=30.0)
-        text = lower_for_gpu(fn, *_decode_specs(heads, kv_heads, head_dim, tokens))
-        assert "__gpu$xla.gpu.triton" in text
+        text = lower_for_gpu(fn, *_decode_specs(heads, kv_heads, head_dim, tokens, width))
+        assert text.count("__gpu$xla.gpu.triton") == (1 if width == 8 and tokens == 256 else 2)
 
 
 def test_mosaic_p_in_registers_lowers():
