@@ -71,6 +71,10 @@ WHOLE_BLOCK_K, SPLIT_BLOCK_K = 128, 64
 # every row of a 256-row step in two was 5-16% slower when all rows were as long:
 # benchmarks/README.md, seventh round).
 SPLIT_KEYS = 1024
+# At most this many key ranges a row (wider ranges past it): the partial results of every
+# (row, KV head, range) are written out for the merge, on top of the memory the engine's
+# profile run measured
+MAX_KEY_RANGES = 4
 
 
 def decode_attention_reference(qkv, k_cache, v_cache, layer, seq_lens, block_tables,
@@ -184,16 +188,22 @@ def _kernel(
         out = jnp.where(seq_len > 0, acc / l[:, None], 0.0)
         o_ref[jnp.full((rows,), tok, jnp.int32), q_head, :] = out.astype(o_ref.dtype)
     else:  # the split's running softmax, for `_merge_kernel`
-        acc_ref[tok, head, split, :, :] = acc
         m_ref[tok, head, split, :] = m_next
         l_ref[tok, head, split, :] = l
+
+        @pl.when(own | (step_hi > step_lo))  # a split without keys writes only l = 0
+        def _():
+            acc_ref[tok, head, split, :, :] = acc
 
 
 def _merge_kernel(seq_lens_ref, acc_ref, m_ref, l_ref, o_ref, *, group: int, rows: int,
                   num_splits: int):
     """One program per (token, KV head): the splits' running softmaxes rescaled to their
-    largest maximum and added (a split without keys has l = 0 and adds nothing), written
-    to the group's query heads. Padding rows come out zero."""
+    largest maximum and added, written to the group's query heads. A split without keys
+    has l = 0 and adds nothing (its acc, never written, is not read). Padding rows come out
+    zero."""
+    from jax.experimental.pallas import triton as plgpu
+
     tok, head = pl.program_id(0), pl.program_id(1)
     ms = [m_ref[tok, head, s, :] for s in range(num_splits)]
     m = functools.reduce(jnp.maximum, ms)
@@ -201,8 +211,13 @@ def _merge_kernel(seq_lens_ref, acc_ref, m_ref, l_ref, o_ref, *, group: int, row
     out = jnp.zeros(acc_ref.shape[-2:], jnp.float32)
     for s in range(num_splits):
         weight = jnp.exp2(ms[s] - m)
-        total = total + weight * l_ref[tok, head, s, :]
-        out = out + weight[:, None] * acc_ref[tok, head, s, :, :]
+        l_s = l_ref[tok, head, s, :]
+        total = total + weight * l_s
+        written = jnp.broadcast_to((l_s > 0)[None, None, None, :, None], (1, 1, 1, *out.shape))
+        one = lambda i: pl.ds(i, 1)  # (slices: an interpreted masked load takes no integers)
+        acc = plgpu.load(acc_ref.at[one(tok), one(head), one(s), :, :], mask=written,
+                         other=0.0)
+        out = out + weight[:, None] * acc.reshape(out.shape)
     # total >= the own key's weight: the first split always has it
     out = jnp.where(seq_lens_ref[tok] > 0, out / total[:, None], 0.0)
     o_ref[jnp.full((rows,), tok, jnp.int32), _group_heads(head, group, rows), :] = \
@@ -231,20 +246,21 @@ def default_tiling(num_tokens: int, num_kv_heads: int, max_context: int,
     """(block_k, num_splits, split_keys), each the one given or its default for these
     shapes: splits sharing each row's tiles evenly where rows are few
     (`default_num_splits`), else, for tables longer than SPLIT_KEYS keys, fixed key ranges
-    of SPLIT_KEYS (`split_keys`; None: even shares)."""
+    of SPLIT_KEYS (`split_keys`; None: even shares), at most MAX_KEY_RANGES of them."""
     if split_keys is not None and num_splits is not None:
         raise ValueError("give num_splits (even shares) or split_keys (key ranges), not both")
     if split_keys is None and num_splits is None:
         num_splits = default_num_splits(num_tokens, num_kv_heads, max_context,
                                         block_k or SPLIT_BLOCK_K)
-        if num_splits == 1 and max_context > SPLIT_KEYS:
+        if (num_splits == 1 and max_context > SPLIT_KEYS
+                and SPLIT_KEYS % (block_k or WHOLE_BLOCK_K) == 0):
             split_keys = SPLIT_KEYS
     if split_keys is not None:
         block_k = block_k or WHOLE_BLOCK_K
         if split_keys % block_k:
             raise ValueError(f"split_keys={split_keys} must be a multiple of block_k={block_k}")
-        if -(-max_context // split_keys) > MAX_SPLITS:  # wider ranges, still whole tiles
-            split_keys = -(-max_context // (MAX_SPLITS * block_k)) * block_k
+        if -(-max_context // split_keys) > MAX_KEY_RANGES:  # wider ranges, whole tiles
+            split_keys = -(-max_context // (MAX_KEY_RANGES * block_k)) * block_k
         num_splits = -(-max_context // split_keys)
         return block_k, num_splits, split_keys if num_splits > 1 else None
     if block_k is None:
@@ -264,8 +280,8 @@ def decode_attention_triton(qkv, k_cache, v_cache, layer, seq_lens, block_tables
     `num_splits` programs share each row's keys (flash-decoding), `block_k` at a time: even
     shares of its tiles, or, given `split_keys` instead, program s the keys
     [s * split_keys, (s + 1) * split_keys) (as many as the table's width needs; wider
-    ranges past MAX_SPLITS). Their partial softmaxes are merged by a second kernel. None:
-    `default_tiling`'s."""
+    ranges past MAX_KEY_RANGES). Their partial softmaxes are merged by a second kernel.
+    None: `default_tiling`'s."""
     num_tokens, qkv_heads, head_dim = qkv.shape
     num_heads = qkv_heads - 2 * num_kv_heads
     if num_heads < num_kv_heads or num_heads % num_kv_heads \

@@ -21,9 +21,15 @@ otherwise):
 3. `_pick_kernel` (row): the greedy token from 1's, or the block from 2's sums and the token
    within it (that block's logits read again).
 
-The logits are read twice. Float sums run in another order than XLA's, so a draw that lands
-within rounding of a boundary between two tokens may pick the other one; every row's token
-depends on its own row alone.
+The logits are read twice. Float sums run in another order than XLA's, and a GPU's division,
+exp and log are not XLA's to the last bit, so a draw that lands within rounding of a
+boundary between two tokens may pick the other one; every row's token depends on its own
+row alone. For the same reason a cutoff computed outside (`threshold`: XLA's top-k/top-p
+from its own division) is taken `THRESHOLD_SLACK` of its size lower, so that the token at
+the boundary is not lost to a last-bit difference (with top-k 1 it is the only one kept),
+and a row that still keeps nothing gets its greedy token. The draw takes the first token
+whose running sum reaches the target and whose weight is not zero: a GPU's parallel
+prefix sum need not grow monotonically to the last bit across zero weights.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ BLOCK = 256  # tokens a block of the inverse CDF (the sampler's VOCAB_BLOCK)
 CHUNK_BLOCKS = 8  # blocks a program reads at a time
 TARGET_PROGRAMS = 512  # rows x splits, for the first two kernels
 MAX_SPLITS = 64
+THRESHOLD_SLACK = 2.0 ** -20  # relative; a few float32 ulps
 _FMAX = float(jnp.finfo(jnp.float32).max)
 
 
@@ -109,7 +116,9 @@ def _row_limits(max_ref, params_ref, row, num_splits: int, greedy_below: float):
     temperature, min_p, threshold = (params_ref[row, i] for i in range(3))
     t = jnp.where(temperature < greedy_below, 1.0, temperature)
     row_max = jnp.minimum(top / t, _FMAX)
-    keep = jnp.maximum(row_max + jnp.log(min_p), threshold)
+    # the same division as the weights' (see the module docstring), unlike the threshold's
+    keep = jnp.maximum(row_max + jnp.log(min_p),
+                       threshold - jnp.abs(threshold) * THRESHOLD_SLACK)
     offset = jnp.where(jnp.abs(row_max) <= _FMAX, row_max, 0.0)  # -inf: a row of -inf
     return t, top, keep, offset
 
@@ -142,12 +151,10 @@ def _block_sums_kernel(logits_ref, max_ref, params_ref, sums_ref, *, vocab: int,
 def _invert(weights, u, size: int):
     """The sampler's `_invert_cdf` for one row of `size` weights."""
     running = jnp.cumsum(weights)
-    target = (1.0 - u) * jnp.max(running)  # the total: the running sum only grows
-    pick = jnp.sum((running < target).astype(jnp.int32))
+    target = (1.0 - u) * jnp.max(running)  # the total (the largest running sum)
     index = lax.broadcasted_iota(jnp.int32, (size,), 0)
-    first = jnp.min(jnp.where(weights > 0, index, size - 1))
     last = jnp.max(jnp.where(weights > 0, index, 0))
-    return jnp.minimum(jnp.maximum(pick, first), last)
+    return jnp.min(jnp.where((running >= target) & (weights > 0), index, last))
 
 
 def _pick_kernel(logits_ref, max_ref, arg_ref, params_ref, sums_ref, tokens_ref, *,
@@ -163,8 +170,9 @@ def _pick_kernel(logits_ref, max_ref, arg_ref, params_ref, sums_ref, tokens_ref,
                         other=-jnp.inf)
     # the first split holding the row's first largest logit (all -inf: split 0's first)
     first = jnp.min(jnp.where(maxima == top, at, splits - 1))
-    tokens_ref[row] = jnp.sum(jnp.where(at == first, plgpu.load(
+    greedy = jnp.sum(jnp.where(at == first, plgpu.load(
         arg_ref.at[row, pl.ds(0, splits)], mask=at < num_splits, other=0), 0))
+    tokens_ref[row] = greedy
 
     @pl.when(params_ref[row, 0] >= greedy_below)
     def _():
@@ -173,7 +181,8 @@ def _pick_kernel(logits_ref, max_ref, arg_ref, params_ref, sums_ref, tokens_ref,
         sums = plgpu.load(sums_ref.at[row, pl.ds(0, blocks)], mask=b < num_blocks, other=0.0)
         chosen = _invert(sums, params_ref[row, 3], blocks)
         w = _weights(_chunk(logits_ref, row, chosen * block, block, vocab), t, keep, offset)
-        tokens_ref[row] = chosen * block + _invert(w, params_ref[row, 4], block)
+        token = chosen * block + _invert(w, params_ref[row, 4], block)
+        tokens_ref[row] = jnp.where(jnp.max(sums) > 0, token, greedy)  # nothing kept: greedy
 
 
 def sample_tokens(logits, temperature, min_p, threshold, uniforms, *, greedy_below: float,

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,7 +98,8 @@ def test_the_choice_is_cached_per_device_model_and_rows(qwen2_model, monkeypatch
 
     def fake_measure(model, candidates, **kw):
         measured.append(tuple(candidates))
-        return autotune.KernelChoice("small_batch_matmuls", 16, {16: _timing(10, 5), 32: _timing(10, 12)}, 2)
+        return autotune.KernelChoice("small_batch_matmuls", 16,
+                                     {16: _timing(10, 5), 32: _timing(10, 12)}, 2)
 
     monkeypatch.setattr(autotune, "measure", fake_measure)
     first = autotune.small_batch_rows(qwen2_model, candidates=(16, 32))
@@ -109,9 +112,20 @@ def test_the_choice_is_cached_per_device_model_and_rows(qwen2_model, monkeypatch
     autotune.small_batch_rows(qwen2_model, candidates=(16,))  # other rows: another entry
     autotune.small_batch_rows(qwen2_model, candidates=(16, 32), use_cache=False)
     assert measured == [(16, 32), (16,), (16, 32)]
-    # an unreadable file is measured over, not an error
+    # an unreadable file, or entry, is measured over, not an error
     (tmp_path / "autotune.json").write_text("{not json")
     assert autotune.small_batch_rows(qwen2_model, candidates=(16, 32)).cached is False
+    entries = json.loads((tmp_path / "autotune.json").read_text())
+    (tmp_path / "autotune.json").write_text(json.dumps({k: {"rows": 16} for k in entries}))
+    assert autotune.small_batch_rows(qwen2_model, candidates=(16, 32)).cached is False
+    assert autotune.small_batch_rows(qwen2_model, candidates=(16, 32)).cached is True
+    # a measurement that met an error is not kept: it may pass next time
+    monkeypatch.setattr(autotune, "measure", lambda model, candidates, **kw: (
+        measured.append("failed") or autotune.KernelChoice(
+            "small_batch_matmuls", 0, {64: {"error": "RESOURCE_EXHAUSTED: out of memory"}})))
+    for _ in range(2):
+        assert autotune.small_batch_rows(qwen2_model, candidates=(64,)).rows == 0
+    assert measured[-2:] == ["failed", "failed"]
 
 
 def test_the_engine_runs_the_kernels_where_measured_faster(llama_folder, monkeypatch, tmp_path):
@@ -188,7 +202,8 @@ def test_should_measure_only_on_a_gpu_unless_turned_off(monkeypatch):
 
 
 def test_the_kernels_choice_reads_back_as_numbers():
-    choice = autotune.KernelChoice("sampling_kernels", 32, {16: _timing(10, 5), 32: _timing(10, 8)})
+    choice = autotune.KernelChoice("sampling_kernels", 32,
+                                   {16: _timing(10, 5), 32: _timing(10, 8)})
     d = choice.as_dict()
     assert d["rows"] == 32 and d["timings"]["32"]["kernels_us"] == 8
     assert "up to 32 rows" in autotune.describe(choice)

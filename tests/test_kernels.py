@@ -326,14 +326,16 @@ def test_decode_attention_matches_write_then_attend(case):
 
 def test_decode_tiling_defaults():
     """Few rows: even shares of each row's tiles; rows enough to fill the GPU: one program
-    a row up to SPLIT_KEYS keys, fixed key ranges past that (at most MAX_SPLITS)."""
-    from pallas_kernels.decode_attention_triton import MAX_SPLITS, SPLIT_KEYS, default_tiling
+    a row up to SPLIT_KEYS keys, fixed key ranges past that (at most MAX_KEY_RANGES)."""
+    from pallas_kernels.decode_attention_triton import (MAX_KEY_RANGES, SPLIT_KEYS,
+                                                        default_tiling)
 
     assert default_tiling(16, 2, 1024) == (64, 8, None)
     assert default_tiling(256, 2, SPLIT_KEYS) == (128, 1, None)
     assert default_tiling(256, 2, 2048) == (128, -(-2048 // SPLIT_KEYS), SPLIT_KEYS)
     wide = default_tiling(256, 2, 64 * 1024)
-    assert wide[1] == MAX_SPLITS and wide[1] * wide[2] >= 64 * 1024 and wide[2] % 128 == 0
+    assert wide[1] == MAX_KEY_RANGES and wide[1] * wide[2] >= 64 * 1024 and wide[2] % 128 == 0
+    assert default_tiling(256, 2, 4096, block_k=2048)[1:] == (1, None)  # 2048 keys a tile
     assert default_tiling(256, 2, 2048, num_splits=1) == (128, 1, None)  # as asked
     assert default_tiling(256, 2, 2048, block_k=64, split_keys=512) == (64, 4, 512)
     assert default_tiling(256, 2, 512, split_keys=512) == (128, 1, None)

@@ -137,3 +137,28 @@ def test_sample_with_the_kernels_gives_the_xla_samplers_tokens(name, dtype):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     hlo = str(jax.make_jaxpr(functools.partial(sample, paths=paths, kernel=True))(logits, meta))
     assert hlo.count("pallas_call") == 3
+
+
+def test_a_cutoff_a_few_ulps_off_keeps_its_token_and_an_empty_row_draws_greedy():
+    """XLA's top-k/top-p cutoff comes from XLA's division; a GPU's differs in the last bits.
+    A cutoff one ulp above the top token's scaled logit (top-k 1 as another division would
+    round it) still keeps that token; a row that keeps nothing gets its greedy token, not 0."""
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(3, 3000)) * 3, jnp.float32)
+    temperature = jnp.asarray([0.7, 0.7, 1.3], jnp.float32)
+    top = np.asarray(jnp.max(logits, -1) / temperature)
+    threshold = np.nextafter(top, np.inf).astype(np.float32)
+    threshold[2] = 1e30  # above every logit
+    argmax = np.asarray(jnp.argmax(logits, -1))
+    got = GREEDY(logits, temperature, jnp.zeros((3,), jnp.float32), jnp.asarray(threshold),
+                 jnp.full((3, 2), 0.3, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(got), argmax)
+    # a cutoff one ulp above the second token (top-k 2 as another division would round it)
+    # keeps both: the draw at u -> 1 takes the first kept token, the second one's
+    row = np.full((1, 3000), -30.0, np.float32)
+    row[0, [10, 20]] = [4.99, 5.0]
+    cutoff = np.nextafter(np.float32(4.99) / np.float32(0.7), np.float32(np.inf))
+    one = lambda a: jnp.asarray([a], jnp.float32)
+    got = GREEDY(jnp.asarray(row), one(0.7), one(0.0), one(cutoff),
+                 jnp.asarray([[0.5, np.nextafter(np.float32(1), np.float32(0))]]))
+    assert int(got[0]) == 10

@@ -6,8 +6,9 @@ same work, each a Pallas kernel against XLA's own code:
   (`CausalLM.layer_projections`: a layer without its attention) over its first layers'
   weights (`PROBE_BYTES` of them, more than a GPU's L2 cache holds) at 16 and 64 rows;
 - `sampling_kernel_rows`: whether a step samples with the sampler's kernels
-  (pallas_kernels/sampling.py), timed on random logits of the model's vocabulary and dtype
-  at 16 and 64 rows, default sampling parameters.
+  (pallas_kernels/sampling.py), timed on random float32 logits (what the model's
+  `compute_logits` gives) of its vocabulary at 16 and 64 rows, default sampling
+  parameters.
 
 Which is faster depends on the GPU, the model's shapes and the step's rows, so an engine
 that leaves `small_batch_matmuls` or `sampling_kernels` unset measures on a GPU instead of
@@ -17,7 +18,8 @@ steps of up to the largest row count at which they, and every row count below it
 faster by `MARGIN` and gave XLA's result (within `TOLERANCE`: the largest difference
 relative to the largest value, or for the sampler the share of rows drawing another token).
 A kernel that fails to compile or run counts as slower: the engine runs XLA's way, and says
-why in `LLMEngine.stats()`.
+why in `LLMEngine.stats()`; one that compiles but fails on the device is an error (the
+device may be left unusable).
 
 Choices are kept in a file beside JAX's persistent compilation cache (`cache_path`), keyed by
 the device kind, jax's version, the measured code's source and the shapes, so later starts
@@ -27,7 +29,6 @@ read them instead of measuring.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -243,13 +244,20 @@ def _time_both(xla_body: Callable, kernel_body: Callable, args: tuple,
         return jax.jit(run).lower(*args).compile(
             compiler_options=xla_flags.step_compiler_options())
 
-    # the two compile side by side (most of the time on a GPU: XLA's autotuner)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        compiled = list(pool.map(compile_loop, (xla_body, kernel_body)))
-    rel_err = difference()
-    xla_s, kernels_s = (_fastest(c, args, repetitions) for c in compiled)
-    return {"xla_us": round(1e6 * xla_s / units, 2), "kernels_us": round(1e6 * kernels_s / units, 2),
-            "rel_err": round(rel_err, 5)}
+    # one after the other: XLA's autotuner times GEMM candidates on the device while it
+    # compiles, and its choices are kept for the step programs' same shapes
+    compiled = [compile_loop(body) for body in (xla_body, kernel_body)]
+    try:
+        rel_err = difference()
+        xla_s, kernels_s = (_fastest(c, args, repetitions) for c in compiled)
+    except Exception as e:
+        # compiled but failed to run: the device may be left unusable, so say so loudly
+        logger.error("a Pallas kernel compiled but failed on the device (%r); if the engine "
+                     "fails next, start it with small_batch_matmuls=False and "
+                     "sampling_kernels=False", e)
+        raise
+    return {"xla_us": round(1e6 * xla_s / units, 2),
+            "kernels_us": round(1e6 * kernels_s / units, 2), "rel_err": round(rel_err, 5)}
 
 
 def _fastest(compiled, args, repetitions: int) -> float:
@@ -267,12 +275,14 @@ def _fastest(compiled, args, repetitions: int) -> float:
 
 
 def cache_key(feature: str, modules, shape: dict, dtype, candidates: Sequence[int]) -> str:
-    """What a measurement depends on: the device, jax, the measured code's source, the
-    shapes, the dtype and the rows tried."""
+    """What a measurement depends on: the device, jax, the measured code's source (and
+    this module's: its margins and format), the shapes, the dtype and the rows tried."""
+    import sys
+
     import jaxlib
 
     digest = hashlib.sha256()
-    for module in modules:
+    for module in (*modules, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
     return json.dumps([feature, jax.devices()[0].device_kind, jax.__version__,
                        jaxlib.__version__, digest.hexdigest()[:16], shape,
@@ -292,14 +302,17 @@ def _cached(key: str, feature: str, use_cache: bool,
     path = cache_path()
     if use_cache:
         stored = _read(path).get(key)
-        if stored is not None:
-            return KernelChoice(feature, stored["rows"],
-                                {int(r): t for r, t in stored["timings"].items()},
-                                stored["layers"], cached=True)
+        try:
+            return KernelChoice(feature, int(stored["rows"]),
+                                {int(r): dict(t) for r, t in stored["timings"].items()},
+                                int(stored["layers"]), cached=True)
+        except (TypeError, KeyError, ValueError, AttributeError):  # none, or not readable
+            pass
     start = time.perf_counter()
     choice = measure_now()
     choice.seconds = time.perf_counter() - start
-    if use_cache:
+    # a failure may be passing (memory taken by another process): measured again next time
+    if use_cache and not any("error" in t for t in choice.timings.values()):
         _write(path, key, choice.as_dict())
     return choice
 

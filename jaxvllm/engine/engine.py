@@ -291,7 +291,7 @@ class LLMEngine:
         start-up."""
         rows = self._measured("sampling_kernels", self.mesh is None,
                               lambda: autotune.sampling_kernel_rows(
-                                  self.model_config.vocab_size, self.loaded.dtype))
+                                  self.model_config.vocab_size, np.float32))  # the logits'
         if rows is not None:
             return rows
         on = self._option("sampling_kernels", self.mesh is None,

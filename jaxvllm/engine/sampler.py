@@ -295,15 +295,15 @@ def inverse_cdf_tokens(logits: jax.Array, uniforms: jax.Array,
 
 def _invert_cdf(weights: jax.Array, uniforms: jax.Array) -> jax.Array:
     """For [R, N] weights (>= 0, some > 0) and [R] uniforms in [0, 1): the first index whose
-    running sum reaches (1 - u) * total, kept within the nonzero weights (float rounding at
-    either end can otherwise land on a zero weight)."""
+    running sum reaches (1 - u) * total and whose weight is not zero (a parallel prefix sum
+    need not grow monotonically to the last bit across zero weights, and float rounding at
+    the end can leave the target above every running sum: then the last nonzero weight)."""
     running = jnp.cumsum(weights, axis=-1)
     target = (1.0 - uniforms) * running[:, -1]  # in (0, total]
-    pick = jnp.sum(running < target[:, None], axis=-1)
     index = jnp.arange(weights.shape[-1])
-    first = jnp.min(jnp.where(weights > 0, index, weights.shape[-1] - 1), axis=-1)
     last = jnp.max(jnp.where(weights > 0, index, 0), axis=-1)
-    return jnp.clip(pick, first, last)
+    reached = (running >= target[:, None]) & (weights > 0)
+    return jnp.min(jnp.where(reached, index, last[:, None]), axis=-1)
 
 
 def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
@@ -350,7 +350,7 @@ def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int | Non
         from pallas_kernels.sampling import sample_tokens
 
         keep_sorted = _random_cutoffs(processed, meta, paths, needed)[2]
-        # unprocessed logits go in as they are (no float32 copy for the kernels to read)
+        # unprocessed logits go in as they are: XLA need not write out a processed copy
         source = raw if _unprocessed(meta, paths) else processed
         tokens = sample_tokens(source, meta.temperature, meta.min_p, keep_sorted[:, 0],
                                _row_uniforms(meta), greedy_below=SAMPLING_EPS)
