@@ -138,12 +138,12 @@ def test_the_engine_runs_the_kernels_where_measured_faster(llama_folder, monkeyp
     kwargs = dict(attention_backend="pallas", max_model_len=64, max_num_seqs=4,
                   max_num_batched_tokens=32, num_scheduler_steps=4)
     prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65, 35, 89][: 2 + i]} for i in range(4)]
+    # greedy and seeded rows in one batch
     params = [SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
-              SamplingParams(max_tokens=6, temperature=0.9, seed=7, ignore_eos=True)]
+              SamplingParams(max_tokens=6, temperature=0.9, seed=7, ignore_eos=True)] * 2
 
     def tokens(llm):
-        return [[o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
-                for p in params]
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
     plain = LLM(str(llama_folder), **kwargs)  # on the CPU: not measured, off
     stats = plain.llm_engine.stats()
