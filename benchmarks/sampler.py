@@ -70,11 +70,11 @@ def bench_rows(rows: int, vocab: int, iters: int, kernels: bool = False) -> dict
     categorical = jax.jit(jax.vmap(lambda key, row: jax.random.categorical(key, row)))
     argmax = jax.jit(lambda x: jnp.argmax(x, axis=-1))
 
-    out = {}
+    out, samplers = {}, {}
     for name, temperature, baseline, base_args in (
             ("random", 1.0, categorical, (keys, logits)),
             ("greedy", 0.0, argmax, (logits,))):
-        fn, meta = _engine_sampler(rows, vocab, temperature)
+        fn, meta = samplers[name] = _engine_sampler(rows, vocab, temperature)
         engine_ms = common.time_ms(fn, logits, meta, iters=iters)
         base_ms = common.time_ms(baseline, *base_args, iters=iters)
         out[name] = {"engine_ms": round(engine_ms, 4), "jax_ms": round(base_ms, 4),
@@ -82,13 +82,14 @@ def bench_rows(rows: int, vocab: int, iters: int, kernels: bool = False) -> dict
     if kernels:
         fn, meta = _engine_sampler(rows, vocab, 1.0, kernel=True)
         kernel_ms = common.time_ms(fn, logits, meta, iters=iters)
-        xla_fn, _ = _engine_sampler(rows, vocab, 1.0)
-        differ = float(np.mean(np.asarray(fn(logits, meta)) != np.asarray(xla_fn(logits, meta))))
+        xla_fn, xla_meta = samplers["random"]
+        differ = float(np.mean(np.asarray(fn(logits, meta))
+                               != np.asarray(xla_fn(logits, xla_meta))))
         out["kernels"] = {"engine_ms": round(kernel_ms, 4), "jax_ms": out["random"]["jax_ms"],
                           "speedup": common.ratio(out["random"]["jax_ms"], kernel_ms),
                           "vs_random": common.ratio(out["random"]["engine_ms"], kernel_ms),
                           "tokens_differing": differ}
-    greedy_fn, greedy_meta = _engine_sampler(rows, vocab, 0.0)
+    greedy_fn, greedy_meta = samplers["greedy"]
     if not np.array_equal(np.asarray(greedy_fn(logits, greedy_meta)), np.asarray(argmax(logits))):
         raise RuntimeError("the engine's greedy tokens differ from jnp.argmax")
     return out

@@ -205,6 +205,7 @@ def _merge_kernel(seq_lens_ref, acc_ref, m_ref, l_ref, o_ref, *, group: int, row
     from jax.experimental.pallas import triton as plgpu
 
     tok, head = pl.program_id(0), pl.program_id(1)
+    one = lambda i: pl.ds(i, 1)  # (slices: an interpreted masked load takes no integers)
     ms = [m_ref[tok, head, s, :] for s in range(num_splits)]
     m = functools.reduce(jnp.maximum, ms)
     total = jnp.zeros((rows,), jnp.float32)
@@ -214,7 +215,6 @@ def _merge_kernel(seq_lens_ref, acc_ref, m_ref, l_ref, o_ref, *, group: int, row
         l_s = l_ref[tok, head, s, :]
         total = total + weight * l_s
         written = jnp.broadcast_to((l_s > 0)[None, None, None, :, None], (1, 1, 1, *out.shape))
-        one = lambda i: pl.ds(i, 1)  # (slices: an interpreted masked load takes no integers)
         acc = plgpu.load(acc_ref.at[one(tok), one(head), one(s), :, :], mask=written,
                          other=0.0)
         out = out + weight[:, None] * acc.reshape(out.shape)

@@ -51,25 +51,17 @@ THRESHOLD_SLACK = 2.0 ** -20  # relative; a few float32 ulps
 _FMAX = float(jnp.finfo(jnp.float32).max)
 
 
-def reference(logits, temperature, min_p, threshold, uniforms, *, greedy_below: float,
-              block: int = BLOCK):
-    """The contract in plain jnp (the sampler's own functions)."""
-    from jaxvllm.engine.sampler import argmax_tokens, inverse_cdf_tokens
+def reference(logits, temperature, min_p, threshold, uniforms, *, greedy_below: float):
+    """The contract in plain jnp, on the sampler's own functions (its blocks: BLOCK tokens)."""
+    from jaxvllm.engine.sampler import argmax_tokens, inverse_cdf_tokens, scaled_logits
 
-    x, row_max = _scaled_and_kept(logits.astype(jnp.float32), temperature, min_p, threshold,
-                                  greedy_below)
-    del block  # the sampler's blocks are BLOCK tokens
-    sampled = inverse_cdf_tokens(x, uniforms, row_max[:, None])
-    return jnp.where(temperature < greedy_below, argmax_tokens(logits.astype(jnp.float32)),
-                     sampled)
-
-
-def _scaled_and_kept(p, temperature, min_p, threshold, greedy_below):
+    p = logits.astype(jnp.float32)
     t = jnp.where(temperature < greedy_below, 1.0, temperature)
-    scaled = jnp.minimum(p / t[:, None], _FMAX)
-    row_max = jnp.minimum(jnp.max(p, axis=-1) / t, _FMAX)
-    keep = jnp.maximum(row_max + jnp.log(min_p), threshold)
-    return jnp.where(scaled >= keep[:, None], scaled, -jnp.inf), row_max
+    row_max = scaled_logits(jnp.max(p, axis=-1, keepdims=True), t)
+    keep = jnp.maximum(row_max + jnp.log(min_p)[:, None], threshold[:, None])
+    x = scaled_logits(p, t)
+    sampled = inverse_cdf_tokens(jnp.where(x >= keep, x, -jnp.inf), uniforms, row_max)
+    return jnp.where(temperature < greedy_below, argmax_tokens(p), sampled)
 
 
 def default_num_splits(rows: int, vocab: int, chunk: int) -> int:
@@ -104,15 +96,20 @@ def _maxima_kernel(logits_ref, max_ref, arg_ref, *, vocab: int, split_len: int, 
     arg_ref[row, split] = at
 
 
-def _row_limits(max_ref, params_ref, row, num_splits: int, greedy_below: float):
-    """(1 / temperature, the row maximum of the scaled logits, the smallest logit kept, the
-    exponent's offset), from the first kernel's maxima."""
+def _split_maxima(max_ref, row, num_splits: int):
+    """(split indices, the first kernel's maxima of the row's splits, -inf past them),
+    [next_power_of_2(num_splits)] each."""
     from jax.experimental.pallas import triton as plgpu
 
-    splits = next_power_of_2(num_splits)
-    at = lax.broadcasted_iota(jnp.int32, (splits,), 0)
-    top = jnp.max(plgpu.load(max_ref.at[row, pl.ds(0, splits)], mask=at < num_splits,
-                             other=-jnp.inf))
+    at = lax.broadcasted_iota(jnp.int32, (next_power_of_2(num_splits),), 0)
+    return at, plgpu.load(max_ref.at[row, pl.ds(0, at.shape[0])], mask=at < num_splits,
+                          other=-jnp.inf)
+
+
+def _row_limits(maxima, params_ref, row, greedy_below: float):
+    """(the temperature (1 on greedy rows), the row's largest logit, the smallest scaled
+    logit kept, the exponent's offset), from the row's split maxima."""
+    top = jnp.max(maxima)
     temperature, min_p, threshold = (params_ref[row, i] for i in range(3))
     t = jnp.where(temperature < greedy_below, 1.0, temperature)
     row_max = jnp.minimum(top / t, _FMAX)
@@ -132,7 +129,8 @@ def _block_sums_kernel(logits_ref, max_ref, params_ref, sums_ref, *, vocab: int,
                        split_len: int, chunk: int, block: int, num_splits: int,
                        greedy_below: float):
     row, split = pl.program_id(0), pl.program_id(1)
-    t, _, keep, offset = _row_limits(max_ref, params_ref, row, num_splits, greedy_below)
+    t, _, keep, offset = _row_limits(_split_maxima(max_ref, row, num_splits)[1], params_ref,
+                                     row, greedy_below)
     start = split * split_len
 
     @pl.when(params_ref[row, 0] >= greedy_below)  # greedy rows need no sums
@@ -163,15 +161,12 @@ def _pick_kernel(logits_ref, max_ref, arg_ref, params_ref, sums_ref, tokens_ref,
     from jax.experimental.pallas import triton as plgpu
 
     row = pl.program_id(0)
-    t, top, keep, offset = _row_limits(max_ref, params_ref, row, num_splits, greedy_below)
-    splits = next_power_of_2(num_splits)
-    at = lax.broadcasted_iota(jnp.int32, (splits,), 0)
-    maxima = plgpu.load(max_ref.at[row, pl.ds(0, splits)], mask=at < num_splits,
-                        other=-jnp.inf)
+    at, maxima = _split_maxima(max_ref, row, num_splits)
+    t, top, keep, offset = _row_limits(maxima, params_ref, row, greedy_below)
     # the first split holding the row's first largest logit (all -inf: split 0's first)
-    first = jnp.min(jnp.where(maxima == top, at, splits - 1))
+    first = jnp.min(jnp.where(maxima == top, at, at.shape[0] - 1))
     greedy = jnp.sum(jnp.where(at == first, plgpu.load(
-        arg_ref.at[row, pl.ds(0, splits)], mask=at < num_splits, other=0), 0))
+        arg_ref.at[row, pl.ds(0, at.shape[0])], mask=at < num_splits, other=0), 0))
     tokens_ref[row] = greedy
 
     @pl.when(params_ref[row, 0] >= greedy_below)

@@ -38,7 +38,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -340,10 +340,8 @@ def _write(path: Path, key: str, entry: dict) -> None:
         logger.debug("autotune choice not stored: %r", e)
 
 
-def describe(choice: Optional[KernelChoice]) -> str:
+def describe(choice: KernelChoice) -> str:
     """One line for the log."""
-    if choice is None:
-        return "kernels: not measured"
     parts = []
     for rows, t in sorted(choice.timings.items()):
         parts.append(f"{rows} rows: " + (t["error"][:80] if "error" in t else

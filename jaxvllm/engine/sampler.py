@@ -353,7 +353,7 @@ def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int | Non
     if kernel and paths is not None and paths.random:
         from pallas_kernels.sampling import sample_tokens
 
-        keep_sorted = _random_cutoffs(processed, meta, paths, needed)[2]
+        keep_sorted = _random_cutoffs(processed, meta, paths, needed)[3]
         # unprocessed logits go in as they are: XLA need not write out a processed copy
         source = raw if _unprocessed(meta, paths) else processed
         tokens = sample_tokens(source, meta.temperature, meta.min_p, keep_sorted[:, 0],
@@ -362,10 +362,9 @@ def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int | Non
         greedy_tokens = argmax_tokens(processed)
 
         def random_tokens(processed):
-            temperature, row_max, keep_sorted = _random_cutoffs(processed, meta, paths,
-                                                                needed)
-            x = _scaled(processed, temperature)
-            keep_min_p = row_max + jnp.log(meta.min_p)[:, None]
+            temperature, row_max, keep_min_p, keep_sorted = _random_cutoffs(
+                processed, meta, paths, needed)
+            x = scaled_logits(processed, temperature)
             x = jnp.where(x >= jnp.maximum(keep_min_p, keep_sorted), x, -jnp.inf)
             return inverse_cdf_tokens(x, _row_uniforms(meta), row_max)
 
@@ -379,7 +378,7 @@ def sample(logits: jax.Array, meta: SamplingMetadata, *, num_logprobs: int | Non
     return SamplerOutput(tokens, values, ids, ranks)
 
 
-def _scaled(processed: jax.Array, temperature: jax.Array) -> jax.Array:
+def scaled_logits(processed: jax.Array, temperature: jax.Array) -> jax.Array:
     """Logits divided by the rows' temperature; +inf logits (an infinite logit_bias) become
     the largest float: the row then draws among them alone instead of turning inf - inf
     into NaN."""
@@ -388,8 +387,9 @@ def _scaled(processed: jax.Array, temperature: jax.Array) -> jax.Array:
 
 def _random_cutoffs(processed: jax.Array, meta: SamplingMetadata,
                     paths: Optional[SamplerPaths], needed: Callable[[], SamplerPaths]):
-    """(temperature [R] (1 on greedy rows), the scaled rows' maxima [R, 1], the top-k/top-p
-    cutoff [R, 1]: the smallest scaled logit those filters keep, -inf where none filters).
+    """(temperature [R] (1 on greedy rows), the scaled rows' maxima [R, 1], the min-p cutoff
+    [R, 1] and the top-k/top-p one [R, 1]: the smallest scaled logit each keeps, -inf where
+    it does not filter).
 
     The filters become per-row logit thresholds: only [R]-sized values leave the `cond`
     around the sort, so the [R, V] logits are divided, masked and exponentiated in one pass
@@ -398,17 +398,17 @@ def _random_cutoffs(processed: jax.Array, meta: SamplingMetadata,
                             meta.temperature).astype(jnp.float32)
     # max(p / t) = max(p) / t exactly (division rounds monotonically); every filter keeps
     # the largest logit, so this is also the row maximum after filtering
-    row_max = _scaled(jnp.max(processed, axis=-1, keepdims=True), temperature)
+    row_max = scaled_logits(jnp.max(processed, axis=-1, keepdims=True), temperature)
     keep_min_p = row_max + jnp.log(meta.min_p)[:, None]  # p >= min_p * p_max (0: -inf)
 
     def sorted_cutoff(p):
-        x = _scaled(p, temperature)
+        x = scaled_logits(p, temperature)
         x = jnp.where(x >= keep_min_p, x, -jnp.inf)
         return top_k_top_p_cutoff(x, meta.top_k, meta.top_p)
 
     keep_sorted = _branch(paths, needed, "sort", sorted_cutoff,
                           lambda p: jnp.full_like(keep_min_p, -jnp.inf), processed)
-    return temperature, row_max, keep_sorted
+    return temperature, row_max, keep_min_p, keep_sorted
 
 
 def _row_uniforms(meta: SamplingMetadata) -> jax.Array:
