@@ -21,13 +21,13 @@ tiles (flash-decoding), each keeping its own running softmax, and a second small
 (`_merge_kernel`) rescales and adds them: two kernels a layer instead of one, but a walk
 `num_splits` times shorter. `default_num_splits` picks how many from the shapes.
 
-Many rows fill the GPU in one wave of programs (256 rows, 2 KV heads: 512), so a step lasts
-as long as its longest row's walk: in a batch whose contexts run from 100 to 2,000 keys that
-is twice the walk of the mean row. There, where the table allows contexts longer than
-`SPLIT_KEYS`, program s of a row takes its keys [s * SPLIT_KEYS, (s + 1) * SPLIT_KEYS)
-(`split_keys`; vLLM's paged attention v2 partitions likewise): a short row's other
-programs find no key and end at once, a long row's walk is cut to SPLIT_KEYS, and the
-programs no longer fit one wave, so the GPU's scheduler evens out the load.
+Many rows fill the GPU with one program a row and KV head. Asked for (`split_keys`), program
+s of a row takes its keys [s * split_keys, (s + 1) * split_keys) instead (vLLM's paged
+attention v2 partitions likewise): a short row's other programs find no key and end at
+once, a long row's walk is cut to `split_keys`. Meant for rows of uneven contexts in one
+wave of programs, it lost on an H100 (256 rows of 5-100% of 2,048 keys: 74 us a layer
+against 70 with one program a row; benchmarks/README.md, thirteenth round), so the
+defaults never choose it.
 
 The query, the new key and the new value come in one `[T, H + 2 * KVH, D]` array (q, then
 k, then v, rotary embeddings applied): XLA writes it with one fusion. The caches are
@@ -66,14 +66,8 @@ MIN_DOT = 16  # Triton's smallest dot dimension
 TARGET_PROGRAMS = 256
 MAX_SPLITS = 16
 WHOLE_BLOCK_K, SPLIT_BLOCK_K = 128, 64
-# Keys a program takes at most where rows fill the GPU (the module docstring). Not yet timed
-# on a GPU: chosen so that tables of up to 1,024 keys keep one program a row (splitting
-# every row of a 256-row step in two was 5-16% slower when all rows were as long:
-# benchmarks/README.md, seventh round).
-SPLIT_KEYS = 1024
-# At most this many key ranges a row (wider ranges past it): the partial results of every
-# (row, KV head, range) are written out for the merge, on top of the memory the engine's
-# profile run measured
+# At most this many key ranges a row where `split_keys` is given (wider ranges past it): the
+# partial results of every (row, KV head, range) are written out for the merge
 MAX_KEY_RANGES = 4
 
 
@@ -245,16 +239,13 @@ def default_tiling(num_tokens: int, num_kv_heads: int, max_context: int,
                    split_keys: int | None = None):
     """(block_k, num_splits, split_keys), each the one given or its default for these
     shapes: splits sharing each row's tiles evenly where rows are few
-    (`default_num_splits`), else, for tables longer than SPLIT_KEYS keys, fixed key ranges
-    of SPLIT_KEYS (`split_keys`; None: even shares), at most MAX_KEY_RANGES of them."""
+    (`default_num_splits`), one program a row where they fill the GPU; fixed key ranges
+    only where `split_keys` is given (at most MAX_KEY_RANGES of them; None: even shares)."""
     if split_keys is not None and num_splits is not None:
         raise ValueError("give num_splits (even shares) or split_keys (key ranges), not both")
     if split_keys is None and num_splits is None:
         num_splits = default_num_splits(num_tokens, num_kv_heads, max_context,
                                         block_k or SPLIT_BLOCK_K)
-        if (num_splits == 1 and max_context > SPLIT_KEYS
-                and SPLIT_KEYS % (block_k or WHOLE_BLOCK_K) == 0):
-            split_keys = SPLIT_KEYS
     if split_keys is not None:
         block_k = block_k or WHOLE_BLOCK_K
         if split_keys % block_k:

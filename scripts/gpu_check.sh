@@ -14,6 +14,7 @@
 #   COMPARE_HF_THROUGHPUT=0 TESTS_K=decode scripts/gpu_check.sh   no HF in the throughput
 #                                  phase only; only the kernel tests matching -k decode
 #   PROFILE_CONTEXT=1024 scripts/gpu_check.sh   the profile phases' context (default 512)
+#   PROFILE_BATCH_SIZES=1 scripts/gpu_check.sh   their batch sizes (default 1,256)
 #
 # Phases (PHASES, run in the order given; model first):
 #   model        the random-weight model
@@ -115,7 +116,8 @@ else
     MODEL_ARGS=(--dtype bfloat16); DTYPE=bfloat16
     LAT_ARGS=(--input-len 128 --output-len 128 --num-iters-warmup 3 --num-iters 10 --hf-num-iters 2)
     THR_ARGS=()  # the nano-vllm workload as published: 256 requests, lengths in [100, 1024]
-    PROF_ARGS=(--batch-sizes 1,256 --context "${PROFILE_CONTEXT:-512}" --steps 5)
+    PROF_ARGS=(--batch-sizes "${PROFILE_BATCH_SIZES:-1,256}" --context "${PROFILE_CONTEXT:-512}"
+               --steps 5)
 fi
 COMMON=(--model "$MODEL_DIR" --dtype "$DTYPE" --max-model-len 2048)
 # ENGINE_EXTRA="--no-wait-for-precompile": more flags for every engine the phases build

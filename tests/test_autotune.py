@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,29 @@ def _timing(xla_us, kernels_us, rel_err=0.0):
 ])
 def test_choose_rows(timings, rows):
     assert autotune.choose_rows(timings) == rows
+
+
+def test_the_two_ways_take_turns_after_a_warm_up(monkeypatch):
+    """Warm-up calls, then timed ones, alternate between the ways (so both meet the same
+    clocks); each way's fastest call counts."""
+    monkeypatch.setattr(autotune, "WARMUP_SECONDS", 0.05)
+    calls = []
+
+    def way(name, seconds):
+        def call(x):
+            calls.append(name)
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+            return x
+        return call
+
+    xla_s, kernels_s = autotune._fastest_each([way("xla", 0.004), way("kernels", 0.001)],
+                                              (jnp.ones(2),), repetitions=3)
+    assert calls[-6:] == ["xla", "kernels"] * 3  # the timed calls
+    warm_up = calls[:-6]
+    assert len(warm_up) >= 2 * 5 and warm_up == ["xla", "kernels"] * (len(warm_up) // 2)
+    assert 0.004 <= xla_s < 0.04 and 0.001 <= kernels_s < xla_s
 
 
 @pytest.fixture(scope="module")

@@ -326,14 +326,13 @@ def test_decode_attention_matches_write_then_attend(case):
 
 def test_decode_tiling_defaults():
     """Few rows: even shares of each row's tiles; rows enough to fill the GPU: one program
-    a row up to SPLIT_KEYS keys, fixed key ranges past that (at most MAX_KEY_RANGES)."""
-    from pallas_kernels.decode_attention_triton import (MAX_KEY_RANGES, SPLIT_KEYS,
-                                                        default_tiling)
+    a row at any context; fixed key ranges only where asked (at most MAX_KEY_RANGES)."""
+    from pallas_kernels.decode_attention_triton import MAX_KEY_RANGES, default_tiling
 
     assert default_tiling(16, 2, 1024) == (64, 8, None)
-    assert default_tiling(256, 2, SPLIT_KEYS) == (128, 1, None)
-    assert default_tiling(256, 2, 2048) == (128, -(-2048 // SPLIT_KEYS), SPLIT_KEYS)
-    wide = default_tiling(256, 2, 64 * 1024)
+    assert default_tiling(256, 2, 1024) == (128, 1, None)
+    assert default_tiling(256, 2, 64 * 1024) == (128, 1, None)
+    wide = default_tiling(256, 2, 64 * 1024, split_keys=1024)
     assert wide[1] == MAX_KEY_RANGES and wide[1] * wide[2] >= 64 * 1024 and wide[2] % 128 == 0
     assert default_tiling(256, 2, 4096, block_k=2048)[1:] == (1, None)  # 2048 keys a tile
     assert default_tiling(256, 2, 2048, num_splits=1) == (128, 1, None)  # as asked
@@ -498,15 +497,17 @@ def test_decode_attention_lowers_for_an_h100():
     from pallas_kernels.decode_attention_triton import decode_attention_triton
     from pallas_kernels.gpu_lowering import lower_for_gpu
 
-    # 256 rows: one program a row and KV head; 16 rows: the keys split (and merged); 256
-    # rows of up to 2,048 keys: fixed key ranges (and merged)
-    for heads, kv_heads, head_dim, tokens, width in ((14, 2, 64, 256, 8), (14, 2, 64, 16, 8),
-                                                     (32, 8, 128, 256, 8),
-                                                     (14, 2, 64, 256, 128)):
+    # 256 rows: one program a row and KV head (at 2,048 keys too); 16 rows: the keys split
+    # (and merged); 256 rows of up to 2,048 keys in fixed key ranges (and merged)
+    for heads, kv_heads, head_dim, tokens, width, split_keys in (
+            (14, 2, 64, 256, 8, None), (14, 2, 64, 16, 8, None), (32, 8, 128, 256, 8, None),
+            (14, 2, 64, 256, 128, None), (14, 2, 64, 256, 128, 1024)):
         fn = functools.partial(decode_attention_triton, scale=0.1, interpret=False,
-                               num_kv_heads=kv_heads, sliding_window=64, soft_cap=30.0)
+                               num_kv_heads=kv_heads, sliding_window=64, soft_cap=30.0,
+                               split_keys=split_keys)
         text = lower_for_gpu(fn, *_decode_specs(heads, kv_heads, head_dim, tokens, width))
-        assert text.count("__gpu$xla.gpu.triton") == (1 if width == 8 and tokens == 256 else 2)
+        merged = tokens == 16 or split_keys is not None
+        assert text.count("__gpu$xla.gpu.triton") == (2 if merged else 1)
 
 
 def test_mosaic_p_in_registers_lowers():

@@ -14,6 +14,14 @@ import pytest
 from pallas_kernels import small_batch_matmul as sbm
 
 
+@pytest.fixture(autouse=True)
+def _exact_float32_references():
+    """The kernels multiply float32 operands exactly (Precision.HIGHEST); XLA's dots on a GPU
+    default to TF32, ~1e-3 off at these sizes: the references here multiply exactly too."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _operands(rows, k, n, *, norm=False, bias=False, residual=False, gated=False,
               dtype=jnp.float32, seed=0):
     rng = np.random.default_rng(seed)
