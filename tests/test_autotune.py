@@ -82,14 +82,27 @@ def test_a_row_limit_keeps_larger_steps_on_xla(qwen2_model):
     assert _projection_kernels(qwen2_model, 16, 0) == 0
 
 
-def test_measure_times_both_ways_and_checks_the_kernels(qwen2_model):
+def test_measure_times_both_ways_and_checks_the_kernels(qwen2_model, monkeypatch):
+    # as if the kernels won at every count (interpreted here, they lose), so 32 is measured
+    monkeypatch.setattr(autotune, "choose_rows", max)
     choice = autotune.measure(qwen2_model, (16, 32), iterations=1, repetitions=1)
-    assert sorted(choice.timings) == [16, 32]
+    assert sorted(choice.timings) == [16, 32] and choice.rows == 32
     for t in choice.timings.values():
         assert t["xla_us"] > 0 and t["kernels_us"] > 0
         assert t["rel_err"] < 1e-5  # float32: the kernels gave XLA's result
     assert choice.layers == qwen2_model.cfg.num_layers  # tiny layers: all of them probed
-    assert choice.rows == autotune.choose_rows(choice.timings)
+
+
+def test_a_losing_row_count_ends_the_measurement():
+    measured = []
+
+    def measure_rows(rows):
+        measured.append(rows)
+        return _timing(10, 5) if rows == 16 else _timing(10, 12)
+
+    choice = autotune._measure_each("small_batch_matmuls", (64, 16, 32), measure_rows)
+    assert measured == [16, 32] and choice.rows == 16  # 64 never compiled
+    assert sorted(choice.timings) == [16, 32]
 
 
 def test_a_kernel_that_fails_is_not_chosen(qwen2_model, monkeypatch):

@@ -16,7 +16,9 @@ guessing. Each way runs as one jitted loop compiled with the steps' XLA flags (o
 as a decode step runs), each iteration depending on the one before. The kernels then run for
 steps of up to the largest row count at which they, and every row count below it, were
 faster by `MARGIN` and gave XLA's result (within `TOLERANCE`: the largest difference
-relative to the largest value, or for the sampler the share of rows drawing another token).
+relative to the largest value, or for the sampler the share of rows drawing another token);
+a row count that loses ends the measurement, the larger ones left uncompiled. Both ways
+take turns on the device after a warm-up (`_fastest_each`).
 A kernel that fails to compile or run counts as slower: the engine runs XLA's way, and says
 why in `LLMEngine.stats()`; one that compiles but fails on the device is an error (the
 device may be left unusable).
@@ -227,6 +229,8 @@ def _measure_each(feature: str, candidates: Sequence[int],
             timings[rows] = measure_rows(rows)
         except Exception as e:  # noqa: BLE001 - a kernel that cannot run is not chosen
             timings[rows] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        if choose_rows(timings) < rows:
+            break  # a loss here rules out every larger count: no need to compile those
     return KernelChoice(feature, choose_rows(timings), timings, layers)
 
 
