@@ -267,9 +267,9 @@ def _time_both(xla_body: Callable, kernel_body: Callable, args: tuple,
 
 def _fastest_each(compiled: Sequence, args, repetitions: int) -> list[float]:
     """Seconds of each program's fastest of `repetitions` calls, after WARMUP_SECONDS of
-    calls. The programs take turns throughout: a GPU's clocks rise over its first
-    milliseconds of work, and timed one after the other the first way met slower clocks
-    than the second (on an H100 XLA's projections timed slower at 16 rows than at 64)."""
+    calls. The programs take turns throughout, so that both meet the same clocks (a GPU's
+    rise over its first milliseconds of work): on an H100, timed first and alone, XLA's
+    projections came out slower at 16 rows than at 64, and than in a decode step."""
     warm_until = time.perf_counter() + WARMUP_SECONDS
     while True:
         for program in compiled:
