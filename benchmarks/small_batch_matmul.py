@@ -1,7 +1,7 @@
 """The small-batch projection kernels against XLA on a decoder layer's projections, in one run.
 
     python benchmarks/small_batch_matmul.py                # rows 1 and 64, Qwen2.5-0.5B's shapes
-    python benchmarks/small_batch_matmul.py --block-n 16,32 --block-k 256,512 --num-stages 3,4
+    python benchmarks/small_batch_matmul.py --block-n 16,32 --block-k 256,512 --splits auto,1,4
     python benchmarks/small_batch_matmul.py --smoke        # tiny shapes, interpret mode (CPU)
     jaxvllm bench small_batch_matmul ...                   # the same
 
@@ -14,7 +14,9 @@ Times a decoder layer without its attention, as a decode step of `rows` requests
 
 - `xla`: as the model runs it without `small_batch_matmuls`: XLA's fusions and GEMMs;
 - `default`: the four projections as `fused_matmul` kernels with their default tiling;
-- every combination of `--block-n`, `--block-k` and `--num-stages` (one tiling for all four).
+- every combination of `--block-n`, `--block-k`, `--num-stages` and `--splits` (one tiling
+  for all four; the QKV projection's column tile at most half a head, which RoPE needs;
+  `auto` splits: the default for each projection's shape).
 
 Each runs `--iters` times in one jitted loop compiled with jaxvllm's XLA flags (the loop one
 CUDA graph, as a decode step's), so the time includes the gaps between kernels as the
@@ -51,9 +53,11 @@ def build_parser():
     p.add_argument("--kv-size", type=int, default=128, help="K (and V) columns of W_qkv")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--block-n", type=common.int_list, default=[16, 32])
-    p.add_argument("--block-k", type=common.int_list, default=[128, 256, 512])
-    p.add_argument("--num-stages", type=common.int_list, default=[3, 4])
+    p.add_argument("--block-n", type=common.int_list, default=[32, 64])
+    p.add_argument("--block-k", type=common.int_list, default=[128, 256])
+    p.add_argument("--num-stages", type=common.int_list, default=[3])
+    p.add_argument("--splits", default="auto,1",
+                   help="splits of K to try (auto: each projection's default)")
     p.add_argument("--num-warps", type=int, default=4)
     common.add_sweep_args(p, iters=50)
     return p
@@ -112,7 +116,12 @@ def layer_fused(x, p, rope: dict, **tiling):
     from pallas_kernels.small_batch_matmul import fused_matmul
 
     fused = functools.partial(fused_matmul, **tiling)
-    qkv = fused(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"], **rope)
+    qkv_tiling = {}
+    if tiling.get("block_n"):  # RoPE: whole tiles in each half of a head
+        half = rope["rope_inv_freq"].shape[0]
+        qkv_tiling["block_n"] = min(tiling["block_n"], half)
+    qkv = fused(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"], **rope,
+                **qkv_tiling)
     x = fused(qkv[:, :x.shape[1]], p["w_o"], residual=x)
     h = fused(x, p["w_gate_up"], norm_scale=p["mlp_norm"], gated_act=jax.nn.silu)
     return fused(h, p["w_down"], residual=x)
@@ -137,9 +146,11 @@ def looped(layer, num_layers: int, iters: int):
 
 def configurations(args):
     """(label, fused_matmul tiling keywords) of every tiling asked for."""
-    for bn, bk, st in itertools.product(args.block_n, args.block_k, args.num_stages):
-        yield f"bn{bn} bk{bk} st{st}", dict(block_n=bn, block_k=bk, num_stages=st,
-                                            num_warps=args.num_warps)
+    splits = [None if s == "auto" else int(s) for s in args.splits.split(",") if s]
+    for bn, bk, st, sp in itertools.product(args.block_n, args.block_k, args.num_stages,
+                                            splits):
+        yield f"bn{bn} bk{bk} st{st} s{sp or 'auto'}", dict(
+            block_n=bn, block_k=bk, num_stages=st, splits=sp, num_warps=args.num_warps)
 
 
 def bench_rows(rows: int, weights, args) -> dict:
@@ -197,7 +208,7 @@ def run(args) -> dict:
     if args.smoke:
         args.rows, args.iters, args.reps, args.layers = [1, 20], 2, 1, 2
         args.hidden, args.intermediate, args.kv_size, args.head_dim = 64, 96, 32, 32
-        args.block_n, args.block_k, args.num_stages = [16], [32], [2]
+        args.block_n, args.block_k, args.num_stages, args.splits = [16], [32], [2], "auto,2"
     weights = make_weights(args)
     shapes = []
     for rows in dict.fromkeys(padded_rows(r) for r in args.rows):
@@ -207,7 +218,7 @@ def run(args) -> dict:
               f"a layer --")
         common.print_sweep(r["results"], [("us_per_layer", "us/layer", 9, ".2f"),
                                           ("weight_tb_per_s", "TB/s", 7, ".3f"),
-                                          ("vs_xla", "vs xla", 7, "")], width=18)
+                                          ("vs_xla", "vs xla", 7, "")], width=22)
         print(f"   best: {r.get('best')}", flush=True)
     return {"benchmark": "small_batch_matmul", "device": common.device_name(),
             "geometry": {"hidden": args.hidden, "intermediate": args.intermediate,

@@ -12,20 +12,25 @@ one projection and what surrounds it:
     epilogue: + bias; then rotary embeddings on the leading (q and k) heads, or, for a
               fused gate/up matrix, `act(gate) * up`; + residual
 
-so a layer is four such kernels beside its attention: RMSNorm + QKV (+ bias) + RoPE,
+so a layer is four such projections beside its attention: RMSNorm + QKV (+ bias) + RoPE,
 O (+ residual), RMSNorm + gate/up + act * up, down (+ residual). With RoPE a program's two
 column tiles are a head's rotation partners (columns i and i + head_dim / 2).
 
 One program computes `block_n` output columns for all rows (at most `MAX_ROWS`, padded to a
-power of two from 16, Triton's smallest dot) over the whole of K, `block_k` at a time (the
-last step masked where K is not a multiple): nothing to add up afterwards, and each
-program's RMSNorm is a second read of the rows, which sit in L2. With 16 columns a program,
-Qwen2.5-0.5B's projections run 36 (QKV, two tiles each for RoPE), 56 (O, down) and 304
-(gate/up, two tiles each) programs. So few programs keep the memory system busy only with
-many bytes in flight each: hence wide K steps (512 by default, less where shared memory or
-registers would run short) and pipelined loads (`num_stages`). The tiling is not yet tuned
-on a GPU: `benchmarks/small_batch_matmul.py` sweeps it. `reference` is the contract in plain
-jnp.
+power of two from 16, Triton's smallest dot), `block_k` of K a step (the last step masked
+where K is not a multiple). The weights are [K, N], so a program reads `block_n` of each K
+row. With 16 (32 bytes), and 56 programs for the O and down projections, the kernels ran
+2-3x slower than XLA's GEMMs on an H100 (benchmarks/README.md, thirteenth round); tiles are
+now up to 64 columns wide (`BLOCK_N_CHOICES`). Wide tiles leave few programs, though: Qwen2.5-0.5B's O and down
+projections have 14 tiles of 64 columns for 132 SMs. Where the tiles alone make fewer than
+half of `TARGET_PROGRAMS` (`default_tiling`), K is split too: program (i, s) writes tile i's
+float32 sums over split s, and a second kernel adds the splits up and does the epilogue.
+Otherwise one kernel does all of it. Each program's RMSNorm takes the whole row's mean
+square, a second read of the rows, which sit in L2. For Qwen2.5-0.5B: QKV 18 x 7 programs,
+O 14 x 7, gate/up 152 (one kernel), down 14 x 19. Not yet timed on a GPU:
+`benchmarks/small_batch_matmul.py` sweeps the tiling, and the engine measures the kernels
+against XLA before it uses them (jaxvllm/engine/autotune.py). `reference` is the contract in
+plain jnp.
 """
 
 from __future__ import annotations
@@ -42,8 +47,16 @@ from pallas_kernels.ragged_tiles import next_power_of_2
 
 MIN_ROWS = 16  # Triton's smallest dot dimension
 MAX_ROWS = 64  # more rows than this: XLA's own GEMMs (one program's rows stay in registers)
-BLOCK_N = 16
+# Column tiles a program, widest first where they divide the output: the weights are [K, N],
+# so a program reads block_n weights (2 * block_n bytes in bfloat16) of each K row
+BLOCK_N_CHOICES = (64, 32, 16)
 MAX_BLOCK_K = 512
+# Programs to aim for, two a streaming multiprocessor on an H100 (132): where the column
+# tiles are fewer, K is split (at least MIN_SPLIT_K a split) and a second kernel adds the
+# splits' sums up
+TARGET_PROGRAMS = 264
+MIN_SPLIT_K = 128
+MIN_UNSPLIT_BLOCK_N = 32  # narrower tiles read too little of each K row to go unsplit
 # Shared memory the pipelined tiles of a default tiling may take (an H100 block can have
 # 227 KB; float32 at block_k 512 with two weight tiles would need 228), and the bytes of a
 # step's rows (held in registers, normed) for 16-bit and 32-bit types: past these the
@@ -81,8 +94,18 @@ def padded_rows(rows: int) -> int:
     return max(MIN_ROWS, next_power_of_2(rows))
 
 
+def default_block_n(n_out: int, rope_head_dim: int = 0) -> int:
+    """The widest column tile of BLOCK_N_CHOICES that divides the output (and, with RoPE,
+    half a head); 0 if none does."""
+    return next((b for b in BLOCK_N_CHOICES if _fits(b, n_out, rope_head_dim)), 0)
+
+
+def _fits(block_n: int, n_out: int, rope_head_dim: int) -> bool:
+    return n_out % block_n == 0 and (not rope_head_dim or rope_head_dim % (2 * block_n) == 0)
+
+
 def default_block_k(k: int, rows: int, *, itemsize: int = 2, weight_tiles: int = 1,
-                    block_n: int = BLOCK_N, num_stages: int = 3) -> int:
+                    block_n: int = 16, num_stages: int = 3) -> int:
     """K a step: all of it up to MAX_BLOCK_K (rounded up to a power of two), less where the
     pipelined tiles of a step (the rows' and each weight tile's, `num_stages` deep) would
     take more than SHARED_BUDGET of shared memory, or the rows' tile more than
@@ -96,48 +119,75 @@ def default_block_k(k: int, rows: int, *, itemsize: int = 2, weight_tiles: int =
     return block
 
 
+def default_tiling(k: int, n_out: int, rope_head_dim: int = 0) -> tuple[int, int]:
+    """(block_n, splits): the widest column tile at which the tiles alone make half of
+    TARGET_PROGRAMS (no split, one kernel), if one of at least MIN_UNSPLIT_BLOCK_N does, else
+    the widest tile with K split (`default_splits`). (0, 1) if no tile fits."""
+    widths = [b for b in BLOCK_N_CHOICES if _fits(b, n_out, rope_head_dim)]
+    if not widths:
+        return 0, 1
+    programs = lambda b: n_out // b // (2 if rope_head_dim else 1)
+    for block_n in widths:
+        if block_n >= MIN_UNSPLIT_BLOCK_N and 2 * programs(block_n) >= TARGET_PROGRAMS:
+            return block_n, 1
+    return widths[0], default_splits(k, programs(widths[0]))
+
+
+def default_splits(k: int, column_programs: int) -> int:
+    """Splits of K: enough (row tile, split) programs for TARGET_PROGRAMS where the column
+    tiles alone are fewer than half of it, each split at least MIN_SPLIT_K of K."""
+    if 2 * column_programs >= TARGET_PROGRAMS:
+        return 1
+    return max(1, min(-(-TARGET_PROGRAMS // column_programs), k // MIN_SPLIT_K))
+
+
+def split_tiling(k: int, splits: int, block_k: int) -> tuple[int, int, int]:
+    """(block_k, k_split, splits) for at most `splits` splits of K: each split a whole number
+    of K steps (`block_k` at most, a power of two), none of them empty."""
+    per_split = -(-k // max(1, splits))
+    block_k = min(block_k, max(16, next_power_of_2(per_split)))
+    k_split = -(-per_split // block_k) * block_k
+    return block_k, k_split, -(-k // k_split)
+
+
 def default_num_warps(rows: int, itemsize: int) -> int:
     """4, or 8 for float32 rows past 16 (4 warps spilled registers there)."""
     return 8 if itemsize > 2 and padded_rows(rows) > MIN_ROWS else 4
 
 
-def supports(rows: int, k: int, n_out: int, *, block_n: int = BLOCK_N,
+def supports(rows: int, k: int, n_out: int, *, block_n: Optional[int] = None,
              rope_head_dim: int = 0) -> bool:
     """Whether `fused_matmul` takes these shapes: few rows, K in 16s, whole output tiles
     (with RoPE, whole tiles in each half of a head)."""
-    if rope_head_dim and (rope_head_dim % (2 * block_n) or n_out % rope_head_dim):
+    block_n = block_n or default_block_n(n_out, rope_head_dim)
+    if not block_n or rope_head_dim and (rope_head_dim % (2 * block_n)
+                                         or n_out % rope_head_dim):
         return False
     return rows <= MAX_ROWS and k % 16 == 0 and n_out % block_n == 0
 
 
-def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
-            gated_act: Optional[Callable], norm_eps: float, block_n: int, block_k: int,
-            n_out: int, rope_columns: int, dot_precision):
-    refs = list(refs)
-    x_ref, w_ref = refs.pop(0), refs.pop(0)
-    scale_ref = refs.pop(0) if has_norm else None
-    bias_ref = refs.pop(0) if has_bias else None
-    residual_ref = refs.pop(0) if has_residual else None
-    positions_ref, inv_freq_ref = (refs.pop(0), refs.pop(0)) if rope_columns else (None, None)
-    (o_ref,) = refs
-    rows, k = x_ref.shape
-    if rope_columns:  # this program's tiles: one in each half of a head, i and i + half
-        half = inv_freq_ref.shape[0]
-        per_half = half // block_n
-        freq_at = (pl.program_id(0) % per_half) * block_n
-        col = (pl.program_id(0) // per_half) * 2 * half + freq_at
-        cols = (col, col + half)
-    else:
-        col = pl.program_id(0) * block_n
-        cols = (col,) if gated_act is None else (col, n_out + col)
-    steps = -(-k // block_k)
-    ragged = k % block_k != 0
+# -- the kernels' parts --------------------------------------------------------------------------
 
-    def load(ref, step, first_col=None):
-        """Rows step*block_k.. of a [K] ref, or of the [K, N] weights' tile from column
-        `first_col`, or those columns of an [M, K] one, with zeros past K when K is not a
-        multiple of block_k."""
-        at = pl.ds(step * block_k, block_k)
+
+def _tile_columns(n_out: int, block_n: int, rope_half: int, gated: bool):
+    """(col, cols, freq_at) of program (i, ...): its output tile's first column, the first
+    weight column of each tile it multiplies (RoPE: a head's rotation partners i and
+    i + half; gated: the gate's and the up's), and with RoPE the tile's first frequency."""
+    if rope_half:
+        per_half = rope_half // block_n
+        freq_at = (pl.program_id(0) % per_half) * block_n
+        col = (pl.program_id(0) // per_half) * 2 * rope_half + freq_at
+        return col, (col, col + rope_half), freq_at
+    col = pl.program_id(0) * block_n
+    return col, ((col, n_out + col) if gated else (col,)), None
+
+
+def _loader(k: int, block_k: int, block_n: int, ragged: bool):
+    """load(ref, start[, first_col]): K elements start.. of a [K] ref, of an [M, K] one's rows,
+    or of the [K, N] weights' tile from column `first_col`, with zeros past K (`ragged`: a
+    step may reach past it)."""
+    def load(ref, start, first_col=None):
+        at = pl.ds(start, block_k)
         if first_col is not None:  # a weight tile [block_k, block_n]
             idx, shape, axis = (at, pl.ds(first_col, block_n)), (block_k, block_n), 0
         elif len(ref.shape) == 1:
@@ -148,35 +198,50 @@ def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
             return ref[idx]
         from jax.experimental.pallas import triton as plgpu
 
-        inside = step * block_k + lax.broadcasted_iota(jnp.int32, shape, axis) < k
+        inside = start + lax.broadcasted_iota(jnp.int32, shape, axis) < k
         return plgpu.load(ref.at[idx], mask=inside, other=0)
 
-    if has_norm:
+    return load
+
+
+def _products(x_ref, w_ref, scale_ref, cols, load, *, k_start, steps: int, block_k: int,
+              block_n: int, norm_eps: float, dot_precision):
+    """float32 [M, block_n] sums of (RMSNorm(x) or x) @ w over K steps k_start.., one for each
+    weight tile in `cols`. The norm takes the whole row's mean square, whatever the range."""
+    rows, k = x_ref.shape
+    inv_rms = None
+    if scale_ref is not None:
         def squares(step, total):
-            chunk = load(x_ref, step).astype(jnp.float32)
+            chunk = load(x_ref, step * block_k).astype(jnp.float32)
             return total + jnp.sum(chunk * chunk, axis=1)
 
-        total = lax.fori_loop(0, steps, squares, jnp.zeros((rows,), jnp.float32))
+        total = lax.fori_loop(0, -(-k // block_k), squares, jnp.zeros((rows,), jnp.float32))
         inv_rms = lax.rsqrt(total / k + norm_eps)
 
     def body(step, accs):
-        xs = load(x_ref, step)
-        if has_norm:
+        start = k_start + step * block_k
+        xs = load(x_ref, start)
+        if inv_rms is not None:
             xs = (xs.astype(jnp.float32) * inv_rms[:, None]
-                  * load(scale_ref, step).astype(jnp.float32)[None, :]).astype(x_ref.dtype)
-        return tuple(acc + accs_dot(xs, load(w_ref, step, c)) for acc, c in zip(accs, cols))
+                  * load(scale_ref, start).astype(jnp.float32)[None, :]).astype(x_ref.dtype)
+        return tuple(acc + lax.dot_general(xs, load(w_ref, start, c), (((1,), (0,)), ((), ())),
+                                           precision=dot_precision,
+                                           preferred_element_type=jnp.float32)
+                     for acc, c in zip(accs, cols))
 
-    def accs_dot(a, b):
-        return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=dot_precision,
-                               preferred_element_type=jnp.float32)
-
-    accs = lax.fori_loop(0, steps, body,
+    return lax.fori_loop(0, steps, body,
                          tuple(jnp.zeros((rows, block_n), jnp.float32) for _ in cols))
 
+
+def _write_output(accs, col, cols, freq_at, o_ref, bias_ref, residual_ref, positions_ref,
+                  inv_freq_ref, *, gated_act: Optional[Callable], block_n: int,
+                  rope_columns: int):
+    """The epilogue on a program's sums and its output tile's store: + bias; RoPE on the q
+    and k heads, or act(gate) * up; + residual."""
     def biased(acc, c):
         # the projection's result in the model's dtype, as XLA's dot + bias gives it
         y = acc.astype(o_ref.dtype)
-        if has_bias:
+        if bias_ref is not None:
             y = (y + bias_ref[pl.ds(c, block_n)][None, :]).astype(o_ref.dtype)
         return y
 
@@ -196,22 +261,88 @@ def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
     if gated_act is not None:
         y = (gated_act(y.astype(jnp.float32)).astype(o_ref.dtype).astype(jnp.float32)
              * biased(accs[1], cols[1]).astype(jnp.float32)).astype(o_ref.dtype)
-    if has_residual:
+    if residual_ref is not None:
         y = (residual_ref[:, pl.ds(col, block_n)].astype(jnp.float32)
              + y.astype(jnp.float32)).astype(o_ref.dtype)
     o_ref[:, pl.ds(col, block_n)] = y
 
 
+def _epilogue_refs(refs: list, has_bias: bool, has_residual: bool, rope: bool):
+    """(bias, residual, positions, inv_freq) refs from the front of `refs`, None where
+    absent."""
+    bias_ref = refs.pop(0) if has_bias else None
+    residual_ref = refs.pop(0) if has_residual else None
+    positions_ref, inv_freq_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
+    return bias_ref, residual_ref, positions_ref, inv_freq_ref
+
+
+# -- the kernels ---------------------------------------------------------------------------------
+
+
+def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
+            gated_act: Optional[Callable], norm_eps: float, block_n: int, block_k: int,
+            n_out: int, rope_columns: int, rope_half: int, dot_precision):
+    """One program: an output tile over the whole of K, and its epilogue."""
+    refs = list(refs)
+    x_ref, w_ref = refs.pop(0), refs.pop(0)
+    scale_ref = refs.pop(0) if has_norm else None
+    epilogue = _epilogue_refs(refs, has_bias, has_residual, bool(rope_columns))
+    (o_ref,) = refs
+    k = x_ref.shape[1]
+    col, cols, freq_at = _tile_columns(n_out, block_n, rope_half, gated_act is not None)
+    load = _loader(k, block_k, block_n, ragged=k % block_k != 0)
+    accs = _products(x_ref, w_ref, scale_ref, cols, load, k_start=0, steps=-(-k // block_k),
+                     block_k=block_k, block_n=block_n, norm_eps=norm_eps,
+                     dot_precision=dot_precision)
+    _write_output(accs, col, cols, freq_at, o_ref, *epilogue, gated_act=gated_act,
+                  block_n=block_n, rope_columns=rope_columns)
+
+
+def _split_kernel(*refs, has_norm: bool, gated: bool, norm_eps: float, block_n: int,
+                  block_k: int, k_split: int, n_out: int, rope_half: int, dot_precision):
+    """Program (i, s): tile i's float32 sums over K split s, into partial [S, M, N]."""
+    x_ref, w_ref = refs[:2]
+    scale_ref = refs[2] if has_norm else None
+    partial_ref = refs[-1]
+    k = x_ref.shape[1]
+    _, cols, _ = _tile_columns(n_out, block_n, rope_half, gated)
+    split = pl.program_id(1)
+    load = _loader(k, block_k, block_n, ragged=k % k_split != 0)
+    accs = _products(x_ref, w_ref, scale_ref, cols, load, k_start=split * k_split,
+                     steps=k_split // block_k, block_k=block_k, block_n=block_n,
+                     norm_eps=norm_eps, dot_precision=dot_precision)
+    for acc, c in zip(accs, cols):
+        partial_ref[split, :, pl.ds(c, block_n)] = acc
+
+
+def _sum_kernel(*refs, has_bias: bool, has_residual: bool, gated_act: Optional[Callable],
+                block_n: int, n_out: int, rope_columns: int, rope_half: int):
+    """Program i: tile i's split sums added up, and its epilogue."""
+    refs = list(refs)
+    partial_ref = refs.pop(0)
+    epilogue = _epilogue_refs(refs, has_bias, has_residual, bool(rope_columns))
+    (o_ref,) = refs
+    splits, rows = partial_ref.shape[:2]
+    col, cols, freq_at = _tile_columns(n_out, block_n, rope_half, gated_act is not None)
+    accs = tuple(lax.fori_loop(0, splits, lambda s, acc, c=c: acc + partial_ref[
+        s, :, pl.ds(c, block_n)], jnp.zeros((rows, block_n), jnp.float32)) for c in cols)
+    _write_output(accs, col, cols, freq_at, o_ref, *epilogue, gated_act=gated_act,
+                  block_n=block_n, rope_columns=rope_columns)
+
+
 def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: float = 1e-6,
                  gated_act: Optional[Callable] = None, rope_positions=None,
-                 rope_inv_freq=None, rope_columns: int = 0, block_n: int = BLOCK_N,
-                 block_k: Optional[int] = None, num_warps: Optional[int] = None,
-                 num_stages: int = 3, interpret: Optional[bool] = None):
-    """`reference`'s result from one Pallas Triton kernel. x [M, K] (M <= MAX_ROWS; padded
+                 rope_inv_freq=None, rope_columns: int = 0, block_n: Optional[int] = None,
+                 block_k: Optional[int] = None, splits: Optional[int] = None,
+                 num_warps: Optional[int] = None, num_stages: int = 3,
+                 interpret: Optional[bool] = None):
+    """`reference`'s result from Pallas Triton kernels. x [M, K] (M <= MAX_ROWS; padded
     inside to `padded_rows(M)`), w [K, N] (gate/up concatenated, [K, 2 I], when `gated_act`),
     bias [N], norm_scale [K], residual [M, N_out]. RoPE: the first `rope_columns` output
     columns are heads of 2 * len(rope_inv_freq) that rotate by `rope_positions` [M]; the
-    rest are heads of that size too, left as they are (v)."""
+    rest are heads of that size too, left as they are (v). Tiling (None: the defaults for
+    these shapes): `block_n` output columns a program, `block_k` of K a step, K in at most
+    `splits` splits (more than one: a second kernel adds them up and does the epilogue)."""
     rows, k = x.shape
     if w.ndim != 2 or w.shape[0] != k:
         raise ValueError(f"x {x.shape} and w {w.shape} do not multiply")
@@ -219,6 +350,12 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
     if gated_act is not None and n % 2:
         raise ValueError(f"a gated projection needs gate and up halves: w {w.shape}")
     n_out = n // 2 if gated_act is not None else n
+    rope_head_dim = 2 * rope_inv_freq.shape[0] if rope_columns else 0
+    if splits is not None and splits < 1:
+        raise ValueError(f"splits {splits}: K takes splits >= 1")
+    if block_n is None:
+        block_n, default = default_tiling(k, n_out, rope_head_dim)
+        block_n, splits = block_n or 16, splits or default  # 16: the shape error below
     dtype = jnp.promote_types(x.dtype, w.dtype)
     itemsize = jnp.dtype(dtype).itemsize
     block_k = block_k or default_block_k(
@@ -228,17 +365,15 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
     if not supports(rows, k, n_out, block_n=block_n) or block_k < 16 \
             or block_k & (block_k - 1):
         raise ValueError(f"fused_matmul takes at most {MAX_ROWS} rows, K a multiple of 16, "
-                         f"{block_n}-column output tiles and a power-of-two block_k >= 16: "
-                         f"x {x.shape}, w {w.shape}, block_k {block_k}")
+                         f"whole {block_n}-column output tiles and a power-of-two block_k >= "
+                         f"16: x {x.shape}, w {w.shape}, block_k {block_k}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias {bias.shape} must be ({n},)")
     if norm_scale is not None and norm_scale.shape != (k,):
         raise ValueError(f"norm_scale {norm_scale.shape} must be ({k},)")
     if residual is not None and residual.shape != (rows, n_out):
         raise ValueError(f"residual {residual.shape} must be ({rows}, {n_out})")
-    rope_head_dim = 0
     if rope_columns:
-        rope_head_dim = 2 * rope_inv_freq.shape[0]
         if gated_act is not None or residual is not None or rope_positions.shape != (rows,) \
                 or rope_columns % rope_head_dim or rope_columns > n_out \
                 or not supports(rows, k, n_out, block_n=block_n, rope_head_dim=rope_head_dim):
@@ -250,31 +385,51 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
         interpret = jax.default_backend() == "cpu"
     from jax.experimental.pallas import triton as plgpu
 
+    rope_half = rope_head_dim // 2
+    column_programs = max(1, n_out // block_n // (2 if rope_columns else 1))
+    block_k, k_split, splits = split_tiling(
+        k, splits or default_splits(k, column_programs), block_k)
     padded = padded_rows(rows)
     pad = lambda a: jnp.pad(a, ((0, padded - rows), (0, 0))) if padded != rows else a
-    operands = [pad(x.astype(dtype)), w.astype(dtype)]
-    for extra in (norm_scale, bias):
-        if extra is not None:
-            operands.append(extra)
+    products = [pad(x.astype(dtype)), w.astype(dtype)]
+    if norm_scale is not None:
+        products.append(norm_scale)
+    epilogue = [bias] if bias is not None else []
     if residual is not None:
-        operands.append(pad(residual.astype(dtype)))
+        epilogue.append(pad(residual.astype(dtype)))
     if rope_columns:
-        operands += [jnp.pad(rope_positions.astype(jnp.int32), (0, padded - rows)),
+        epilogue += [jnp.pad(rope_positions.astype(jnp.int32), (0, padded - rows)),
                      rope_inv_freq.astype(jnp.float32)]
-    kernel = functools.partial(
-        _kernel, has_norm=norm_scale is not None, has_bias=bias is not None,
-        has_residual=residual is not None, gated_act=gated_act, norm_eps=float(norm_eps),
-        block_n=block_n, block_k=block_k, n_out=n_out, rope_columns=rope_columns,
-        dot_precision=lax.Precision.HIGHEST if dtype == jnp.float32 else None)
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-    out = pl.pallas_call(
-        kernel,
-        grid=(n_out // block_n // (2 if rope_columns else 1),),
-        in_specs=[whole(a.shape) for a in operands],
-        out_specs=whole((padded, n_out)),
-        out_shape=jax.ShapeDtypeStruct((padded, n_out), dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name=f"small_batch_matmul_n{block_n}_k{block_k}",
-    )(*operands)
+    call = lambda kernel, grid, operands, out_shape, name, **params: pl.pallas_call(
+        kernel, grid=grid, in_specs=[whole(a.shape) for a in operands],
+        out_specs=whole(out_shape.shape), out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(**params), interpret=interpret,
+        name=name)(*operands)
+    dot_precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    common = dict(block_n=block_n, n_out=n_out, rope_half=rope_half)
+    if splits == 1:
+        out = call(functools.partial(
+            _kernel, has_norm=norm_scale is not None, has_bias=bias is not None,
+            has_residual=residual is not None, gated_act=gated_act, norm_eps=float(norm_eps),
+            block_k=block_k, rope_columns=rope_columns, dot_precision=dot_precision, **common),
+            (column_programs,), products + epilogue,
+            jax.ShapeDtypeStruct((padded, n_out), dtype),
+            f"small_batch_matmul_n{block_n}_k{block_k}", num_warps=num_warps,
+            num_stages=num_stages)
+    else:
+        partial = call(functools.partial(
+            _split_kernel, has_norm=norm_scale is not None, gated=gated_act is not None,
+            norm_eps=float(norm_eps), block_k=block_k, k_split=k_split,
+            dot_precision=dot_precision, **common),
+            (column_programs, splits), products,
+            jax.ShapeDtypeStruct((splits, padded, n), jnp.float32),
+            f"small_batch_matmul_n{block_n}_k{block_k}_s{splits}", num_warps=num_warps,
+            num_stages=num_stages)
+        out = call(functools.partial(
+            _sum_kernel, has_bias=bias is not None, has_residual=residual is not None,
+            gated_act=gated_act, rope_columns=rope_columns, **common),
+            (column_programs,), [partial] + epilogue,
+            jax.ShapeDtypeStruct((padded, n_out), dtype),
+            f"small_batch_matmul_sum_n{block_n}_s{splits}", num_warps=num_warps, num_stages=1)
     return out[:rows] if padded != rows else out

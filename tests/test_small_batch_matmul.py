@@ -92,6 +92,7 @@ def test_the_norm_bias_and_gating_are_applied():
     ((65, 64), (64, 32), {}, "at most 64 rows"),
     ((16, 40), (40, 32), {}, "K a multiple of 16"),
     ((16, 64), (64, 24), {}, "16-column"),
+    ((16, 64), (64, 32), {"splits": 0}, "splits >= 1"),
     ((16, 64), (64, 32), {"block_k": 48}, "power-of-two block_k"),
     ((16, 64), (32, 32), {}, "do not multiply"),
     ((16, 64), (64, 33), {"gated_act": jax.nn.silu}, "gate and up halves"),
@@ -123,10 +124,54 @@ def _layer(x, w_qkv, b_qkv, scale, w_o, w_gate_up, w_down, positions, inv_freq):
 
 
 def test_lowers_for_an_h100():
+    """Qwen2.5-0.5B's QKV, O and down projections have too few column tiles to fill an H100
+    (18, 14 and 14 of them): each runs split over K, then a kernel adds the splits up; the
+    gate/up projection has 152 tiles of 32 columns: one kernel."""
     from pallas_kernels.gpu_lowering import lower_for_gpu
 
     text = lower_for_gpu(functools.partial(_layer), *_layer_specs())
-    assert text.count("__gpu$xla.gpu.triton") == 4
+    assert text.count("__gpu$xla.gpu.triton") == 7
+    for name in ("n32_k128_s7", "n64_k128_s7", "n32_k256", "n64_k256_s19", "sum_n64_s19"):
+        assert f"small_batch_matmul_{name}" in text, name
+
+
+@pytest.mark.parametrize("k, n_out, rope_head_dim, want", [
+    (896, 1152, 64, (32, 7)),  # QKV: 18 column tiles (two a program, for RoPE)
+    (896, 896, 0, (64, 7)),  # O: 14 column tiles, splits of 128
+    (4864, 896, 0, (64, 19)),  # down: 14 column tiles, 264 programs
+    (896, 4864, 0, (32, 1)),  # gate/up (4,864 outputs): 152 column tiles of 32, no split
+    (896, 16384, 0, (64, 1)),  # 256 column tiles of 64: no split
+    (896, 2048, 0, (64, 7)),  # 16-column tiles would be enough, but too narrow to go unsplit
+])
+def test_default_tiling(k, n_out, rope_head_dim, want):
+    assert sbm.default_tiling(k, n_out, rope_head_dim) == want
+    assert sbm.default_block_n(24) == 0 and sbm.default_block_n(128, 32) == 16
+    assert sbm.default_tiling(64, 24) == (0, 1)
+
+
+@pytest.mark.parametrize("k, splits, block_k, want", [
+    (4864, 19, 512, (256, 256, 19)),
+    (896, 4, 128, (128, 256, 4)),  # two steps a split
+    (80, 2, 512, (64, 64, 2)),  # the last split reaches past K
+    (64, 5, 512, (16, 16, 4)),  # no empty split: fewer than asked
+    (64, 1, 512, (64, 64, 1)),
+])
+def test_split_tiling(k, splits, block_k, want):
+    assert sbm.split_tiling(k, splits, block_k) == want
+
+
+@pytest.mark.parametrize("rows, k, n, options, splits", [
+    (16, 80, 64, dict(norm=True, bias=True), 2),  # K 80 in splits of 64: the last is ragged
+    (3, 96, 64, dict(residual=True, bias=True), 3),
+    (16, 64, 96, dict(norm=True, gated=True, bias=True), 4),
+    (20, 128, 32, dict(norm=True, residual=True), 8),
+])
+def test_split_k_matches_the_reference(rows, k, n, options, splits):
+    """K split over programs, their sums added up by a second kernel with the epilogue."""
+    x, w, kw = _operands(rows, k, n, **options)
+    got = sbm.fused_matmul(x, w, splits=splits, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(sbm.reference(x, w, **kw)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_triton_compiles_to_cubin():
@@ -139,7 +184,7 @@ def test_triton_compiles_to_cubin():
     for rows, dtype in ((16, jnp.bfloat16), (40, jnp.float32)):
         # a new callable: jax would reuse an earlier lowering of the same one
         builds = compile_triton(functools.partial(_layer), *_layer_specs(rows, dtype=dtype))
-        assert len(builds) == 4
+        assert len(builds) == 7  # four projections, three of them split over K, and sums
         assert all(b.shared_bytes <= 227 * 1024 and b.spill_bytes == 0 for b in builds), builds
 
 
@@ -158,6 +203,9 @@ def test_rotary_embeddings_match_the_reference(dtype, rows, k, heads, kv_heads, 
            "rope_columns": (heads + kv_heads) * head_dim}
     got = np.asarray(sbm.fused_matmul(x, w, block_n=block_n, **kw), np.float32)
     ref = np.asarray(sbm.reference(x, w, **kw), np.float32)
+    split = np.asarray(sbm.fused_matmul(x, w, block_n=block_n, splits=2, **kw), np.float32)
+    np.testing.assert_allclose(split, got, rtol=1e-5, atol=1e-5 if dtype == jnp.float32 else
+                               2 ** -7 * np.abs(ref).max())
     tol = 1e-5 if dtype == jnp.float32 else 2 ** -7 * np.abs(ref).max()
     np.testing.assert_allclose(got, ref, rtol=1e-5 if dtype == jnp.float32 else 2e-2, atol=tol)
     unrotated = np.asarray(sbm.reference(x, w, bias=kw["bias"], norm_scale=kw["norm_scale"],
