@@ -134,7 +134,7 @@ def default_tiling(k: int, n_out: int, rope_head_dim: int = 0) -> tuple[int, int
 
 
 def default_splits(k: int, column_programs: int) -> int:
-    """Splits of K: enough (row tile, split) programs for TARGET_PROGRAMS where the column
+    """Splits of K: enough (column tile, split) programs for TARGET_PROGRAMS where the column
     tiles alone are fewer than half of it, each split at least MIN_SPLIT_K of K."""
     if 2 * column_programs >= TARGET_PROGRAMS:
         return 1
