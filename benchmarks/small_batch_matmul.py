@@ -206,9 +206,9 @@ def bench_rows(rows: int, weights, args) -> dict:
 
 def run(args) -> dict:
     if args.smoke:
-        args.rows, args.iters, args.reps, args.layers = [1, 20], 2, 1, 2
+        args.rows, args.iters, args.reps, args.layers = [20], 2, 1, 2
         args.hidden, args.intermediate, args.kv_size, args.head_dim = 64, 96, 32, 32
-        args.block_n, args.block_k, args.num_stages, args.splits = [16], [32], [2], "auto,2"
+        args.block_n, args.block_k, args.num_stages, args.splits = [16], [32], [2], "2"
     weights = make_weights(args)
     shapes = []
     for rows in dict.fromkeys(padded_rows(r) for r in args.rows):
