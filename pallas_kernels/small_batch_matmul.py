@@ -160,10 +160,10 @@ def supports(rows: int, k: int, n_out: int, *, block_n: Optional[int] = None,
     """Whether `fused_matmul` takes these shapes: few rows, K in 16s, whole output tiles
     (with RoPE, whole tiles in each half of a head)."""
     block_n = block_n or default_block_n(n_out, rope_head_dim)
-    if not block_n or rope_head_dim and (rope_head_dim % (2 * block_n)
-                                         or n_out % rope_head_dim):
+    if not block_n or not _fits(block_n, n_out, rope_head_dim) \
+            or rope_head_dim and n_out % rope_head_dim:
         return False
-    return rows <= MAX_ROWS and k % 16 == 0 and n_out % block_n == 0
+    return rows <= MAX_ROWS and k % 16 == 0
 
 
 # -- the kernels' parts --------------------------------------------------------------------------
