@@ -52,6 +52,24 @@ def test_a_stored_program_is_loaded_and_computes_the_same(tmp_path):
                                rtol=1e-6)
 
 
+def test_compile_time_and_rent_are_kept_beside_the_entries(tmp_path):
+    """An entry keeps its compile time, which a later process reads when it loads it; the
+    rent (step seconds run padded for want of a program) adds up across processes until
+    the program is stored."""
+    fn, x, nonce = unique_program()
+    cache = ProgramCache(tmp_path)
+    key = cache.key("test", nonce)
+    assert cache.rent(key) == 0.0
+    cache.add_rent(key, 0.25)
+    ProgramCache(tmp_path).add_rent(key, 0.5)
+    assert cache.rent(key) == 0.75 and not cache.holds(key)
+    cache.get_or_compile(key, (x,), compiler(fn, x)[0])
+    assert cache.holds(key) and cache.rent(key) == 0.0  # paid off
+    later = ProgramCache(tmp_path)
+    later.get_or_compile(key, (x,), compiler(fn, x)[0])
+    assert later.hits == 1 and later.compile_seconds[key] == cache.compile_seconds[key] > 0
+
+
 def test_an_entry_for_other_arguments_is_a_miss_and_removed(tmp_path):
     fn, x, nonce = unique_program()
     cache = ProgramCache(tmp_path)

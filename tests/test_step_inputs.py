@@ -323,9 +323,9 @@ def test_a_step_whose_program_is_still_compiling_runs_padded_on_a_ready_one(llam
         assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
         one_token = [k for k in runner._programs if k.num_tokens == runner.token_bucket(1)]
         assert not one_token
-        # five one-token decode steps, each padded to two tokens or more
-        padding = eager.llm_engine.runner.counters.padded_tokens
-        assert runner.counters.padded_tokens >= padding + 5
+        # the prompt's step, then five one-token decode steps, each padded to two tokens
+        # or more
+        assert runner.counters.padded_tokens >= runner.token_bucket(3) - 3 + 5
     finally:
         release.set()
 
@@ -367,6 +367,54 @@ def test_a_missing_program_is_compiled_once_its_step_recurs(llama_folder):
     got = big.generate(prompt, params, use_tqdm=False)
     assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
     assert own()
+
+
+def test_without_background_compilation_a_step_runs_padded_until_that_costs_a_compile(
+        llama_folder, tmp_path, monkeypatch):
+    """Compiling on the step's path (the CPU's way), a step whose program is missing runs
+    padded on a compiled larger one, with the same tokens, until the time spent padded
+    (summed over processes in the program cache) reaches a compilation's cost; then its
+    program is compiled. One the program cache holds is loaded at once."""
+    from jaxvllm import LLM, SamplingParams
+    from jaxvllm.engine.program_cache import ProgramCache
+    from jaxvllm.engine.runner import ModelRunner
+
+    kwargs = dict(attention_backend="reference", max_model_len=64, max_num_seqs=4,
+                  max_num_batched_tokens=32)
+    prompt = [{"prompt_token_ids": [3, 14, 15, 92, 65]}]  # a prefill of 5 tokens
+    long_prompt = [{"prompt_token_ids": list(range(3, 23))}]  # 20 tokens
+    params = SamplingParams(max_tokens=1, seed=7)
+    tokens = lambda llm, p: llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids
+    cache = ProgramCache(tmp_path)
+
+    def engine():
+        llm = LLM(str(llama_folder), **kwargs)
+        runner = llm.llm_engine.runner
+        runner.program_cache = cache
+        tokens(llm, long_prompt)  # its program is the larger one
+        return llm, runner
+
+    want = tokens(LLM(str(llama_folder), **kwargs), prompt)  # nothing larger: compiled at once
+    cost = [1e6]  # the compile time the runners take: none is worth it yet
+    monkeypatch.setattr(ModelRunner, "_expected_compile_seconds", lambda self: cost[0])
+    llm, runner = engine()
+    T = runner.token_bucket(5)
+    own = lambda: [k for k in runner._programs if k.num_tokens == T]
+    for _ in range(2):
+        assert tokens(llm, prompt) == want and not own()
+    (key,) = [k for k in runner._padding_seconds if k.num_tokens == T]
+    paid, entry = runner._padding_seconds[key], runner._cache_entries[key]
+    assert paid > 0 and cache.rent(entry) == pytest.approx(paid)
+
+    llm, runner = engine()  # another process: it goes on from the rent on disk
+    assert tokens(llm, prompt) == want and not own()
+    assert runner._padding_seconds[key] > paid
+    cost[0] = runner._padding_seconds[key]  # the padding has now cost a compilation
+    assert tokens(llm, prompt) == want and own()
+
+    llm, runner = engine()
+    monkeypatch.setattr(ProgramCache, "holds", lambda self, e: e == entry)
+    assert tokens(llm, prompt) == want and own()  # loaded, or compiled where not stored
 
 
 def test_a_failed_background_compilation_is_done_again_by_the_step(llama_folder, monkeypatch):

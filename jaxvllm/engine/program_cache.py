@@ -14,7 +14,11 @@ when run ("Function ... not found"). Those programs come from JAX's cache, as be
 It lives beside JAX's cache (`<jax_compilation_cache_dir>/jaxvllm-programs`) and is on and
 off with it; `JAXVLLM_PROGRAM_CACHE=0` turns this one off alone. Entries are evicted
 oldest-used first past `JAXVLLM_PROGRAM_CACHE_MAX_BYTES` (default 4 GiB). An entry that
-fails to load is deleted and the program compiled.
+fails to load is deleted and the program compiled. Each entry keeps how long its program
+took to compile (`compile_seconds`): what compiling a program of the model costs, known to a
+warm start that compiles none. Beside the entries, `rent` keeps the step seconds that ran
+padded for want of a program never compiled, summed over processes: the runner compiles a
+program once that time reaches its cost (jaxvllm/engine/runner.py, DEFER_MAX_PADDING).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import pickle
 import re
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -35,6 +40,7 @@ import jax
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".program"
+RENT_SUFFIX = ".rent"
 DEFAULT_MAX_BYTES = 4 << 30
 JAX_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
@@ -112,6 +118,8 @@ class ProgramCache:
         self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
+        # entry key -> the seconds its program took to compile: here, or when it was stored
+        self.compile_seconds: dict[str, float] = {}
 
     @classmethod
     def default(cls) -> Optional["ProgramCache"]:
@@ -147,15 +155,33 @@ class ProgramCache:
             return compiled
         _listen_for_jax_cache_hits()
         _this_thread.jax_cache_hit = False
+        start = time.perf_counter()
         compiled = compile()
+        self.compile_seconds[key] = time.perf_counter() - start
         if _this_thread.jax_cache_hit:
             logger.debug("program %s from JAX's cache: not stored", key[:12])
         else:
-            self.store(key, compiled)
+            self.store(key, compiled, self.compile_seconds[key])
         return compiled
 
-    def _path(self, key: str) -> Path:
-        return self.directory / (key + SUFFIX)
+    def holds(self, key: str) -> bool:
+        """Whether an entry is stored under `key` (it may still fail to load)."""
+        return self._path(key).exists()
+
+    def _path(self, key: str, suffix: str = SUFFIX) -> Path:
+        return self.directory / (key + suffix)
+
+    def rent(self, key: str) -> float:
+        """The step seconds recorded as spent running padded for want of `key`'s program."""
+        try:
+            return float(self._path(key, RENT_SUFFIX).read_text())
+        except (OSError, ValueError):
+            return 0.0
+
+    def add_rent(self, key: str, seconds: float) -> None:
+        """Add `seconds` to `key`'s rent (a lost update between two processes only delays
+        a compilation)."""
+        self._write(self._path(key, RENT_SUFFIX), repr(self.rent(key) + seconds).encode())
 
     def load(self, key: str, args) -> Optional[jax.stages.Compiled]:
         """The executable stored under `key`, loaded, if its arguments' structure, shapes
@@ -169,7 +195,7 @@ class ProgramCache:
             self.misses += 1
             return None
         try:
-            payload, in_tree, out_tree = pickle.loads(blob)
+            payload, in_tree, out_tree, compile_seconds = pickle.loads(blob)
             compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
             stored = jax.tree.map(_shape_dtype, compiled.args_info)
             if stored != jax.tree.map(_shape_dtype, (tuple(args), {})):
@@ -181,31 +207,44 @@ class ProgramCache:
             return None
         os.utime(path)  # most recently used, for eviction
         self.hits += 1
+        self.compile_seconds[key] = compile_seconds
         return compiled
 
-    def store(self, key: str, compiled: jax.stages.Compiled) -> None:
-        """Write `compiled` under `key` (atomically), then evict past max_bytes. A program
-        that cannot be serialized, or a full disk, is not an error: it is not stored."""
+    def store(self, key: str, compiled: jax.stages.Compiled, compile_seconds: float = 0.0
+              ) -> None:
+        """Write `compiled` (and the seconds it took to compile) under `key` (atomically),
+        then evict past max_bytes. A program that cannot be serialized, or a full disk, is
+        not an error: it is not stored."""
         from jax.experimental import serialize_executable
 
+        try:
+            blob = pickle.dumps((*serialize_executable.serialize(compiled), compile_seconds))
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            logger.debug("program %s not stored: %r", key[:12], e)
+            return
+        if self._write(self._path(key), blob):
+            self._path(key, RENT_SUFFIX).unlink(missing_ok=True)  # paid off
+            self._evict()
+
+    def _write(self, path: Path, blob: bytes) -> bool:
+        """Replace `path` by `blob` atomically; False (logged) where it cannot."""
         temporary = None
         try:
-            blob = pickle.dumps(serialize_executable.serialize(compiled))
             with tempfile.NamedTemporaryFile(dir=self.directory, delete=False,
                                              suffix=".tmp") as f:
                 temporary = f.name
                 f.write(blob)
-            os.replace(temporary, self._path(key))
-        except Exception as e:  # noqa: BLE001 - see the docstring
-            logger.debug("program %s not stored: %r", key[:12], e)
+            os.replace(temporary, path)
+            return True
+        except OSError as e:
+            logger.debug("%s not written: %r", path.name, e)
             if temporary is not None:
                 Path(temporary).unlink(missing_ok=True)
-            return
-        self._evict()
+            return False
 
     def _evict(self) -> None:
         entries = []
-        for path in self.directory.glob("*" + SUFFIX):
+        for path in [*self.directory.glob("*" + SUFFIX), *self.directory.glob("*" + RENT_SUFFIX)]:
             try:
                 stat = path.stat()
             except OSError:

@@ -61,6 +61,16 @@ TABLE_WALKING_MIN_CONTEXT_SLOTS = 4096
 # kernels there). A step that only a much larger program can run compiles at once.
 COMPILE_WHEN_MET = 3
 DEFER_MAX_PADDING = 4
+# Without background compilation (the CPU's default), a compilation stalls the steps for
+# seconds (SmolLM2's unrolled programs: ~4 s each on 2 cores), and a step's time grows with
+# its tokens. There a step whose program is missing, and not in the program cache, runs
+# padded on a compiled larger one (at most DEFER_MAX_PADDING times its size) until the time
+# that padding has cost its kind of step (`_padding_seconds`, kept in the program cache
+# across processes: `ProgramCache.rent`) reaches what compiling a program costs
+# (`_expected_compile_seconds`): then its own is compiled. Rent or buy: at most twice the
+# time of the better choice made in hindsight, and kinds of step that come only a few times
+# (the last few requests of a batch) compile nothing, until they have come often enough
+# over several runs.
 
 
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
@@ -383,6 +393,13 @@ class ModelRunner:
         self._programs: dict[ProgramKey, StepProgram] = {}
         self._compiling: dict[ProgramKey, concurrent.futures.Future] = {}
         self._missing_met: collections.Counter = collections.Counter()  # see COMPILE_WHEN_MET
+        # step seconds spent on padding, by the key of the program the steps lacked (with
+        # what earlier processes spent: the program cache's rent); the program cache's entry
+        # name of each such key; the seconds each program took to compile (here, or when
+        # the program cache stored it). See DEFER_MAX_PADDING.
+        self._padding_seconds: collections.Counter = collections.Counter()
+        self._cache_entries: dict[ProgramKey, Optional[str]] = {}
+        self._compile_costs: list[float] = []
         self._compile_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._compile_lock = threading.Lock()
         # compiled programs on disk by what they are made from (one device only: a mesh's
@@ -476,9 +493,43 @@ class ModelRunner:
 
         cache = self.program_cache
         if cache is None:
-            return StepProgram(compile(), layout)
-        entry = cache.key(self._model_text, key, layout, abstract(args), options)
-        return StepProgram(cache.get_or_compile(entry, args, compile), layout)
+            start = time.perf_counter()
+            compiled = compile()
+            self._compile_costs.append(time.perf_counter() - start)
+            return StepProgram(compiled, layout)
+        entry = self._cache_entry(key, args, layout)
+        compiled = cache.get_or_compile(entry, args, compile)
+        self._compile_costs.append(cache.compile_seconds[entry])
+        return StepProgram(compiled, layout)
+
+    def _cache_entry(self, key, args, layout) -> str:
+        """The program cache's entry name for `key`'s program (`args` as `step_function`
+        gives them)."""
+        return self.program_cache.key(self._model_text, key, layout, abstract(args),
+                                      xla_flags.step_compiler_options())
+
+    def _runs_padded(self, key: ProgramKey, args) -> bool:
+        """Whether a step whose program `key` is missing, and which a compiled larger one
+        can run, runs padded on that one rather than have its own compiled now (see
+        DEFER_MAX_PADDING): not if the program cache holds it (a load takes a fraction of a
+        second), nor once its kind of step has spent a compilation's time padded."""
+        if key not in self._cache_entries:
+            entry = None
+            if self.program_cache is not None:
+                _, packed, layout = self.step_function(key, args)
+                entry = self._cache_entry(key, packed, layout)
+                self._padding_seconds[key] += self.program_cache.rent(entry)
+            self._cache_entries[key] = entry
+        entry = self._cache_entries[key]
+        if entry is not None and self.program_cache.holds(entry):
+            return False
+        return self._padding_seconds[key] < self._expected_compile_seconds()
+
+    def _paid_padding(self, key: ProgramKey, seconds: float) -> None:
+        """Count `seconds` of a step's time as spent padded for want of `key`'s program."""
+        self._padding_seconds[key] += seconds
+        if self._cache_entries.get(key) is not None:
+            self.program_cache.add_rent(self._cache_entries[key], seconds)
 
     def precompile(self, vocab_size: int, workers: int = 4) -> None:
         """Compile in background threads the plain programs (R = min(rows, T) rows, the
@@ -657,7 +708,17 @@ class ModelRunner:
         MB = self._table_width(scheduled)
 
         key, args, prompt_spans, num_logprobs = self._step_inputs(scheduled, vocab_size, T, MB)
-        if self._compile_pool is not None and not self._ready(key):
+        padding_for = None  # (key, T) of the program this step lacks, where it runs padded
+        if self._compile_pool is None and self.planner is None and not self._ready(key):
+            larger = self._ready_larger(key)
+            if (larger is not None and larger.num_tokens <= DEFER_MAX_PADDING * T
+                    and self._runs_padded(key, args)):
+                padding_for = (key, T)
+                T = larger.num_tokens
+                key, args, prompt_spans, num_logprobs = self._step_inputs(scheduled, vocab_size,
+                                                                          T, MB)
+                key = larger
+        elif self._compile_pool is not None and not self._ready(key):
             # Compiled in the background, not on the step's path: meanwhile the step runs on
             # a compiled program that does more, if there is one: the same sizes with more of
             # the sampler's work, else a larger step, padded (on a GPU a decode step of 256
@@ -686,7 +747,7 @@ class ModelRunner:
                 a.copy_to_host_async()
         return PendingStep(functools.partial(self._finish, scheduled, out, prompt_out,
                                              prompt_spans, num_logprobs, total, T,
-                                             launched - started, launched))
+                                             launched - started, launched, padding_for))
 
     def _execute_multi_step(self, scheduled, vocab_size: int, num_steps: int) -> "PendingStep":
         if num_steps != self.num_scheduler_steps:
@@ -781,6 +842,11 @@ class ModelRunner:
                 sampling, prompt_idx, prompt_targets)
         return key, args, prompt_spans, num_logprobs
 
+    def _expected_compile_seconds(self) -> float:
+        """What compiling a missing program is taken to cost: the mean compile time of the
+        programs this runner has (0 before the first: nothing to run padded on then)."""
+        return sum(self._compile_costs) / max(len(self._compile_costs), 1)
+
     def _ready_larger(self, key: ProgramKey) -> Optional[ProgramKey]:
         """The key of the smallest compiled program for more tokens (and rows) that runs
         `key`'s step padded: the same but for the sizes, sampler paths covering `key`'s."""
@@ -795,11 +861,17 @@ class ModelRunner:
                    default=None)
 
     def _finish(self, scheduled, out, prompt_out, prompt_spans, num_logprobs, total, T,
-                host_seconds, launched) -> StepResult:
+                host_seconds, launched, padding_for=None) -> StepResult:
         if self.mesh is not None:
             out, prompt_out = parallel.fetch((out, prompt_out))
         result = self._collect(scheduled, out, num_logprobs)  # waits for the device
-        self.counters.record(total, T, host_seconds, time.perf_counter() - launched)
+        device_seconds = time.perf_counter() - launched
+        self.counters.record(total, T, host_seconds, device_seconds)
+        if padding_for is not None:
+            # the padded share of the step's time: more than the padding cost where a step
+            # has a fixed part (reading the weights), so its program comes sooner, not later
+            own_key, own_T = padding_for
+            self._paid_padding(own_key, device_seconds * (1 - own_T / T))
         if prompt_out is not None:
             values, ids, ranks = (np.asarray(a) for a in prompt_out)
             for rid, first, start, count in prompt_spans:
