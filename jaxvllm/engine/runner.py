@@ -2,10 +2,12 @@
 
 It owns the model's split state, the stacked KV cache (donated to every call) and one
 compiled program per bucket (`ProgramKey`): tokens `T`, requests `R` and block-table width
-`MB` are padded up to powers of two, so a server compiles a handful of programs, and each is
-compiled ahead of time the first time its bucket appears, or earlier in background threads
-(`precompile`; counted in `num_compiled`, `compile_seconds` for the time steps waited and
-`background_compile_seconds`). Step inputs are built with numpy (`step_arrays`) and handed to
+`MB` are padded up to powers of two, so a server compiles a handful of programs, each ahead of
+time: in background threads (`precompile`, and after it once a bucket's steps have come
+`COMPILE_WHEN_MET` times), or without them on the step's path, once the steps of its bucket,
+run padded on a larger program meanwhile, have cost a compilation's time
+(`DEFER_MAX_PADDING`); counted in `num_compiled`, `compile_seconds` for the time steps waited
+and `background_compile_seconds`. Step inputs are built with numpy (`step_arrays`) and handed to
 the compiled program packed into one byte buffer (`StepProgram`, engine/packed_inputs.py;
 under tensor parallelism, as arrays replicated over the mesh).
 Each program also takes the last step's sampled tokens, still on the device, so that a step
