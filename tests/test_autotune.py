@@ -49,7 +49,7 @@ def test_the_two_ways_take_turns_after_a_warm_up(monkeypatch):
         return call
 
     start = time.perf_counter()
-    xla_s, kernels_s = autotune._fastest_each([way("xla", 0.004), way("kernels", 0.001)],
+    xla_s, kernels_s = autotune.fastest_each([way("xla", 0.004), way("kernels", 0.001)],
                                               (jnp.ones(2),), repetitions=3)
     assert time.perf_counter() - start >= 0.05 + 3 * 0.005  # the warm-up, then the timed calls
     assert calls[-6:] == ["xla", "kernels"] * 3  # the timed calls

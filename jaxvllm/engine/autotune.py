@@ -18,7 +18,7 @@ steps of up to the largest row count at which they, and every row count below it
 faster by `MARGIN` and gave XLA's result (within `TOLERANCE`: the largest difference
 relative to the largest value, or for the sampler the share of rows drawing another token);
 a row count that loses ends the measurement, the larger ones left uncompiled. Both ways
-take turns on the device after a warm-up (`_fastest_each`).
+take turns on the device after a warm-up (`fastest_each`).
 A kernel that fails to compile or run counts as slower: the engine runs XLA's way, and says
 why in `LLMEngine.stats()`; one that compiles but fails on the device is an error (the
 device may be left unusable).
@@ -254,7 +254,7 @@ def _time_both(xla_body: Callable, kernel_body: Callable, args: tuple,
     compiled = [compile_loop(body) for body in (xla_body, kernel_body)]
     try:
         rel_err = difference()
-        xla_s, kernels_s = _fastest_each(compiled, args, repetitions)
+        xla_s, kernels_s = fastest_each(compiled, args, repetitions)
     except Exception as e:
         # compiled but failed to run: the device may be left unusable, so say so loudly
         logger.error("a Pallas kernel compiled but failed on the device (%r); if the engine "
@@ -265,7 +265,7 @@ def _time_both(xla_body: Callable, kernel_body: Callable, args: tuple,
             "kernels_us": round(1e6 * kernels_s / units, 2), "rel_err": round(rel_err, 5)}
 
 
-def _fastest_each(compiled: Sequence, args, repetitions: int) -> list[float]:
+def fastest_each(compiled: Sequence, args, repetitions: int) -> list[float]:
     """Seconds of each program's fastest of `repetitions` calls, after WARMUP_SECONDS of
     calls. The programs take turns throughout, so that both meet the same clocks (a GPU's
     rise over its first milliseconds of work): on an H100, timed first and alone, XLA's
