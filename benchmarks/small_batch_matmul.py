@@ -22,9 +22,10 @@ Each runs `--iters` times in one jitted loop compiled with jaxvllm's XLA flags (
 CUDA graph, as a decode step's), so the time includes the gaps between kernels as the
 engine has them. The configurations take turns after a warm-up, each call's time its own
 (`jaxvllm.engine.autotune.fastest_each`, as the engine's start-up measurement times them):
-timed first and alone, a configuration meets the GPU's clocks still rising. Reports us per layer, the weights' read rate (their bytes / time), and the
-ratio to `xla`; every output is checked against `xla`'s first. The last line is one JSON
-object. On the CPU the kernels run interpreted: only `--smoke` is meant for it.
+timed first and alone, a configuration meets the GPU's clocks still rising. Reports us per
+layer, the weights' read rate (their bytes / time), and the ratio to `xla`; every output is
+checked against `xla`'s first. The last line is one JSON object. On the CPU the kernels run
+interpreted: only `--smoke` is meant for it.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def bench_rows(rows: int, weights, args) -> dict:
     want = np.asarray(candidates[0][1](x, weights[0]), np.float32)
     result = {"rows": rows, "padded_rows": T, "weight_mb_per_layer": round(weight_bytes / 1e6, 2),
               "results": {}}
-    # compiled side by side (most of the time on a GPU), then timed one at a time
+    # compiled side by side (most of the time on a GPU), checked, then timed taking turns
     with concurrent.futures.ThreadPoolExecutor(args.compile_threads) as pool:
         compiled = {label: pool.submit(compile_loop, layer) for label, layer in candidates}
     runnable = {}  # label -> (compiled loop, difference from XLA's output)

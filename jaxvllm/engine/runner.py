@@ -716,10 +716,8 @@ class ModelRunner:
             if (larger is not None and larger.num_tokens <= DEFER_MAX_PADDING * T
                     and self._runs_padded(key, args)):
                 padding_for = (key, T)
-                T = larger.num_tokens
-                key, args, prompt_spans, num_logprobs = self._step_inputs(scheduled, vocab_size,
-                                                                          T, MB)
-                key = larger
+                T, key, args, prompt_spans, num_logprobs = self._padded_onto(
+                    larger, scheduled, vocab_size, MB)
         elif self._compile_pool is not None and not self._ready(key):
             # Compiled in the background, not on the step's path: meanwhile the step runs on
             # a compiled program that does more, if there is one: the same sizes with more of
@@ -731,10 +729,8 @@ class ModelRunner:
             if (covering := self._ready_covering(key)) is not None:
                 key = covering
             elif (larger := self._ready_larger(key)) is not None:
-                T = larger.num_tokens
-                key, args, prompt_spans, num_logprobs = self._step_inputs(scheduled, vocab_size,
-                                                                          T, MB)
-                key = larger
+                T, key, args, prompt_spans, num_logprobs = self._padded_onto(
+                    larger, scheduled, vocab_size, MB)
             self._compile_when_due(own_key, own_args, fallback=None if key == own_key else key)
         if self.mesh is not None:
             args = self._shard_inputs(args, key)
@@ -843,6 +839,14 @@ class ModelRunner:
         args = (self.weights, self.kv, self._last_tokens, ids, feed, pos, meta, logits_idx,
                 sampling, prompt_idx, prompt_targets)
         return key, args, prompt_spans, num_logprobs
+
+    def _padded_onto(self, larger: ProgramKey, scheduled, vocab_size: int, MB: int):
+        """(T, key, args, prompt_spans, num_logprobs) of the step of `scheduled` run on the
+        compiled program `larger` (`_ready_larger`): its inputs padded to that program's
+        tokens, its key that program's (whose sampler paths may cover more)."""
+        T = larger.num_tokens
+        _, args, prompt_spans, num_logprobs = self._step_inputs(scheduled, vocab_size, T, MB)
+        return T, larger, args, prompt_spans, num_logprobs
 
     def _expected_compile_seconds(self) -> float:
         """What compiling a missing program is taken to cost: the mean compile time of the
