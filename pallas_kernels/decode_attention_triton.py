@@ -17,9 +17,11 @@ At batch 1 a decode step is a few hundred small kernels, so each one saved per l
 
 Few rows leave most of the GPU idle: a batch-1 step is two programs (one a KV head), each
 walking the whole context one tile after another. There `num_splits` programs share a row's
-tiles (flash-decoding), each keeping its own running softmax, and a second small kernel
-(`_merge_kernel`) rescales and adds them: two kernels a layer instead of one, but a walk
-`num_splits` times shorter. `default_num_splits` picks how many from the shapes.
+tiles (flash-decoding), each keeping its own running softmax: a walk `num_splits` times
+shorter. Each writes its softmax out and counts itself in (an atomic add on the row and KV
+head's count); the one that finds the others all there rescales and adds them (`_merge`)
+and sets the count back to zero, so the merge costs no kernel of its own.
+`default_num_splits` picks how many from the shapes.
 
 Many rows fill the GPU with one program a row and KV head. Asked for (`split_keys`), program
 s of a row takes its keys [s * split_keys, (s + 1) * split_keys) instead (vLLM's paged
@@ -100,8 +102,8 @@ def _kernel(
     qkv_ref,  # [T, H + 2 KVH, D]
     k_cache_in,  # [L, N, B, KVH, D], aliased to k_cache_ref
     v_cache_in,
-    *refs,  # o_ref [T, H, D], or acc_ref [T, KVH, S, rows, D], m_ref, l_ref [T, KVH, S,
-            # rows] (split S > 1); then the caches
+    *refs,  # o_ref [T, H, D]; (split S > 1:) acc_ref [T, KVH, S, rows, D], m_ref, l_ref
+            # [T, KVH, S, rows]; the caches; (S > 1:) the counts [>= T * KVH], aliased
     scale: float,
     group: int,
     rows: int,
@@ -110,12 +112,13 @@ def _kernel(
     split_keys: int | None,
     sliding_window: int | None,
     soft_cap: float | None,
+    on_gpu: bool,
 ):
     tok, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     if num_splits == 1:
         o_ref, k_cache_ref, v_cache_ref = refs
     else:
-        acc_ref, m_ref, l_ref, k_cache_ref, v_cache_ref = refs
+        _, o_ref, acc_ref, m_ref, l_ref, k_cache_ref, v_cache_ref, counts_ref = refs
     num_kv_heads = k_cache_ref.shape[3]
     num_heads, head_dim = qkv_ref.shape[1] - 2 * num_kv_heads, qkv_ref.shape[2]
     block_size = k_cache_ref.shape[2]
@@ -181,7 +184,9 @@ def _kernel(
     if num_splits == 1:
         out = jnp.where(seq_len > 0, acc / l[:, None], 0.0)
         o_ref[jnp.full((rows,), tok, jnp.int32), q_head, :] = out.astype(o_ref.dtype)
-    else:  # the split's running softmax, for `_merge_kernel`
+    else:  # the split's running softmax, then the merge by the last split to finish
+        from jax.experimental.pallas import triton as plgpu
+
         m_ref[tok, head, split, :] = m_next
         l_ref[tok, head, split, :] = l
 
@@ -189,33 +194,47 @@ def _kernel(
         def _():
             acc_ref[tok, head, split, :, :] = acc
 
+        if on_gpu:
+            # every thread's stores issued before the one atomic that publishes them (its
+            # acquire-release at GPU scope orders them for the program that merges)
+            plgpu.debug_barrier()
+        count = tok * num_kv_heads + head
+        arrived = plgpu.atomic_add(counts_ref, (count,), jnp.int32(1))
 
-def _merge_kernel(seq_lens_ref, acc_ref, m_ref, l_ref, o_ref, *, group: int, rows: int,
-                  num_splits: int):
-    """One program per (token, KV head): the splits' running softmaxes rescaled to their
-    largest maximum and added, written to the group's query heads. A split without keys
-    has l = 0 and adds nothing (its acc, never written, is not read). Padding rows come out
-    zero."""
+        @pl.when(arrived == num_splits - 1)
+        def _():
+            out = _merge(acc_ref, m_ref, l_ref, tok, head, num_splits)
+            out = jnp.where(seq_len > 0, out, 0.0)  # padding rows come out zero
+            o_ref[jnp.full((rows,), tok, jnp.int32), q_head, :] = out.astype(o_ref.dtype)
+            counts_ref[count] = jnp.int32(0)
+
+
+def _merge(acc_ref, m_ref, l_ref, tok, head, num_splits: int):
+    """The splits' running softmaxes of (token, KV head) rescaled to their largest maximum
+    and added: [rows, D]. A split without keys has l = 0 and adds nothing (its acc, never
+    written, is not read). Loads are volatile: past this SM's L1, which may hold stale lines
+    of what other programs wrote."""
     from jax.experimental.pallas import triton as plgpu
 
-    tok, head = pl.program_id(0), pl.program_id(1)
     one = lambda i: pl.ds(i, 1)  # (slices: an interpreted masked load takes no integers)
-    ms = [m_ref[tok, head, s, :] for s in range(num_splits)]
+    rows, head_dim = acc_ref.shape[-2:]
+    load = lambda ref, s: plgpu.load(ref.at[one(tok), one(head), one(s), :],
+                                     volatile=True).reshape(rows)
+    ms = [load(m_ref, s) for s in range(num_splits)]
     m = functools.reduce(jnp.maximum, ms)
     total = jnp.zeros((rows,), jnp.float32)
-    out = jnp.zeros(acc_ref.shape[-2:], jnp.float32)
+    out = jnp.zeros((rows, head_dim), jnp.float32)
     for s in range(num_splits):
         weight = jnp.exp2(ms[s] - m)
-        l_s = l_ref[tok, head, s, :]
+        l_s = load(l_ref, s)
         total = total + weight * l_s
-        written = jnp.broadcast_to((l_s > 0)[None, None, None, :, None], (1, 1, 1, *out.shape))
+        written = jnp.broadcast_to((l_s > 0)[None, None, None, :, None], (1, 1, 1, rows,
+                                                                          head_dim))
         acc = plgpu.load(acc_ref.at[one(tok), one(head), one(s), :, :], mask=written,
-                         other=0.0)
+                         other=0.0, volatile=True)
         out = out + weight[:, None] * acc.reshape(out.shape)
     # total >= the own key's weight: the first split always has it
-    out = jnp.where(seq_lens_ref[tok] > 0, out / total[:, None], 0.0)
-    o_ref[jnp.full((rows,), tok, jnp.int32), _group_heads(head, group, rows), :] = \
-        out.astype(o_ref.dtype)
+    return out / total[:, None]
 
 
 def _group_heads(head, group: int, rows: int):
@@ -264,15 +283,20 @@ def decode_attention_triton(qkv, k_cache, v_cache, layer, seq_lens, block_tables
                             soft_cap: float | None = None, num_kv_heads: int,
                             block_k: int | None = None, num_splits: int | None = None,
                             split_keys: int | None = None, num_warps: int = 4,
-                            num_stages: int = 2, interpret: bool | None = None):
+                            num_stages: int = 2, counters: jax.Array | None = None,
+                            interpret: bool | None = None):
     """One decode token a row: KV write and attention in one Pallas Triton kernel. Returns
     (out [T, H, D], k_cache, v_cache); arguments as `decode_attention_reference`.
 
     `num_splits` programs share each row's keys (flash-decoding), `block_k` at a time: even
     shares of its tiles, or, given `split_keys` instead, program s the keys
     [s * split_keys, (s + 1) * split_keys) (as many as the table's width needs; wider
-    ranges past MAX_KEY_RANGES). Their partial softmaxes are merged by a second kernel.
-    None: `default_tiling`'s."""
+    ranges past MAX_KEY_RANGES). Their partial softmaxes are merged by the last of them to
+    finish, found with a count for each row and KV head. None: `default_tiling`'s.
+
+    `counters`: int32 zeros that other kernels of the step pass along too (at least T * KVH
+    of them are used; a shorter array is not, and the call makes its own): then
+    `(out, k_cache, v_cache, counters)`, the counters zero again."""
     num_tokens, qkv_heads, head_dim = qkv.shape
     num_heads = qkv_heads - 2 * num_kv_heads
     if num_heads < num_kv_heads or num_heads % num_kv_heads \
@@ -303,43 +327,38 @@ def decode_attention_triton(qkv, k_cache, v_cache, layer, seq_lens, block_tables
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
     from jax.experimental.pallas import triton as plgpu
 
-    out_shape = jax.ShapeDtypeStruct((num_tokens, num_heads, head_dim), qkv.dtype)
-    if num_splits == 1:
-        outs = [out_shape]
-    else:
+    outs = [jax.ShapeDtypeStruct((num_tokens, num_heads, head_dim), qkv.dtype)]
+    operands = [seq_lens.astype(jnp.int32), slot_mapping.astype(jnp.int32),
+                jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
+                block_tables.astype(jnp.int32), qkv, k_cache, v_cache]
+    if num_splits > 1:
         split_rows = (num_tokens, num_kv_heads, num_splits, rows)
-        outs = [jax.ShapeDtypeStruct((*split_rows, head_dim), jnp.float32),
-                jax.ShapeDtypeStruct(split_rows, jnp.float32),
-                jax.ShapeDtypeStruct(split_rows, jnp.float32)]
+        outs += [jax.ShapeDtypeStruct((*split_rows, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct(split_rows, jnp.float32),
+                 jax.ShapeDtypeStruct(split_rows, jnp.float32)]
     outs += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
              jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
-    *parts, k_cache, v_cache = pl.pallas_call(
-        kernel,
+    aliases = {5: len(outs) - 2, 6: len(outs) - 1}
+    counts_used = num_splits > 1 and counters is not None \
+        and counters.shape[0] >= num_tokens * num_kv_heads
+    if num_splits > 1:
+        counts = counters if counts_used else jnp.zeros((num_tokens * num_kv_heads,), jnp.int32)
+        aliases[len(operands)] = len(outs)
+        operands.append(counts)
+        outs.append(jax.ShapeDtypeStruct(counts.shape, jnp.int32))
+    results = pl.pallas_call(
+        functools.partial(kernel, on_gpu=not interpret),
         grid=(num_tokens, num_kv_heads, num_splits),
-        in_specs=[whole((num_tokens,)), whole((num_tokens,)), whole((1,)),
-                  whole(block_tables.shape), whole(qkv.shape), whole(k_cache.shape),
-                  whole(v_cache.shape)],
+        in_specs=[whole(a.shape) for a in operands],
         out_specs=[whole(o.shape) for o in outs],
         out_shape=outs,
-        input_output_aliases={5: len(outs) - 2, 6: len(outs) - 1},
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"decode_attention_bk{block_k}_s{num_splits}"
              + (f"_keys{split_keys}" if split_keys else ""),
-    )(seq_lens.astype(jnp.int32), slot_mapping.astype(jnp.int32),
-      jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), block_tables.astype(jnp.int32),
-      qkv, k_cache, v_cache)
-    if num_splits == 1:
-        return parts[0], k_cache, v_cache
-    merge = functools.partial(_merge_kernel, group=group, rows=rows, num_splits=num_splits)
-    out = pl.pallas_call(
-        merge,
-        grid=(num_tokens, num_kv_heads),
-        in_specs=[whole((num_tokens,))] + [whole(p.shape) for p in parts],
-        out_specs=whole(out_shape.shape),
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name=f"decode_attention_merge_s{num_splits}",
-    )(seq_lens.astype(jnp.int32), *parts)
-    return out, k_cache, v_cache
+    )(*operands)
+    out, (k_cache, v_cache) = results[0], results[-3:-1] if num_splits > 1 else results[-2:]
+    if counters is None:
+        return out, k_cache, v_cache
+    return out, k_cache, v_cache, results[-1] if counts_used else counters

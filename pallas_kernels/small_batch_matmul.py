@@ -21,13 +21,18 @@ power of two from 16, Triton's smallest dot), `block_k` of K a step (the last st
 where K is not a multiple). The weights are [K, N], so a program reads `block_n` of each K
 row. With 16 (32 bytes), and 56 programs for the O and down projections, the kernels ran
 2-3x slower than XLA's GEMMs on an H100 (benchmarks/README.md, thirteenth round); tiles are
-now up to 64 columns wide (`BLOCK_N_CHOICES`). Wide tiles leave few programs, though: Qwen2.5-0.5B's O and down
-projections have 14 tiles of 64 columns for 132 SMs. Where the tiles alone make fewer than
-half of `TARGET_PROGRAMS` (`default_tiling`), K is split too: program (i, s) writes tile i's
-float32 sums over split s, and a second kernel adds the splits up and does the epilogue.
-Otherwise one kernel does all of it. Each program's RMSNorm takes the whole row's mean
-square, a second read of the rows, which sit in L2. For Qwen2.5-0.5B: QKV 18 x 7 programs,
-O 14 x 7, gate/up 152 (one kernel), down 14 x 19. Not yet timed on a GPU:
+now up to 64 columns wide (`BLOCK_N_CHOICES`). Wide tiles leave few programs, though:
+Qwen2.5-0.5B's O and down projections have 14 tiles of 64 columns for 132 SMs. Where the
+tiles alone make fewer than half of `TARGET_PROGRAMS` (`default_tiling`), K is split too:
+program (i, s) writes tile i's float32 sums over split s, then counts itself in with an
+atomic add on tile i's count. The program that finds the other splits all there adds the
+sums up, does the epilogue and sets the count back to zero: still one kernel a projection,
+where a kernel of its own to add the splits up cost one more a projection. The counts are
+an int32 array of zeros (`split_counters`) that a step's kernels pass from one to the next
+(aliased in place), one array a step. Otherwise one kernel does all of it. Each program's
+RMSNorm takes the whole row's mean square, a second read of the rows, which sit in L2. For
+Qwen2.5-0.5B: QKV 18 x 7 programs, O 14 x 7, gate/up 152 (one kernel), down 14 x 19. Not
+yet timed on a GPU:
 `benchmarks/small_batch_matmul.py` sweeps the tiling, and the engine measures the kernels
 against XLA before it uses them (jaxvllm/engine/autotune.py). `reference` is the contract in
 plain jnp.
@@ -52,8 +57,8 @@ MAX_ROWS = 64  # more rows than this: XLA's own GEMMs (one program's rows stay i
 BLOCK_N_CHOICES = (64, 32, 16)
 MAX_BLOCK_K = 512
 # Programs to aim for, two a streaming multiprocessor on an H100 (132): where the column
-# tiles are fewer, K is split (at least MIN_SPLIT_K a split) and a second kernel adds the
-# splits' sums up
+# tiles are fewer, K is split (at least MIN_SPLIT_K a split) and the last split of a tile
+# to finish adds the splits' sums up
 TARGET_PROGRAMS = 264
 MIN_SPLIT_K = 128
 MIN_UNSPLIT_BLOCK_N = 32  # narrower tiles read too little of each K row to go unsplit
@@ -298,36 +303,54 @@ def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
                   block_n=block_n, rope_columns=rope_columns)
 
 
-def _split_kernel(*refs, has_norm: bool, gated: bool, norm_eps: float, block_n: int,
-                  block_k: int, k_split: int, n_out: int, rope_half: int, dot_precision):
-    """Program (i, s): tile i's float32 sums over K split s, into partial [S, M, N]."""
-    x_ref, w_ref = refs[:2]
-    scale_ref = refs[2] if has_norm else None
-    partial_ref = refs[-1]
+def _split_kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
+                  gated_act: Optional[Callable], norm_eps: float, block_n: int, block_k: int,
+                  k_split: int, n_out: int, rope_columns: int, rope_half: int, dot_precision,
+                  on_gpu: bool):
+    """Program (i, s): tile i's float32 sums over K split s, into partial [S, M, N]; then the
+    arrival count of tile i goes up by one, and the program that finds the others all there
+    adds the S sums up, does the epilogue and sets the count back to zero."""
+    from jax.experimental.pallas import triton as plgpu
+
+    refs = list(refs)
+    x_ref, w_ref = refs.pop(0), refs.pop(0)
+    scale_ref = refs.pop(0) if has_norm else None
+    epilogue = _epilogue_refs(refs, has_bias, has_residual, bool(rope_columns))
+    _, o_ref, partial_ref, counts_ref = refs  # the counts come in aliased to counts_ref
+    splits, rows = partial_ref.shape[:2]
     k = x_ref.shape[1]
-    _, cols, _ = _tile_columns(n_out, block_n, rope_half, gated)
-    split = pl.program_id(1)
+    col, cols, freq_at = _tile_columns(n_out, block_n, rope_half, gated_act is not None)
+    tile, split = pl.program_id(0), pl.program_id(1)
     load = _loader(k, block_k, block_n, ragged=k % k_split != 0)
     accs = _products(x_ref, w_ref, scale_ref, cols, load, k_start=split * k_split,
                      steps=k_split // block_k, block_k=block_k, block_n=block_n,
                      norm_eps=norm_eps, dot_precision=dot_precision)
     for acc, c in zip(accs, cols):
         partial_ref[split, :, pl.ds(c, block_n)] = acc
+    if on_gpu:
+        # every thread's stores issued before the one atomic that publishes them (its
+        # acquire-release at GPU scope orders them for the program that sums)
+        plgpu.debug_barrier()
+    arrived = plgpu.atomic_add(counts_ref, (tile,), jnp.int32(1))
+
+    @pl.when(arrived == splits - 1)
+    def _():
+        def add(s, acc, c):
+            # volatile: past this SM's L1, which may hold stale lines of the partial buffer
+            return acc + plgpu.load(partial_ref.at[s, :, pl.ds(c, block_n)], volatile=True)
+
+        sums = tuple(lax.fori_loop(0, splits, functools.partial(add, c=c),
+                                   jnp.zeros((rows, block_n), jnp.float32)) for c in cols)
+        _write_output(sums, col, cols, freq_at, o_ref, *epilogue, gated_act=gated_act,
+                      block_n=block_n, rope_columns=rope_columns)
+        counts_ref[tile] = jnp.int32(0)
 
 
-def _sum_kernel(*refs, has_bias: bool, has_residual: bool, gated_act: Optional[Callable],
-                block_n: int, n_out: int, rope_columns: int, rope_half: int):
-    """Program i: tile i's split sums added up, and its epilogue."""
-    refs = list(refs)
-    partial_ref = refs.pop(0)
-    epilogue = _epilogue_refs(refs, has_bias, has_residual, bool(rope_columns))
-    (o_ref,) = refs
-    splits, rows = partial_ref.shape[:2]
-    col, cols, freq_at = _tile_columns(n_out, block_n, rope_half, gated_act is not None)
-    accs = tuple(lax.fori_loop(0, splits, lambda s, acc, c=c: acc + partial_ref[
-        s, :, pl.ds(c, block_n)], jnp.zeros((rows, block_n), jnp.float32)) for c in cols)
-    _write_output(accs, col, cols, freq_at, o_ref, *epilogue, gated_act=gated_act,
-                  block_n=block_n, rope_columns=rope_columns)
+def split_counters(n_out: int) -> jax.Array:
+    """Arrival counts (zeros) enough for any tiling of outputs up to `n_out` columns wide,
+    for `fused_matmul(..., counters=)`: the split kernels leave them zero again, so kernels
+    that run one after the other can pass one array along."""
+    return jnp.zeros((max(1, n_out // BLOCK_N_CHOICES[-1]),), jnp.int32)
 
 
 def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: float = 1e-6,
@@ -335,14 +358,17 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
                  rope_inv_freq=None, rope_columns: int = 0, block_n: Optional[int] = None,
                  block_k: Optional[int] = None, splits: Optional[int] = None,
                  num_warps: Optional[int] = None, num_stages: int = 3,
-                 interpret: Optional[bool] = None):
+                 counters: Optional[jax.Array] = None, interpret: Optional[bool] = None):
     """`reference`'s result from Pallas Triton kernels. x [M, K] (M <= MAX_ROWS; padded
     inside to `padded_rows(M)`), w [K, N] (gate/up concatenated, [K, 2 I], when `gated_act`),
     bias [N], norm_scale [K], residual [M, N_out]. RoPE: the first `rope_columns` output
     columns are heads of 2 * len(rope_inv_freq) that rotate by `rope_positions` [M]; the
     rest are heads of that size too, left as they are (v). Tiling (None: the defaults for
     these shapes): `block_n` output columns a program, `block_k` of K a step, K in at most
-    `splits` splits (more than one: a second kernel adds them up and does the epilogue)."""
+    `splits` splits (more than one: the last program of a column tile to finish adds them
+    up and does the epilogue). `counters`: `split_counters` zeros for the split kernel,
+    given back beside the result, `(y, counters)`, zero again; None: the call makes its
+    own (one more small kernel) and returns y alone."""
     rows, k = x.shape
     if w.ndim != 2 or w.shape[0] != k:
         raise ValueError(f"x {x.shape} and w {w.shape} do not multiply")
@@ -401,35 +427,34 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
         epilogue += [jnp.pad(rope_positions.astype(jnp.int32), (0, padded - rows)),
                      rope_inv_freq.astype(jnp.float32)]
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-    call = lambda kernel, grid, operands, out_shape, name, **params: pl.pallas_call(
+    call = lambda kernel, grid, operands, out_shapes, name, **options: pl.pallas_call(
         kernel, grid=grid, in_specs=[whole(a.shape) for a in operands],
-        out_specs=whole(out_shape.shape), out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(**params), interpret=interpret,
-        name=name)(*operands)
+        out_specs=[whole(o.shape) for o in out_shapes], out_shape=out_shapes,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name=name, **options)(*operands)
     dot_precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    common = dict(block_n=block_n, n_out=n_out, rope_half=rope_half)
+    common = dict(has_norm=norm_scale is not None, has_bias=bias is not None,
+                  has_residual=residual is not None, gated_act=gated_act,
+                  norm_eps=float(norm_eps), block_n=block_n, block_k=block_k, n_out=n_out,
+                  rope_columns=rope_columns, rope_half=rope_half, dot_precision=dot_precision)
+    out_shape = jax.ShapeDtypeStruct((padded, n_out), dtype)
+    counts = split_counters(n_out) if counters is None else counters
     if splits == 1:
-        out = call(functools.partial(
-            _kernel, has_norm=norm_scale is not None, has_bias=bias is not None,
-            has_residual=residual is not None, gated_act=gated_act, norm_eps=float(norm_eps),
-            block_k=block_k, rope_columns=rope_columns, dot_precision=dot_precision, **common),
-            (column_programs,), products + epilogue,
-            jax.ShapeDtypeStruct((padded, n_out), dtype),
-            f"small_batch_matmul_n{block_n}_k{block_k}", num_warps=num_warps,
-            num_stages=num_stages)
+        (out,) = call(functools.partial(_kernel, **common), (column_programs,),
+                      products + epilogue, [out_shape],
+                      f"small_batch_matmul_n{block_n}_k{block_k}")
     else:
-        partial = call(functools.partial(
-            _split_kernel, has_norm=norm_scale is not None, gated=gated_act is not None,
-            norm_eps=float(norm_eps), block_k=block_k, k_split=k_split,
-            dot_precision=dot_precision, **common),
-            (column_programs, splits), products,
-            jax.ShapeDtypeStruct((splits, padded, n), jnp.float32),
-            f"small_batch_matmul_n{block_n}_k{block_k}_s{splits}", num_warps=num_warps,
-            num_stages=num_stages)
-        out = call(functools.partial(
-            _sum_kernel, has_bias=bias is not None, has_residual=residual is not None,
-            gated_act=gated_act, rope_columns=rope_columns, **common),
-            (column_programs,), [partial] + epilogue,
-            jax.ShapeDtypeStruct((padded, n_out), dtype),
-            f"small_batch_matmul_sum_n{block_n}_s{splits}", num_warps=num_warps, num_stages=1)
-    return out[:rows] if padded != rows else out
+        if counts.dtype != jnp.int32 or counts.ndim != 1 or counts.shape[0] < column_programs:
+            raise ValueError(f"counters {counts.dtype}{list(counts.shape)}: int32 zeros, at "
+                             f"least {column_programs} (split_counters)")
+        operands = products + epilogue + [counts]
+        out, _, counts = call(
+            functools.partial(_split_kernel, k_split=k_split,
+                              on_gpu=not interpret, **common),
+            (column_programs, splits), operands,
+            [out_shape, jax.ShapeDtypeStruct((splits, padded, n), jnp.float32),
+             jax.ShapeDtypeStruct(counts.shape, jnp.int32)],
+            f"small_batch_matmul_n{block_n}_k{block_k}_s{splits}",
+            input_output_aliases={len(operands) - 1: 2})
+    out = out[:rows] if padded != rows else out
+    return out if counters is None else (out, counts)

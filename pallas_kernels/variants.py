@@ -77,8 +77,9 @@ class Variant:
     plan: Optional["StepPlanner"] = None
     # For steps of one new token per request: the KV write and the attention in one call,
     # `decode(qkv, k_cache, v_cache, layer, seq_lens, block_tables, slot_mapping, *, scale,
-    # sliding_window, soft_cap, num_kv_heads) -> (out, k_cache, v_cache)` (the contract of
-    # decode_attention_triton.py); None: such steps write, then attend
+    # sliding_window, soft_cap, num_kv_heads[, counters]) -> (out, k_cache, v_cache[,
+    # counters])` (the contract of decode_attention_triton.py); None: such steps write,
+    # then attend
     decode: Optional[Callable] = None
 
     @property

@@ -124,8 +124,12 @@ def test_a_wrong_kernel_is_not_chosen(qwen2_model, monkeypatch):
     from pallas_kernels import small_batch_matmul
 
     kernel = small_batch_matmul.fused_matmul
-    monkeypatch.setattr(small_batch_matmul, "fused_matmul",
-                        lambda *a, **k: kernel(*a, **k) * 1.5)
+
+    def wrong(*args, **kwargs):
+        y, counters = kernel(*args, **kwargs)
+        return y * 1.5, counters
+
+    monkeypatch.setattr(small_batch_matmul, "fused_matmul", wrong)
     choice = autotune.measure(qwen2_model, (16,), iterations=1, repetitions=1)
     assert choice.timings[16]["rel_err"] > autotune.TOLERANCE
     assert choice.rows == 0

@@ -322,6 +322,29 @@ def test_decode_attention_matches_write_then_attend(case):
     for cache, want_cache in zip(got[1:], want[1:]):
         cache, want_cache = np.asarray(cache, np.float32), np.asarray(want_cache, np.float32)
         np.testing.assert_array_equal(cache[:, 1:], want_cache[:, 1:])
+    if splits["num_splits"] == 1:
+        return
+    # with counts passed in, as a step's kernels share them: the same output, the counts
+    # (zeros in) zero again
+    counters = jnp.zeros(args[0].shape[0] * args[1].shape[3] + 3, jnp.int32)
+    again = jax.jit(functools.partial(decode_attention_triton, **kwargs, **splits,
+                                      counters=counters))(*args)
+    np.testing.assert_array_equal(np.asarray(again[0], np.float32), out)
+    np.testing.assert_array_equal(np.asarray(again[3]), 0)
+
+
+def test_decode_attention_counts_too_few_for_its_rows_are_left_alone():
+    """A counters array shorter than rows x KV heads is not used: the call counts in its
+    own and gives the one it was handed back as it was."""
+    from pallas_kernels.decode_attention_triton import decode_attention_triton
+
+    args = _decode_case(seed=0)
+    kwargs = dict(scale=0.125, num_kv_heads=args[1].shape[3], num_splits=2)
+    want = decode_attention_triton(*args, **kwargs)
+    short = jnp.full(2, 7, jnp.int32)
+    got = decode_attention_triton(*args, **kwargs, counters=short)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    assert got[3] is short
 
 
 def test_decode_tiling_defaults():
@@ -498,7 +521,8 @@ def test_decode_attention_lowers_for_an_h100():
     from pallas_kernels.gpu_lowering import lower_for_gpu
 
     # 256 rows: one program a row and KV head (at 2,048 keys too); 16 rows: the keys split
-    # (and merged); 256 rows of up to 2,048 keys in fixed key ranges (and merged)
+    # (and merged); 256 rows of up to 2,048 keys in fixed key ranges (and merged). One
+    # kernel each: the last split of a row to finish merges (its count, aliased, in place)
     for heads, kv_heads, head_dim, tokens, width, split_keys in (
             (14, 2, 64, 256, 8, None), (14, 2, 64, 16, 8, None), (32, 8, 128, 256, 8, None),
             (14, 2, 64, 256, 128, None), (14, 2, 64, 256, 128, 1024)):
@@ -507,7 +531,8 @@ def test_decode_attention_lowers_for_an_h100():
                                split_keys=split_keys)
         text = lower_for_gpu(fn, *_decode_specs(heads, kv_heads, head_dim, tokens, width))
         merged = tokens == 16 or split_keys is not None
-        assert text.count("__gpu$xla.gpu.triton") == (2 if merged else 1)
+        assert text.count("__gpu$xla.gpu.triton") == 1
+        assert text.count("output_operand_alias<") == (3 if merged else 2)
 
 
 def test_mosaic_p_in_registers_lowers():

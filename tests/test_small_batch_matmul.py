@@ -115,24 +115,32 @@ def _layer_specs(rows=16, hidden=896, qkv=1152, inter=4864, dtype=jnp.bfloat16):
 
 
 def _layer(x, w_qkv, b_qkv, scale, w_o, w_gate_up, w_down, positions, inv_freq):
+    """The layer's projections as the model runs them: one counters array passed along."""
     fused = functools.partial(sbm.fused_matmul, interpret=False)
-    qkv = fused(x, w_qkv, bias=b_qkv, norm_scale=scale, rope_positions=positions,
-                rope_inv_freq=inv_freq, rope_columns=w_qkv.shape[1] - 128)
-    x = fused(qkv[:, :x.shape[1]], w_o, residual=x)
-    up = fused(x, w_gate_up, norm_scale=scale, gated_act=jax.nn.silu)
-    return fused(up, w_down, residual=x)
+    counters = sbm.split_counters(w_gate_up.shape[1])
+    qkv, counters = fused(x, w_qkv, bias=b_qkv, norm_scale=scale, rope_positions=positions,
+                          rope_inv_freq=inv_freq, rope_columns=w_qkv.shape[1] - 128,
+                          counters=counters)
+    x, counters = fused(qkv[:, :x.shape[1]], w_o, residual=x, counters=counters)
+    up, counters = fused(x, w_gate_up, norm_scale=scale, gated_act=jax.nn.silu,
+                         counters=counters)
+    return fused(up, w_down, residual=x, counters=counters)
 
 
 def test_lowers_for_an_h100():
     """Qwen2.5-0.5B's QKV, O and down projections have too few column tiles to fill an H100
-    (18, 14 and 14 of them): each runs split over K, then a kernel adds the splits up; the
-    gate/up projection has 152 tiles of 32 columns: one kernel."""
+    (18, 14 and 14 of them): each runs split over K in one kernel, whose last program of a
+    tile to finish (an atomic count) adds the splits up; the gate/up projection has 152
+    tiles of 32 columns: one kernel, no count."""
     from pallas_kernels.gpu_lowering import lower_for_gpu
 
     text = lower_for_gpu(functools.partial(_layer), *_layer_specs())
-    assert text.count("__gpu$xla.gpu.triton") == 7
-    for name in ("n32_k128_s7", "n64_k128_s7", "n32_k256", "n64_k256_s19", "sum_n64_s19"):
+    assert text.count("__gpu$xla.gpu.triton") == 4
+    for name in ("n32_k128_s7", "n64_k128_s7", "n32_k256", "n64_k256_s19"):
         assert f"small_batch_matmul_{name}" in text, name
+    assert "sum_n" not in text
+    # the split kernels' counts, updated in place (aliased)
+    assert text.count("output_operand_aliases") == 3
 
 
 @pytest.mark.parametrize("k, n_out, rope_head_dim, want", [
@@ -167,11 +175,25 @@ def test_split_tiling(k, splits, block_k, want):
     (20, 128, 32, dict(norm=True, residual=True), 8),
 ])
 def test_split_k_matches_the_reference(rows, k, n, options, splits):
-    """K split over programs, their sums added up by a second kernel with the epilogue."""
+    """K split over programs, their sums added up with the epilogue by the last to finish;
+    the counts it was given come back zero, ready for the next kernel."""
     x, w, kw = _operands(rows, k, n, **options)
+    want = np.asarray(sbm.reference(x, w, **kw))
     got = sbm.fused_matmul(x, w, splits=splits, **kw)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(sbm.reference(x, w, **kw)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    counters = sbm.split_counters(n)
+    for _ in range(2):
+        again, counters = sbm.fused_matmul(x, w, splits=splits, counters=counters, **kw)
+        np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
+        np.testing.assert_array_equal(np.asarray(counters), 0)
+
+
+@pytest.mark.parametrize("counters", [jnp.zeros(3, jnp.int32), jnp.zeros(8, jnp.float32),
+                                      jnp.zeros((2, 4), jnp.int32)])
+def test_counters_of_the_wrong_kind_raise_value_error(counters):
+    x, w, kw = _operands(16, 128, 64)
+    with pytest.raises(ValueError, match="split_counters"):
+        sbm.fused_matmul(x, w, block_n=16, splits=2, counters=counters, **kw)
 
 
 def test_triton_compiles_to_cubin():
@@ -184,7 +206,7 @@ def test_triton_compiles_to_cubin():
     for rows, dtype in ((16, jnp.bfloat16), (40, jnp.float32)):
         # a new callable: jax would reuse an earlier lowering of the same one
         builds = compile_triton(functools.partial(_layer), *_layer_specs(rows, dtype=dtype))
-        assert len(builds) == 7  # four projections, three of them split over K, and sums
+        assert len(builds) == 4  # four projections, three of them split over K
         assert all(b.shared_bytes <= 227 * 1024 and b.spill_bytes == 0 for b in builds), builds
 
 

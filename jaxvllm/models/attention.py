@@ -176,21 +176,25 @@ def fused_decode_kernel(backend: str) -> Callable | None:
 
 def attend(q, k, v, kv: KVCache, layer, meta: AttentionMetadata, *, scale: float,
            sliding_window: int | None, backend: str, soft_cap: float | None = None,
-           qkv: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+           qkv: jax.Array | None = None, counters: jax.Array | None = None):
     """Store this step's k, v [T, KVH, D] and attend with q [T, H, D]: (out [T, H, D], cache).
     One fused kernel for a `decode_only` step where the backend has one
     (`fused_decode_kernel`) and the step is not sharded; `qkv`, where the caller has q, k and
     v as one [T, H + 2 KVH, D] array already, is that kernel's input as it is (XLA would
-    otherwise copy the three into a new one)."""
+    otherwise copy the three into a new one). `counters`, the step's kernels' shared
+    arrival counts (pallas_kernels/small_batch_matmul.py), go to that kernel too and come
+    back third: (out, cache, counters)."""
     decode = fused_decode_kernel(backend)
     if meta.decode_only and decode is not None and parallel.active_mesh() is None:
         if qkv is None:
             qkv = jnp.concatenate([q, k.astype(q.dtype), v.astype(q.dtype)], axis=1)
-        out, k_cache, v_cache = decode(
+        out, k_cache, v_cache, *counted = decode(
             qkv, kv.k, kv.v, layer, meta.seq_lens, meta.block_tables, meta.slot_mapping,
             scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
-            num_kv_heads=k.shape[1])
-        return out, KVCache(k_cache, v_cache)
+            num_kv_heads=k.shape[1], **({} if counters is None else {"counters": counters}))
+        kv = KVCache(k_cache, v_cache)
+        return (out, kv) if counters is None else (out, kv, *counted)
     kv = write_kv(kv, layer, k, v, meta, backend)
-    return paged_attention(q, kv, layer, meta, scale=scale, sliding_window=sliding_window,
-                           backend=backend, soft_cap=soft_cap), kv
+    out = paged_attention(q, kv, layer, meta, scale=scale, sliding_window=sliding_window,
+                          backend=backend, soft_cap=soft_cap)
+    return (out, kv) if counters is None else (out, kv, counters)

@@ -195,7 +195,7 @@ class CausalLM(nnx.Module):
         def one_layer(carry, xs):
             x, kv = carry
             p, layer = xs
-            x, kv = self._layer(p, layer, x, positions, inv_freq, meta, kv)
+            x, kv, _ = self._layer(p, layer, x, positions, inv_freq, meta, kv, None)
             return (x, kv), None
 
         if self.layers.unstacked:
@@ -203,9 +203,11 @@ class CausalLM(nnx.Module):
             # program traces and lowers it once instead of num_layers times (seconds a
             # program with the Pallas kernels), and XLA inlines the calls
             layer_fn = jax.jit(self._layer, static_argnames="small_batch")
+            counters = self._split_counters(self.layers.per_layer[0].arrays())
             for layer, weights in enumerate(self.layers.per_layer):
-                x, kv = layer_fn(weights.arrays(), np.int32(layer), x, positions, inv_freq,
-                                 meta, kv, small_batch=self.small_batch_limit())
+                x, kv, counters = layer_fn(weights.arrays(), np.int32(layer), x, positions,
+                                           inv_freq, meta, kv, counters,
+                                           small_batch=self.small_batch_limit())
         else:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
             (x, kv), _ = jax.lax.scan(one_layer, (x, kv), (self.layers.arrays(), layer_ids))
@@ -262,41 +264,58 @@ class CausalLM(nnx.Module):
         return small_batch_matmul.MAX_ROWS if value is True else int(value)
 
     @staticmethod
-    def _small_batch(x, p, name, **epilogue):
-        """x @ p[name] (+ its bias) with `epilogue` as one kernel where its shapes fit (a
-        rotation in `epilogue` the caller has checked: see `_layer`)."""
+    def _split_counters(p):
+        """The arrival counts the small-batch kernels split over K share
+        (`small_batch_matmul.split_counters`) for layers of weights like `p`, passed from one
+        kernel to the next through a step (and dropped by XLA where none runs)."""
+        return small_batch_matmul.split_counters(
+            max(w.shape[1] for name, w in p.items() if name.endswith("_proj")))
+
+    @staticmethod
+    def _small_batch(x, p, name, counters, **epilogue):
+        """(x @ p[name] (+ its bias) with `epilogue` as one kernel where its shapes fit (a
+        rotation in `epilogue` the caller has checked: see `_layer`), counters)."""
         w = p[name]
         n_out = w.shape[1] // (2 if epilogue.get("gated_act") else 1)
         bias = p.get(name.replace("_proj", "_bias"))
         if small_batch_matmul.supports(x.shape[0], w.shape[0], n_out):
-            return small_batch_matmul.fused_matmul(x, w, bias=bias, **epilogue)
-        return small_batch_matmul.reference(x, w, bias=bias, **epilogue)
+            return small_batch_matmul.fused_matmul(x, w, bias=bias, counters=counters,
+                                                   **epilogue)
+        return small_batch_matmul.reference(x, w, bias=bias, **epilogue), counters
 
-    def _layer(self, p, layer, x, positions, inv_freq, meta, kv, small_batch: int = 0):
-        """One decoder layer; `small_batch`: its projections as the small-batch kernels for
-        steps of at most that many rows (the module docstring). A static argument, not read
-        from `self`: the jitted layer's trace is cached by function, and would keep an
-        earlier setting."""
+    def _layer(self, p, layer, x, positions, inv_freq, meta, kv, counters,
+               small_batch: int = 0):
+        """One decoder layer -> (x, kv, counters); `small_batch`: its projections as the
+        small-batch kernels for steps of at most that many rows (the module docstring), which
+        pass `counters` (`_split_counters`; None in a scan, which runs none) along. A static argument, not read from `self`:
+        the jitted layer's trace is cached by function, and would keep an earlier setting."""
         cfg = self.cfg
         fused = self._fused_kernels(p, x.shape[0], small_batch)
-        q, k, v, qkv_heads = self._attention_inputs(p, x, positions, inv_freq, fused)
-        o, kv = attend(q, k, v, kv, layer, meta, scale=cfg.head_dim ** -0.5,
-                       sliding_window=cfg.sliding_window, backend=self.attention_backend,
-                       qkv=qkv_heads)
-        return self._after_attention(p, x, o.reshape(x.shape[0], cfg.q_size), fused), kv
+        q, k, v, qkv_heads, counters = self._attention_inputs(p, x, positions, inv_freq,
+                                                              fused, counters)
+        o, kv, *counted = attend(q, k, v, kv, layer, meta, scale=cfg.head_dim ** -0.5,
+                                 sliding_window=cfg.sliding_window,
+                                 backend=self.attention_backend, qkv=qkv_heads,
+                                 counters=counters)
+        counters = counted[0] if counted else None
+        x, counters = self._after_attention(p, x, o.reshape(x.shape[0], cfg.q_size), fused,
+                                            counters)
+        return x, kv, counters
 
     def layer_projections(self, p, x, positions, inv_freq, small_batch: int = 0):
         """A layer without its attention, whose output is taken to be the queries: all of
         its projections and the work around them as `_layer` runs them (for
         `jaxvllm.engine.autotune`, which times them with and without the kernels)."""
         fused = self._fused_kernels(p, x.shape[0], small_batch)
-        q = self._attention_inputs(p, x, positions, inv_freq, fused)[0]
-        return self._after_attention(p, x, q.reshape(x.shape[0], self.cfg.q_size), fused)
+        counters = self._split_counters(p)
+        q, *_, counters = self._attention_inputs(p, x, positions, inv_freq, fused, counters)
+        return self._after_attention(p, x, q.reshape(x.shape[0], self.cfg.q_size), fused,
+                                     counters)[0]
 
-    def _attention_inputs(self, p, x, positions, inv_freq, fused: bool):
+    def _attention_inputs(self, p, x, positions, inv_freq, fused: bool, counters):
         """(q [T, H, D], k, v [T, KVH, D], qkv: the three as one [T, H + 2 KVH, D] array
-        where the small-batch QKV kernel gave them so, else None), normed, projected,
-        rotated."""
+        where the small-batch QKV kernel gave them so, else None, counters), normed,
+        projected, rotated."""
         cfg = self.cfg
         t = x.shape[0]
         # rotary embeddings in the QKV kernel, unless q/k norms come between or half a head
@@ -309,8 +328,9 @@ class CausalLM(nnx.Module):
         if fused:
             rope = dict(rope_positions=positions, rope_inv_freq=inv_freq,
                         rope_columns=cfg.q_size + cfg.kv_size) if rope_fused else {}
-            qkv = self._small_batch(x, p, "qkv_proj", norm_scale=p["attn_norm_scale"],
-                                    norm_eps=cfg.norm_eps, **rope)
+            qkv, counters = self._small_batch(x, p, "qkv_proj", counters,
+                                              norm_scale=p["attn_norm_scale"],
+                                              norm_eps=cfg.norm_eps, **rope)
             if rope_fused or inv_freq is None and not cfg.qk_norm:
                 qkv_heads = qkv.reshape(t, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
             q, k, v = jnp.split(qkv, (cfg.q_size, cfg.q_size + cfg.kv_size), axis=-1)
@@ -328,24 +348,25 @@ class CausalLM(nnx.Module):
         if inv_freq is not None and not rope_fused:
             q = L.apply_rope(q, positions, inv_freq)
             k = L.apply_rope(k, positions, inv_freq)
-        return q, k, v, qkv_heads
+        return q, k, v, qkv_heads, counters
 
-    def _after_attention(self, p, x, o, fused: bool):
-        """The rest of the layer from the attention's output o [T, H * D]: the O projection
-        and residual, then the MLP block."""
+    def _after_attention(self, p, x, o, fused: bool, counters):
+        """(The rest of the layer from the attention's output o [T, H * D]: the O projection
+        and residual, then the MLP block; counters)."""
         cfg = self.cfg
         attn_norm = lambda h: self._norm(h, p["attn_norm_scale"], p.get("attn_norm_bias"))
         mlp_norm = lambda h: self._norm(h, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
         if fused:
-            x = self._small_batch(o, p, "o_proj", residual=x)
+            x, counters = self._small_batch(o, p, "o_proj", counters, residual=x)
             act = L.activation(cfg.activation)
+            norm = dict(norm_scale=p["mlp_norm_scale"], norm_eps=cfg.norm_eps)
             if cfg.mlp == "gated":
-                up = self._small_batch(x, p, "gate_up_proj", norm_scale=p["mlp_norm_scale"],
-                                       norm_eps=cfg.norm_eps, gated_act=act)
+                up, counters = self._small_batch(x, p, "gate_up_proj", counters,
+                                                 gated_act=act, **norm)
             else:
-                up = act(self._small_batch(x, p, "up_proj", norm_scale=p["mlp_norm_scale"],
-                                           norm_eps=cfg.norm_eps))
-            return self._small_batch(up, p, "down_proj", residual=x)
+                up, counters = self._small_batch(x, p, "up_proj", counters, **norm)
+                up = act(up)
+            return self._small_batch(up, p, "down_proj", counters, residual=x)
         o = o @ p["o_proj"]
         if cfg.o_bias:
             o = o + p["o_bias"]
@@ -365,4 +386,4 @@ class CausalLM(nnx.Module):
         x = x + m
         if not cfg.pre_norm:
             x = mlp_norm(x)
-        return x
+        return x, counters
