@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import jaxvllm  # noqa: E402,F401 - its XLA flags (CUDA graphs for loops), before jax starts
 from benchmarks import common  # noqa: E402
 from benchmarks.decode_kernel import padded_rows  # noqa: E402
+from pallas_kernels.small_batch_matmul import split_counters  # noqa: E402
 
 
 def build_parser():
@@ -100,8 +101,9 @@ def rope_arguments(rows: int, args) -> dict:
             "rope_columns": args.hidden + args.kv_size}
 
 
-def layer_xla(x, p, rope: dict):
-    """The layer's projections as the unfused model computes them."""
+def layer_xla(x, p, counters, rope: dict):
+    """The layer's projections as the unfused model computes them (the counters pass
+    through)."""
     import jax
 
     from pallas_kernels.small_batch_matmul import reference
@@ -109,11 +111,12 @@ def layer_xla(x, p, rope: dict):
     qkv = reference(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"], **rope)
     x = reference(qkv[:, :x.shape[1]], p["w_o"], residual=x)
     h = reference(x, p["w_gate_up"], norm_scale=p["mlp_norm"], gated_act=jax.nn.silu)
-    return reference(h, p["w_down"], residual=x)
+    return reference(h, p["w_down"], residual=x), counters
 
 
-def layer_fused(x, p, rope: dict, **tiling):
-    """The same as four `fused_matmul` kernels."""
+def layer_fused(x, p, counters, rope: dict, **tiling):
+    """The same as four `fused_matmul` kernels, the split ones' counts passed along as the
+    model passes them."""
     import jax
 
     from pallas_kernels.small_batch_matmul import fused_matmul
@@ -123,26 +126,29 @@ def layer_fused(x, p, rope: dict, **tiling):
     if tiling.get("block_n"):  # RoPE: whole tiles in each half of a head
         half = rope["rope_inv_freq"].shape[0]
         qkv_tiling["block_n"] = min(tiling["block_n"], half)
-    qkv = fused(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"], **rope,
-                **qkv_tiling)
-    x = fused(qkv[:, :x.shape[1]], p["w_o"], residual=x)
-    h = fused(x, p["w_gate_up"], norm_scale=p["mlp_norm"], gated_act=jax.nn.silu)
-    return fused(h, p["w_down"], residual=x)
+    qkv, counters = fused(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"],
+                          counters=counters, **rope, **qkv_tiling)
+    x, counters = fused(qkv[:, :x.shape[1]], p["w_o"], residual=x, counters=counters)
+    h, counters = fused(x, p["w_gate_up"], norm_scale=p["mlp_norm"], gated_act=jax.nn.silu,
+                        counters=counters)
+    return fused(h, p["w_down"], residual=x, counters=counters)
 
 
 def looped(layer, num_layers: int, iters: int):
     """`layer` over every layer's weights (each its own array, as the unrolled model holds
-    them), `iters` times in one jitted loop, the hidden state carried."""
+    them), `iters` times in one jitted loop, the hidden state and the counts carried."""
     import jax
     from jax import lax
 
     def run(x, weights):
-        def body(_, x):
+        def body(_, carry):
+            x, counters = carry
             for p in weights:
-                x = layer(x, p)
-            return x
+                x, counters = layer(x, p, counters)
+            return x, counters
 
-        return lax.fori_loop(0, iters, body, x)
+        counters = split_counters(max(w.shape[1] for w in weights[0].values() if w.ndim == 2))
+        return lax.fori_loop(0, iters, body, (x, counters))[0]
 
     return jax.jit(run)
 
@@ -178,7 +184,8 @@ def bench_rows(rows: int, weights, args) -> dict:
             compiler_options=xla_flags.step_compiler_options())
 
     # one iteration of one layer against XLA's, for the check
-    want = np.asarray(candidates[0][1](x, weights[0]), np.float32)
+    counters = split_counters(max(w.shape[1] for w in weights[0].values() if w.ndim == 2))
+    want = np.asarray(candidates[0][1](x, weights[0], counters)[0], np.float32)
     result = {"rows": rows, "padded_rows": T, "weight_mb_per_layer": round(weight_bytes / 1e6, 2),
               "results": {}}
     # compiled side by side (most of the time on a GPU), checked, then timed taking turns
@@ -187,7 +194,7 @@ def bench_rows(rows: int, weights, args) -> dict:
     runnable = {}  # label -> (compiled loop, difference from XLA's output)
     for label, layer in candidates:
         try:
-            got = np.asarray(jax.jit(layer)(x, weights[0]), np.float32)
+            got = np.asarray(jax.jit(layer)(x, weights[0], counters)[0], np.float32)
             err = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
             fn = compiled[label].result()
             jax.block_until_ready(fn(x, weights))

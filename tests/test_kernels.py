@@ -333,6 +333,38 @@ def test_decode_attention_matches_write_then_attend(case):
     np.testing.assert_array_equal(np.asarray(again[3]), 0)
 
 
+def test_split_decode_attention_is_the_same_in_every_run():
+    """Whichever split of a row finishes last merges all of them in split order: run after
+    run the output is bitwise the same. On a GPU the splits race (a batch-1 step, 16 splits,
+    a few hundred runs), and a partial softmax missed or read stale would show; the
+    interpreter runs them in order."""
+    from pallas_kernels.decode_attention_triton import decode_attention_triton
+
+    runs = 300 if ON_GPU else 2
+    qkv, k_cache, v_cache, *rest = _decode_case(seed=3, tokens=1, padding=0,
+                                                dtype=jnp.bfloat16)
+    attend = functools.partial(decode_attention_triton, scale=0.125, num_kv_heads=2,
+                               num_splits=16 if ON_GPU else 3)
+    first, k_cache, v_cache, counters = attend(qkv, k_cache, v_cache, *rest,
+                                               counters=jnp.zeros(8, jnp.int32))
+
+    @jax.jit
+    def worst_difference(k_cache, v_cache, counters):
+        def run(_, carry):
+            k_cache, v_cache, counters, worst = carry
+            out, k_cache, v_cache, counters = attend(qkv, k_cache, v_cache, *rest,
+                                                     counters=counters)
+            return k_cache, v_cache, counters, jnp.maximum(worst,
+                                                           jnp.max(jnp.abs(out - first)))
+
+        return jax.lax.fori_loop(0, runs, run, (k_cache, v_cache, counters,
+                                                jnp.zeros((), first.dtype)))
+
+    *_, counters, worst = worst_difference(k_cache, v_cache, counters)
+    assert float(worst) == 0.0 and float(jnp.max(jnp.abs(first))) > 0.1
+    np.testing.assert_array_equal(np.asarray(counters), 0)
+
+
 def test_decode_attention_counts_too_few_for_its_rows_are_left_alone():
     """A counters array shorter than rows x KV heads is not used: the call counts in its
     own and gives the one it was handed back as it was."""
