@@ -306,10 +306,11 @@ def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
 def _split_kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
                   gated_act: Optional[Callable], norm_eps: float, block_n: int, block_k: int,
                   k_split: int, n_out: int, rope_columns: int, rope_half: int, dot_precision,
-                  on_gpu: bool):
+                  on_gpu: bool, real_rows: int):
     """Program (i, s): tile i's float32 sums over K split s, into partial [S, M, N]; then the
     arrival count of tile i goes up by one, and the program that finds the others all there
-    adds the S sums up, does the epilogue and sets the count back to zero."""
+    adds the S sums up, does the epilogue and sets the count back to zero. Only the first
+    `real_rows` of the padded rows go through the partial buffer (one of 16 at batch 1)."""
     from jax.experimental.pallas import triton as plgpu
 
     refs = list(refs)
@@ -325,8 +326,10 @@ def _split_kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
     accs = _products(x_ref, w_ref, scale_ref, cols, load, k_start=split * k_split,
                      steps=k_split // block_k, block_k=block_k, block_n=block_n,
                      norm_eps=norm_eps, dot_precision=dot_precision)
+    one = lambda i: pl.ds(i, 1)  # (slices: an interpreted masked access takes no integers)
+    real = lax.broadcasted_iota(jnp.int32, (1, rows, block_n), 1) < real_rows
     for acc, c in zip(accs, cols):
-        partial_ref[split, :, pl.ds(c, block_n)] = acc
+        plgpu.store(partial_ref.at[one(split), :, pl.ds(c, block_n)], acc[None], mask=real)
     if on_gpu:
         # every thread's stores issued before the one atomic that publishes them (its
         # acquire-release at GPU scope orders them for the program that sums)
@@ -337,7 +340,8 @@ def _split_kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
     def _():
         def add(s, acc, c):
             # volatile: past this SM's L1, which may hold stale lines of the partial buffer
-            return acc + plgpu.load(partial_ref.at[s, :, pl.ds(c, block_n)], volatile=True)
+            return acc + plgpu.load(partial_ref.at[one(s), :, pl.ds(c, block_n)], mask=real,
+                                    other=0.0, volatile=True)[0]
 
         sums = tuple(lax.fori_loop(0, splits, functools.partial(add, c=c),
                                    jnp.zeros((rows, block_n), jnp.float32)) for c in cols)
@@ -449,8 +453,8 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
                              f"least {column_programs} (split_counters)")
         operands = products + epilogue + [counts]
         out, _, counts = call(
-            functools.partial(_split_kernel, k_split=k_split,
-                              on_gpu=not interpret, **common),
+            functools.partial(_split_kernel, k_split=k_split, on_gpu=not interpret,
+                              real_rows=rows, **common),
             (column_programs, splits), operands,
             [out_shape, jax.ShapeDtypeStruct((splits, padded, n), jnp.float32),
              jax.ShapeDtypeStruct(counts.shape, jnp.int32)],
