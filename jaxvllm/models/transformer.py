@@ -269,7 +269,7 @@ class CausalLM(nnx.Module):
         (`small_batch_matmul.split_counters`) for layers of weights like `p`, passed from one
         kernel to the next through a step (and dropped by XLA where none runs)."""
         return small_batch_matmul.split_counters(
-            max(w.shape[1] for name, w in p.items() if name.endswith("_proj")))
+            max((w.shape[1] for name, w in p.items() if name.endswith("_proj")), default=0))
 
     @staticmethod
     def _small_batch(x, p, name, counters, **epilogue):
@@ -285,10 +285,11 @@ class CausalLM(nnx.Module):
 
     def _layer(self, p, layer, x, positions, inv_freq, meta, kv, counters,
                small_batch: int = 0):
-        """One decoder layer -> (x, kv, counters); `small_batch`: its projections as the
-        small-batch kernels for steps of at most that many rows (the module docstring), which
-        pass `counters` (`_split_counters`; None in a scan, which runs none) along. A static argument, not read from `self`:
-        the jitted layer's trace is cached by function, and would keep an earlier setting."""
+        """One decoder layer -> (x, kv, counters). Its kernels pass `counters` along
+        (`_split_counters`; None in a scan, which runs none of them). `small_batch`: its
+        projections as the small-batch kernels for steps of at most that many rows (the
+        module docstring); a static argument, not read from `self`: the jitted layer's trace
+        is cached by function, and would keep an earlier setting."""
         cfg = self.cfg
         fused = self._fused_kernels(p, x.shape[0], small_batch)
         q, k, v, qkv_heads, counters = self._attention_inputs(p, x, positions, inv_freq,
