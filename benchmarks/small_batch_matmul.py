@@ -18,6 +18,12 @@ Times a decoder layer without its attention, as a decode step of `rows` requests
   for all four; the QKV projection's column tile at most half a head, which RoPE needs;
   `auto` splits: the default for each projection's shape).
 
+With `--per-projection` each projection's tilings are timed on their own instead: the layer
+with that projection's tiling changed and the other three at their defaults, against the
+layer with that projection computed by XLA; a tiling that comes out the same for the
+projection's shape as one already tried (`resolve_tiling`) runs once. Each line names the
+tiling as it runs: column tile, K step, K a split, splits, programs (an H100 has 132 SMs).
+
 Each runs `--iters` times in one jitted loop compiled with jaxvllm's XLA flags (the loop one
 CUDA graph, as a decode step's), so the time includes the gaps between kernels as the
 engine has them. The configurations take turns after a warm-up, each call's time its own
@@ -35,6 +41,7 @@ import functools
 import itertools
 import sys
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a file: import `benchmarks` from the repository root
     _here = Path(__file__).resolve().parent
@@ -63,6 +70,10 @@ def build_parser():
     p.add_argument("--splits", default="auto,1",
                    help="splits of K to try (auto: each projection's default)")
     p.add_argument("--num-warps", type=int, default=4)
+    p.add_argument("--per-projection", action="store_true",
+                   help="sweep each projection's tiling on its own (the others at defaults)")
+    p.add_argument("--projections", default=",".join(PROJECTION_SHAPES),
+                   help="the projections --per-projection sweeps")
     common.add_sweep_args(p, iters=50)
     return p
 
@@ -114,24 +125,29 @@ def layer_xla(x, p, counters, rope: dict):
     return reference(h, p["w_down"], residual=x), counters
 
 
-def layer_fused(x, p, counters, rope: dict, **tiling):
+def layer_fused(x, p, counters, rope: dict, *, own: Optional[dict] = None, xla=(),
+                **tiling):
     """The same as four `fused_matmul` kernels, the split ones' counts passed along as the
-    model passes them."""
+    model passes them. `tiling` for all four, or `own[name]` for projection `name` (qkv, o,
+    gate_up, down); those named in `xla` computed by XLA instead."""
     import jax
 
-    from pallas_kernels.small_batch_matmul import fused_matmul
+    from pallas_kernels.small_batch_matmul import fused_matmul, reference
 
-    fused = functools.partial(fused_matmul, **tiling)
-    qkv_tiling = {}
-    if tiling.get("block_n"):  # RoPE: whole tiles in each half of a head
-        half = rope["rope_inv_freq"].shape[0]
-        qkv_tiling["block_n"] = min(tiling["block_n"], half)
-    qkv, counters = fused(x, p["w_qkv"], bias=p["b_qkv"], norm_scale=p["attn_norm"],
-                          counters=counters, **rope, **qkv_tiling)
-    x, counters = fused(qkv[:, :x.shape[1]], p["w_o"], residual=x, counters=counters)
-    h, counters = fused(x, p["w_gate_up"], norm_scale=p["mlp_norm"], gated_act=jax.nn.silu,
-                        counters=counters)
-    return fused(h, p["w_down"], residual=x, counters=counters)
+    def project(name, x, w, counters, **kw):
+        if name in xla:
+            return reference(x, w, **kw), counters
+        chosen = dict((own or {}).get(name, tiling))
+        if name == "qkv" and chosen.get("block_n"):  # RoPE: whole tiles in half a head
+            chosen["block_n"] = min(chosen["block_n"], rope["rope_inv_freq"].shape[0])
+        return fused_matmul(x, w, counters=counters, **chosen, **kw)
+
+    qkv, counters = project("qkv", x, p["w_qkv"], counters, bias=p["b_qkv"],
+                            norm_scale=p["attn_norm"], **rope)
+    x, counters = project("o", qkv[:, :x.shape[1]], p["w_o"], counters, residual=x)
+    h, counters = project("gate_up", x, p["w_gate_up"], counters, norm_scale=p["mlp_norm"],
+                          gated_act=jax.nn.silu)
+    return project("down", h, p["w_down"], counters, residual=x)
 
 
 def looped(layer, num_layers: int, iters: int):
@@ -163,21 +179,80 @@ def configurations(args):
 
 
 def bench_rows(rows: int, weights, args) -> dict:
+    """The whole layer's projections, XLA's against the kernels' at each tiling."""
     import jax
-    import jax.numpy as jnp
-
-    from jaxvllm import xla_flags
-    from jaxvllm.engine import autotune
 
     T = padded_rows(rows)
     x = jax.random.normal(jax.random.key(1), (T, args.hidden), weights[0]["w_o"].dtype)
-    weight_bytes = sum(int(w.size) * w.dtype.itemsize for w in weights[0].values())
     rope = rope_arguments(T, args)
     interpret = {"interpret": True} if args.smoke else {}
     candidates = [("xla", functools.partial(layer_xla, rope=rope)),
                   ("default", functools.partial(layer_fused, rope=rope, **interpret))]
     candidates += [(label, functools.partial(layer_fused, rope=rope, **kw, **interpret))
                    for label, kw in configurations(args)]
+    return {"rows": rows, "padded_rows": T, **time_candidates(candidates, x, weights, args)}
+
+
+# Each projection's shape (K, output columns, weight tiles a program: gate and up, or a
+# head's rotation partners) and whether RoPE tiles its columns, from the layer's geometry
+PROJECTION_SHAPES = {
+    "qkv": lambda a: (a.hidden, a.hidden + 2 * a.kv_size, 2, a.head_dim),
+    "o": lambda a: (a.hidden, a.hidden, 1, 0),
+    "gate_up": lambda a: (a.hidden, a.intermediate, 2, 0),
+    "down": lambda a: (a.intermediate, a.hidden, 1, 0),
+}
+
+
+def bench_projections(rows: int, weights, args) -> dict:
+    """Each projection's tilings on its own: the layer with that projection's tiling
+    changed, the other three at their defaults (`xla`: that projection computed by XLA).
+    Tilings that come out the same for a projection's shape (`resolve_tiling`) run once."""
+    import jax
+
+    from pallas_kernels.small_batch_matmul import resolve_tiling
+
+    T = padded_rows(rows)
+    x = jax.random.normal(jax.random.key(1), (T, args.hidden), weights[0]["w_o"].dtype)
+    rope = rope_arguments(T, args)
+    interpret = {"interpret": True} if args.smoke else {}
+    itemsize = weights[0]["w_o"].dtype.itemsize
+    out = {"rows": rows, "padded_rows": T, "projections": {}}
+    for name in args.projections.split(","):
+        k, n_out, weight_tiles, rope_head_dim = PROJECTION_SHAPES[name](args)
+        layer = functools.partial(layer_fused, rope=rope, **interpret)
+        default = resolve_tiling(T, k, n_out, itemsize=itemsize, weight_tiles=weight_tiles,
+                                 rope_head_dim=rope_head_dim)
+        label = "bn{} bk{} ks{} s{} ({} programs)".format
+        candidates = [("xla", functools.partial(layer, xla=(name,))),
+                      (f"default {label(*default)}", layer)]
+        seen = {default}
+        for _, kw in configurations(args):
+            tiling = {key: v for key, v in kw.items() if key != "num_warps"}
+            if rope_head_dim and tiling["block_n"]:
+                tiling["block_n"] = min(tiling["block_n"], rope_head_dim // 2)
+            try:
+                resolved = resolve_tiling(T, k, n_out, itemsize=itemsize,
+                                          weight_tiles=weight_tiles,
+                                          rope_head_dim=rope_head_dim, **tiling)
+            except ValueError:
+                continue
+            if resolved not in seen and n_out % resolved[0] == 0:
+                seen.add(resolved)
+                candidates.append((label(*resolved), functools.partial(layer, own={name: kw})))
+        result = time_candidates(candidates, x, weights, args)
+        out["projections"][name] = result
+    return out
+
+
+def time_candidates(candidates, x, weights, args) -> dict:
+    """Each `(label, layer)` looped over the layers' weights and timed against the first
+    (XLA's): {"results": {label: us a layer, ...}, "best": the fastest label but the first}."""
+    import jax
+
+    from jaxvllm import xla_flags
+    from jaxvllm.engine import autotune
+
+    weight_bytes = sum(int(w.size) * w.dtype.itemsize for w in weights[0].values())
 
     def compile_loop(layer):
         return looped(layer, len(weights), args.iters).lower(x, weights).compile(
@@ -186,8 +261,7 @@ def bench_rows(rows: int, weights, args) -> dict:
     # one iteration of one layer against XLA's, for the check
     counters = split_counters(max(w.shape[1] for w in weights[0].values() if w.ndim == 2))
     want = np.asarray(candidates[0][1](x, weights[0], counters)[0], np.float32)
-    result = {"rows": rows, "padded_rows": T, "weight_mb_per_layer": round(weight_bytes / 1e6, 2),
-              "results": {}}
+    result = {"weight_mb_per_layer": round(weight_bytes / 1e6, 2), "results": {}}
     # compiled side by side (most of the time on a GPU), checked, then timed taking turns
     with concurrent.futures.ThreadPoolExecutor(args.compile_threads) as pool:
         compiled = {label: pool.submit(compile_loop, layer) for label, layer in candidates}
@@ -210,11 +284,12 @@ def bench_rows(rows: int, weights, args) -> dict:
             "weight_tb_per_s": common._r(weight_bytes / (us * 1e-6) / 1e12)}
         if err > 0.05:
             result["results"][label]["error"] = f"output differs from XLA's by {err:.3g}"
-    base = result["results"].get("xla", {}).get("us_per_layer")
+    base = result["results"].get(candidates[0][0], {}).get("us_per_layer")
     for r in result["results"].values():
         if "us_per_layer" in r:
             r["vs_xla"] = common.ratio(base, r["us_per_layer"])
-    ok = {k: r for k, r in result["results"].items() if "error" not in r and k != "xla"}
+    ok = {k: r for k, r in result["results"].items()
+          if "error" not in r and k != candidates[0][0]}
     if ok:
         result["best"] = min(ok, key=lambda k: ok[k]["us_per_layer"])
     return result
@@ -227,15 +302,23 @@ def run(args) -> dict:
         args.block_n, args.block_k, args.num_stages, args.splits = [16], [32], [2], "2"
     weights = make_weights(args)
     shapes = []
+    columns = [("us_per_layer", "us/layer", 9, ".2f"), ("weight_tb_per_s", "TB/s", 7, ".3f"),
+               ("vs_xla", "vs xla", 7, "")]
     for rows in dict.fromkeys(padded_rows(r) for r in args.rows):
-        r = bench_rows(rows, weights, args)
+        if args.per_projection:
+            r = bench_projections(rows, weights, args)
+            for name, p in r["projections"].items():
+                print(f"-- {rows} rows, {args.layers} layers: {name}'s tilings, the other "
+                      f"projections at their defaults --")
+                common.print_sweep(p["results"], columns, width=44)
+                print(f"   best: {p.get('best')}", flush=True)
+        else:
+            r = bench_rows(rows, weights, args)
+            print(f"-- {rows} rows, {args.layers} layers, {r['weight_mb_per_layer']} MB of "
+                  f"weights a layer --")
+            common.print_sweep(r["results"], columns, width=22)
+            print(f"   best: {r.get('best')}", flush=True)
         shapes.append(r)
-        print(f"-- {rows} rows, {args.layers} layers, {r['weight_mb_per_layer']} MB of weights "
-              f"a layer --")
-        common.print_sweep(r["results"], [("us_per_layer", "us/layer", 9, ".2f"),
-                                          ("weight_tb_per_s", "TB/s", 7, ".3f"),
-                                          ("vs_xla", "vs xla", 7, "")], width=22)
-        print(f"   best: {r.get('best')}", flush=True)
     return {"benchmark": "small_batch_matmul", "device": common.device_name(),
             "geometry": {"hidden": args.hidden, "intermediate": args.intermediate,
                          "kv_size": args.kv_size, "head_dim": args.head_dim,

@@ -357,6 +357,36 @@ def split_counters(n_out: int) -> jax.Array:
     return jnp.zeros((max(1, n_out // BLOCK_N_CHOICES[-1]),), jnp.int32)
 
 
+def _given_or_default(rows: int, k: int, n_out: int, *, itemsize: int, weight_tiles: int,
+                      rope_head_dim: int, block_n: Optional[int], block_k: Optional[int],
+                      splits: Optional[int], num_stages: int) -> tuple[int, int, int]:
+    """(block_n, block_k, splits) as given, or their defaults for these shapes (before
+    `split_tiling` rounds K's splits to whole steps)."""
+    if block_n is None:
+        block_n, default = default_tiling(k, n_out, rope_head_dim)
+        block_n, splits = block_n or 16, splits or default  # 16: fused_matmul's shape error
+    block_k = block_k or default_block_k(k, rows, itemsize=itemsize, block_n=block_n,
+                                         num_stages=num_stages, weight_tiles=weight_tiles)
+    column_programs = max(1, n_out // block_n // (2 if rope_head_dim else 1))
+    return block_n, block_k, splits or default_splits(k, column_programs)
+
+
+def resolve_tiling(rows: int, k: int, n_out: int, *, itemsize: int = 2,
+                   weight_tiles: int = 1, rope_head_dim: int = 0,
+                   block_n: Optional[int] = None, block_k: Optional[int] = None,
+                   splits: Optional[int] = None, num_stages: int = 3) -> tuple[int, ...]:
+    """(block_n, block_k, k_split, splits, programs): the tiling `fused_matmul` runs for
+    these shapes and options (`weight_tiles` 2 for a gated or rotated projection), and its
+    number of programs."""
+    block_n, block_k, splits = _given_or_default(
+        rows, k, n_out, itemsize=itemsize, weight_tiles=weight_tiles,
+        rope_head_dim=rope_head_dim, block_n=block_n, block_k=block_k, splits=splits,
+        num_stages=num_stages)
+    block_k, k_split, splits = split_tiling(k, splits, block_k)
+    column_programs = max(1, n_out // block_n // (2 if rope_head_dim else 1))
+    return block_n, block_k, k_split, splits, column_programs * splits
+
+
 def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: float = 1e-6,
                  gated_act: Optional[Callable] = None, rope_positions=None,
                  rope_inv_freq=None, rope_columns: int = 0, block_n: Optional[int] = None,
@@ -383,14 +413,12 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
     rope_head_dim = 2 * rope_inv_freq.shape[0] if rope_columns else 0
     if splits is not None and splits < 1:
         raise ValueError(f"splits {splits}: K takes splits >= 1")
-    if block_n is None:
-        block_n, default = default_tiling(k, n_out, rope_head_dim)
-        block_n, splits = block_n or 16, splits or default  # 16: the shape error below
     dtype = jnp.promote_types(x.dtype, w.dtype)
     itemsize = jnp.dtype(dtype).itemsize
-    block_k = block_k or default_block_k(
-        k, rows, itemsize=itemsize, block_n=block_n, num_stages=num_stages,
-        weight_tiles=2 if gated_act is not None or rope_columns else 1)
+    block_n, block_k, splits = _given_or_default(
+        rows, k, n_out, itemsize=itemsize, weight_tiles=2 if gated_act is not None or
+        rope_columns else 1, rope_head_dim=rope_head_dim, block_n=block_n, block_k=block_k,
+        splits=splits, num_stages=num_stages)
     num_warps = num_warps or default_num_warps(rows, itemsize)
     if not supports(rows, k, n_out, block_n=block_n) or block_k < 16 \
             or block_k & (block_k - 1):
@@ -417,8 +445,7 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
 
     rope_half = rope_head_dim // 2
     column_programs = max(1, n_out // block_n // (2 if rope_columns else 1))
-    block_k, k_split, splits = split_tiling(
-        k, splits or default_splits(k, column_programs), block_k)
+    block_k, k_split, splits = split_tiling(k, splits, block_k)
     padded = padded_rows(rows)
     pad = lambda a: jnp.pad(a, ((0, padded - rows), (0, 0))) if padded != rows else a
     products = [pad(x.astype(dtype)), w.astype(dtype)]

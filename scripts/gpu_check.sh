@@ -47,6 +47,8 @@
 #                one program a row against splits by key ranges (--split-keys)
 #   smallmm      the small-batch projection kernels' tilings against XLA on a layer's
 #                projections (benchmarks/small_batch_matmul.py)
+#   smallmmp     the same for each projection's tiling on its own, batch 1
+#                (--per-projection)
 #   sblatency, sbprofile   the latency phase (no baselines) and the profile phase with
 #                --small-batch-matmuls (those kernels in the engine's small decode steps)
 #   xlalatency   the latency phase (no baselines) with --no-small-batch-matmuls; the other
@@ -334,6 +336,15 @@ phase_smallmm() {  # the small-batch projection kernels against XLA's
     grep -v '^{' "$WORK/smallmm.log" | tail -n 40
 }
 
+phase_smallmmp() {  # each projection's tilings on its own, batch 1
+    local args=(--rows 1 --layers 8 --per-projection --block-n 32,64 --block-k 64,256
+                --splits auto,1,2,3,4,7,12,18)
+    [ "$MODE" = smoke ] && args=(--smoke --per-projection)
+    run_phase smallmmp 180 "$PY" benchmarks/small_batch_matmul.py "${args[@]}" \
+        --output-json "$OUT/small_batch_matmul_projections.json"
+    grep -v '^{' "$WORK/smallmmp.log" | tail -n 100
+}
+
 phase_sweep() {
     run_phase sweep 120 "$PY" benchmarks/kernels.py --sweep --variants triton \
         --no-baselines --skip kv_write,scan --iters 10 --json-out "$WORK/sweep.json"
@@ -403,6 +414,11 @@ if (m := load("small_batch_matmul")) is not None:
         str(s["rows"]): {"best": s.get("best")}
         | {k: r.get("us_per_layer", r.get("error")) for k, r in s["results"].items()}
         for s in m["shapes"]}
+if (m := load("small_batch_matmul_projections")) is not None:
+    summary["small_batch_matmul_projections"] = {
+        f'{s["rows"]} {name}': {"best": p.get("best")}
+        | {k: r.get("us_per_layer", r.get("error")) for k, r in p["results"].items()}
+        for s in m["shapes"] for name, p in s["projections"].items()}
 for label in ("latency_small_batch", "latency_xla_matmuls"):
     if (l := load(label)) is not None:
         summary[label] = {k: v for k, v in l.items() if not isinstance(v, (list, dict))}

@@ -782,3 +782,18 @@ def test_small_batch_matmul_benchmark(capsys, tmp_path):
     labels = [label for label, _ in small_batch_matmul.configurations(
         small_batch_matmul.build_parser().parse_args([]))]
     assert len(labels) == 8 and "bn64 bk256 st3 s1" in labels
+
+
+def test_small_batch_matmul_benchmark_per_projection(capsys):
+    """One projection's tilings timed in the layer, the others at their defaults, against
+    the layer with that projection computed by XLA; each line names the tiling it runs."""
+    from benchmarks import small_batch_matmul
+
+    small_batch_matmul.main(["--smoke", "--per-projection", "--projections", "down"])
+    (shape,) = _last_json(capsys)["shapes"]
+    results = shape["projections"]["down"]["results"]
+    # K 96 (the smoke's intermediate size): unsplit by default, 2 splits of 64 asked for
+    assert list(results) == ["xla", "default bn64 bk128 ks128 s1 (1 programs)",
+                             "bn16 bk32 ks64 s2 (8 programs)"]
+    for r in results.values():
+        assert "error" not in r and r["rel_err"] < 1e-4 and r["us_per_layer"] > 0

@@ -153,6 +153,15 @@ def test_lowers_for_an_h100():
 ])
 def test_default_tiling(k, n_out, rope_head_dim, want):
     assert sbm.default_tiling(k, n_out, rope_head_dim) == want
+
+
+def test_resolve_tiling():
+    """What a call runs: (block_n, block_k, K a split, splits, programs), as the kernel
+    names in test_lowers_for_an_h100 show it."""
+    assert sbm.resolve_tiling(16, 4864, 896) == (64, 256, 256, 19, 266)  # down
+    assert sbm.resolve_tiling(16, 896, 4864, weight_tiles=2) == (32, 256, 1024, 1, 152)
+    assert sbm.resolve_tiling(16, 4864, 896, block_n=32, block_k=64, splits=3) == (
+        32, 64, 1664, 3, 84)
     assert sbm.default_block_n(24) == 0 and sbm.default_block_n(128, 32) == 16
     assert sbm.default_tiling(64, 24) == (0, 1)
 
