@@ -238,8 +238,8 @@ def _time_both(xla_body: Callable, kernel_body: Callable, args: tuple,
                difference: Callable[[], float], iterations: int, repetitions: int,
                units: int) -> dict[str, Any]:
     """Each `body(i, carry, *rest)` (carry = args[0]) looped `iterations` times in one
-    jitted call compiled with the steps' XLA flags; microseconds per `units` of each, and
-    `difference()`."""
+    jitted call compiled with the steps' XLA flags; microseconds per `units` of each,
+    `difference()`, and an error where the kernels' loop gave two results on one input."""
     from jaxvllm import xla_flags
 
     def compile_loop(body):
@@ -254,6 +254,10 @@ def _time_both(xla_body: Callable, kernel_body: Callable, args: tuple,
     compiled = [compile_loop(body) for body in (xla_body, kernel_body)]
     try:
         rel_err = difference()
+        # the kernels' loop twice on the same input gives the same bits, unless their
+        # programs race (the split kernels' counts, pallas_kernels/small_batch_matmul.py)
+        runs = [jax.tree.leaves(compiled[1](*args)) for _ in range(2)]
+        same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*runs))
         xla_s, kernels_s = fastest_each(compiled, args, repetitions)
     except Exception as e:
         # compiled but failed to run: the device may be left unusable, so say so loudly
@@ -261,8 +265,11 @@ def _time_both(xla_body: Callable, kernel_body: Callable, args: tuple,
                      "fails next, start it with small_batch_matmuls=False and "
                      "sampling_kernels=False", e)
         raise
-    return {"xla_us": round(1e6 * xla_s / units, 2),
-            "kernels_us": round(1e6 * kernels_s / units, 2), "rel_err": round(rel_err, 5)}
+    timing = {"xla_us": round(1e6 * xla_s / units, 2),
+              "kernels_us": round(1e6 * kernels_s / units, 2), "rel_err": round(rel_err, 5)}
+    if not same:
+        timing["error"] = "the kernels gave different results from run to run"
+    return timing
 
 
 def fastest_each(compiled: Sequence, args, repetitions: int) -> list[float]:
