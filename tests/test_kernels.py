@@ -346,7 +346,7 @@ def test_split_decode_attention_is_the_same_in_every_run():
     qkv, k_cache, v_cache, *rest = _decode_case(seed=3, tokens=1, padding=0,
                                                 dtype=jnp.bfloat16)
     attend = functools.partial(decode_attention_triton, scale=0.125, num_kv_heads=2,
-                               num_splits=16)
+                               num_splits=16, block_k=16)  # up to 5 splits with keys
     first, k_cache, v_cache, counters = attend(qkv, k_cache, v_cache, *rest,
                                                counters=jnp.zeros(8, jnp.int32))
 
