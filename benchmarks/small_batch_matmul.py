@@ -225,6 +225,7 @@ def bench_projections(rows: int, weights, args) -> dict:
         label = "bn{} bk{} ks{} s{} ({} programs)".format
         candidates = [("xla", functools.partial(layer, xla=(name,))),
                       (f"default {label(*default)}", layer)]
+        tilings = {candidates[1][0]: default}
         seen = {default}
         for _, kw in configurations(args):
             tiling = {key: v for key, v in kw.items() if key != "num_warps"}
@@ -238,8 +239,13 @@ def bench_projections(rows: int, weights, args) -> dict:
                 continue
             if resolved not in seen and n_out % resolved[0] == 0:
                 seen.add(resolved)
+                tilings[label(*resolved)] = resolved
                 candidates.append((label(*resolved), functools.partial(layer, own={name: kw})))
         result = time_candidates(candidates, x, weights, args)
+        # as JAXVLLM_SMALL_BATCH_TILINGS takes it: {"KxN": [block_n, splits]}
+        result["shape"] = f"{k}x{n_out}"
+        for tiled, (block_n, _, _, splits, _) in tilings.items():
+            result["results"][tiled]["tiling"] = [block_n, splits]
         out["projections"][name] = result
     return out
 

@@ -41,6 +41,8 @@ plain jnp.
 from __future__ import annotations
 
 import functools
+import json
+import os
 from typing import Callable, Optional
 
 import jax
@@ -68,6 +70,10 @@ MIN_UNSPLIT_BLOCK_N = 32  # narrower tiles read too little of each K row to go u
 # Triton builds for sm_90 spilled registers
 SHARED_BUDGET = 160 * 1024
 ROWS_TILE_BUDGET = {2: 32 * 1024, 4: 16 * 1024}
+# Tilings to use in place of the defaults, for tuning runs: JSON {"KxN": [block_n, splits]}
+# by projection shape (K rows, N output columns: for a gated projection one half's), e.g.
+# {"4864x896": [64, 18]}. A part of the program cache's and the start-up measurement's keys.
+TILINGS_ENV = "JAXVLLM_SMALL_BATCH_TILINGS"
 
 
 def reference(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: float = 1e-6,
@@ -357,11 +363,27 @@ def split_counters(n_out: int) -> jax.Array:
     return jnp.zeros((max(1, n_out // BLOCK_N_CHOICES[-1]),), jnp.int32)
 
 
+def tiling_overrides() -> dict[tuple[int, int], tuple[int, int]]:
+    """{(K, N): (block_n, splits)} from TILINGS_ENV (empty where unset)."""
+    text = os.environ.get(TILINGS_ENV, "")
+    try:
+        table = json.loads(text) if text else {}
+        return {tuple(int(d) for d in shape.split("x")): (int(block_n), int(splits))
+                for shape, (block_n, splits) in table.items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{TILINGS_ENV}={text!r}: want JSON like "
+                         f'{{"4864x896": [64, 18]}} (K x N: [block_n, splits])') from e
+
+
 def _given_or_default(rows: int, k: int, n_out: int, *, itemsize: int, weight_tiles: int,
                       rope_head_dim: int, block_n: Optional[int], block_k: Optional[int],
                       splits: Optional[int], num_stages: int) -> tuple[int, int, int]:
-    """(block_n, block_k, splits) as given, or their defaults for these shapes (before
-    `split_tiling` rounds K's splits to whole steps)."""
+    """(block_n, block_k, splits) as given, or else as TILINGS_ENV has them for this shape,
+    or else their defaults for these shapes (before `split_tiling` rounds K's splits to
+    whole steps)."""
+    if block_n is None and (k, n_out) in tiling_overrides():
+        block_n, chosen = tiling_overrides()[k, n_out]
+        splits = splits or chosen
     if block_n is None:
         block_n, default = default_tiling(k, n_out, rope_head_dim)
         block_n, splits = block_n or 16, splits or default  # 16: fused_matmul's shape error

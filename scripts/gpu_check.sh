@@ -49,6 +49,7 @@
 #                projections (benchmarks/small_batch_matmul.py)
 #   smallmmp     the same for each projection's tiling on its own, batch 1
 #                (--per-projection)
+#   sbtlatency   sblatency with each projection's fastest tiling in smallmmp (after it)
 #   sblatency, sbprofile   the latency phase (no baselines) and the profile phase with
 #                --small-batch-matmuls (those kernels in the engine's small decode steps)
 #   xlalatency   the latency phase (no baselines) with --no-small-batch-matmuls; the other
@@ -269,6 +270,35 @@ phase_sblatency() {  # batch 1 with the small-batch projection kernels, no basel
     grep -v '^{' "$WORK/sblatency.log" | tail -n 20
 }
 
+phase_sbtlatency() {  # sblatency with each projection's fastest tiling in smallmmp
+    local tilings
+    tilings="$("$PY" - "$OUT/small_batch_matmul_projections.json" <<'EOF'
+import json, sys
+try:
+    shapes = json.load(open(sys.argv[1]))["shapes"]
+except (OSError, ValueError, KeyError):
+    sys.exit(0)
+best = {}  # {"KxN": [block_n, splits]}, as JAXVLLM_SMALL_BATCH_TILINGS takes it
+for projection in shapes[0]["projections"].values():
+    tiling = projection["results"].get(projection.get("best"), {}).get("tiling")
+    if tiling:
+        best[projection["shape"]] = tiling
+print(json.dumps(best) if best else "")
+EOF
+)"
+    if [ -z "$tilings" ]; then
+        echo "   no tilings from smallmmp: skipped"
+        return
+    fi
+    echo "   JAXVLLM_SMALL_BATCH_TILINGS=$tilings"
+    echo "$tilings" > "$OUT/small_batch_tilings.json"
+    run_phase sbtlatency 120 env JAXVLLM_SMALL_BATCH_TILINGS="$tilings" "$PY" \
+        benchmarks/latency.py "${COMMON[@]}" --batch-size 1 --temperature 0 \
+        --attention-backend "$BACKEND" "${LAT_ARGS[@]}" --small-batch-matmuls \
+        --output-json "$OUT/latency_small_batch_tuned.json"
+    grep -v '^{' "$WORK/sbtlatency.log" | tail -n 20
+}
+
 phase_xlalatency() {  # batch 1 with the projections left to XLA, no baselines
     run_phase xlalatency 120 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
         --temperature 0 --attention-backend "$BACKEND" "${LAT_ARGS[@]}" \
@@ -419,7 +449,7 @@ if (m := load("small_batch_matmul_projections")) is not None:
         f'{s["rows"]} {name}': {"best": p.get("best")}
         | {k: r.get("us_per_layer", r.get("error")) for k, r in p["results"].items()}
         for s in m["shapes"] for name, p in s["projections"].items()}
-for label in ("latency_small_batch", "latency_xla_matmuls"):
+for label in ("latency_small_batch", "latency_small_batch_tuned", "latency_xla_matmuls"):
     if (l := load(label)) is not None:
         summary[label] = {k: v for k, v in l.items() if not isinstance(v, (list, dict))}
 # the engine's start-up choices of its kernels (jaxvllm/engine/autotune.py), from the first

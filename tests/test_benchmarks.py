@@ -797,3 +797,6 @@ def test_small_batch_matmul_benchmark_per_projection(capsys):
                              "bn16 bk32 ks64 s2 (8 programs)"]
     for r in results.values():
         assert "error" not in r and r["rel_err"] < 1e-4 and r["us_per_layer"] > 0
+    # each tiling as JAXVLLM_SMALL_BATCH_TILINGS takes it
+    assert shape["projections"]["down"]["shape"] == "96x64"
+    assert [r.get("tiling") for r in results.values()] == [None, [64, 1], [16, 2]]

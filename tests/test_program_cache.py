@@ -187,3 +187,12 @@ def test_a_new_process_loads_the_step_programs_and_generates_the_same(llama_fold
     assert warm["tokens"] == cold["tokens"]
     alone = run_engine(llama_folder, tmp_path, JAXVLLM_PROGRAM_CACHE="0")
     assert alone["tokens"] == cold["tokens"] and alone["hits"] == 0
+
+
+def test_the_small_batch_tiling_overrides_are_part_of_the_key(monkeypatch):
+    from pallas_kernels.small_batch_matmul import TILINGS_ENV
+
+    monkeypatch.delenv(TILINGS_ENV, raising=False)
+    plain = program_cache.environment_fingerprint()
+    monkeypatch.setenv(TILINGS_ENV, '{"4864x896": [64, 18]}')
+    assert program_cache.environment_fingerprint() != plain

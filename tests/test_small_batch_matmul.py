@@ -224,6 +224,26 @@ def test_split_sums_are_the_same_in_every_run():
     np.testing.assert_array_equal(np.asarray(counters), 0)
 
 
+def test_tilings_from_the_environment_replace_the_defaults(monkeypatch):
+    """JAXVLLM_SMALL_BATCH_TILINGS, by shape, for tuning runs: the tiling runs, the result
+    is the same; a shape not named keeps its default; a malformed value is a ValueError,
+    and so is (as fused_matmul checks) a tile that does not divide the output."""
+    monkeypatch.setenv(sbm.TILINGS_ENV, '{"4864x896": [32, 4], "96x64": [16, 3]}')
+    assert sbm.resolve_tiling(16, 4864, 896) == (32, 512, 1536, 4, 112)
+    assert sbm.resolve_tiling(16, 896, 4864, weight_tiles=2) == (32, 256, 1024, 1, 152)
+    x, w, kw = _operands(3, 96, 64, residual=True)
+    assert sbm.resolve_tiling(3, 96, 64, itemsize=4)[3] == 3
+    np.testing.assert_allclose(np.asarray(sbm.fused_matmul(x, w, **kw)),
+                               np.asarray(sbm.reference(x, w, **kw)), rtol=1e-5, atol=1e-5)
+    for bad in ('{"4864x896": 64}', '{"4864-896": [64, 2]}', "64,2"):
+        monkeypatch.setenv(sbm.TILINGS_ENV, bad)
+        with pytest.raises(ValueError, match="K x N"):
+            sbm.resolve_tiling(16, 4864, 896)
+    monkeypatch.setenv(sbm.TILINGS_ENV, '{"96x64": [48, 1]}')
+    with pytest.raises(ValueError, match="48-column"):
+        sbm.fused_matmul(x, w, **kw)
+
+
 @pytest.mark.parametrize("counters", [jnp.zeros(3, jnp.int32), jnp.zeros(8, jnp.float32),
                                       jnp.zeros((2, 4), jnp.int32)])
 def test_counters_of_the_wrong_kind_raise_value_error(counters):

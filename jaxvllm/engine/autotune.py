@@ -297,17 +297,21 @@ def fastest_each(compiled: Sequence, args, repetitions: int) -> list[float]:
 
 def cache_key(feature: str, modules, shape: dict, dtype, candidates: Sequence[int]) -> str:
     """What a measurement depends on: the device, jax, the measured code's source (and
-    this module's: its margins and format), the shapes, the dtype and the rows tried."""
+    this module's: its margins and format), the shapes, the dtype, the rows tried and the
+    small-batch kernels' tiling overrides."""
     import sys
 
     import jaxlib
+
+    from pallas_kernels.small_batch_matmul import TILINGS_ENV
 
     digest = hashlib.sha256()
     for module in (*modules, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
     return json.dumps([feature, jax.devices()[0].device_kind, jax.__version__,
                        jaxlib.__version__, digest.hexdigest()[:16], shape,
-                       str(jnp.dtype(dtype)), sorted(candidates)], sort_keys=True)
+                       str(jnp.dtype(dtype)), sorted(candidates),
+                       os.environ.get(TILINGS_ENV, "")], sort_keys=True)
 
 
 def cache_path() -> Path:

@@ -84,14 +84,17 @@ def _platform() -> tuple:
 
 
 def environment_fingerprint() -> str:
-    """jax's and jaxlib's versions, the devices (platform, its version, kinds), XLA's flags
-    and every jax configuration value as it is now, in this thread (a later change, or a
+    """jax's and jaxlib's versions, the devices (platform, its version, kinds), XLA's flags,
+    the small-batch kernels' tiling overrides (pallas_kernels/small_batch_matmul.py) and
+    every jax configuration value as it is now, in this thread (a later change, or a
     `with jax.default_matmul_precision(...)` around the step, is another key)."""
     from jax._src import config
 
+    from pallas_kernels.small_batch_matmul import TILINGS_ENV
+
     trace_context = getattr(config, "trace_context", lambda: None)  # what jit's cache keys on
-    parts = (_platform(), os.environ.get("XLA_FLAGS", ""), sorted(jax.config.values.items()),
-             trace_context())
+    parts = (_platform(), os.environ.get("XLA_FLAGS", ""), os.environ.get(TILINGS_ENV, ""),
+             sorted(jax.config.values.items()), trace_context())
     return hashlib.sha256(_without_addresses(repr(parts)).encode()).hexdigest()
 
 
