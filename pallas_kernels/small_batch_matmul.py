@@ -33,9 +33,10 @@ an int32 array of zeros (`split_counters`) that a step's kernels pass from one t
 RMSNorm takes the whole row's mean square, a second read of the rows, which sit in L2. For
 Qwen2.5-0.5B: QKV 18 x 7 programs, O 14 x 7, gate/up 152 (one kernel), down 14 x 19. Not
 yet timed on a GPU:
-`benchmarks/small_batch_matmul.py` sweeps the tiling, and the engine measures the kernels
-against XLA before it uses them (jaxvllm/engine/autotune.py). `reference` is the contract in
-plain jnp.
+`benchmarks/small_batch_matmul.py` sweeps the tiling (`--per-projection`: each projection's
+on its own), JAXVLLM_SMALL_BATCH_TILINGS (`TILINGS_ENV`) replaces the defaults by shape for
+a tuning run, and the engine measures the kernels against XLA before it uses them
+(jaxvllm/engine/autotune.py). `reference` is the contract in plain jnp.
 """
 
 from __future__ import annotations
