@@ -25,7 +25,9 @@ With `small_batch_matmuls` (unrolled, RMSNorm, pre-norm models), a step of at mo
 measurement, jaxvllm/engine/autotune.py, picks one on a GPU) runs each projection as one
 Pallas kernel that also does the RMSNorm before it and the bias, rotary embeddings (without
 q/k norms), SiLU(gate) * up and residual add after it: four kernels a layer beside the
-attention, where XLA launches about nine.
+attention, where XLA launches about nine. Those split over K, and the decode attention split
+over keys, find their last program to finish with arrival counts: one int32 array of zeros
+a step (`_split_counters`), passed from kernel to kernel through the layers.
 """
 
 from __future__ import annotations
