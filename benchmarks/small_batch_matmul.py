@@ -163,10 +163,15 @@ def looped(layer, num_layers: int, iters: int):
                 x, counters = layer(x, p, counters)
             return x, counters
 
-        counters = split_counters(max(w.shape[1] for w in weights[0].values() if w.ndim == 2))
-        return lax.fori_loop(0, iters, body, (x, counters))[0]
+        return lax.fori_loop(0, iters, body, (x, layer_counters(weights)))[0]
 
     return jax.jit(run)
+
+
+def layer_counters(weights):
+    """The split kernels' counts for layers of `weights` (`split_counters`, wide enough for
+    the widest projection)."""
+    return split_counters(max(w.shape[1] for w in weights[0].values() if w.ndim == 2))
 
 
 def configurations(args):
@@ -217,12 +222,12 @@ def bench_projections(rows: int, weights, args) -> dict:
     interpret = {"interpret": True} if args.smoke else {}
     itemsize = weights[0]["w_o"].dtype.itemsize
     out = {"rows": rows, "padded_rows": T, "projections": {}}
+    layer = functools.partial(layer_fused, rope=rope, **interpret)
+    label = "bn{} bk{} ks{} s{} ({} programs)".format
     for name in args.projections.split(","):
         k, n_out, weight_tiles, rope_head_dim = PROJECTION_SHAPES[name](args)
-        layer = functools.partial(layer_fused, rope=rope, **interpret)
         default = resolve_tiling(T, k, n_out, itemsize=itemsize, weight_tiles=weight_tiles,
                                  rope_head_dim=rope_head_dim)
-        label = "bn{} bk{} ks{} s{} ({} programs)".format
         candidates = [("xla", functools.partial(layer, xla=(name,))),
                       (f"default {label(*default)}", layer)]
         tilings = {candidates[1][0]: default}
@@ -265,7 +270,7 @@ def time_candidates(candidates, x, weights, args) -> dict:
             compiler_options=xla_flags.step_compiler_options())
 
     # one iteration of one layer against XLA's, for the check
-    counters = split_counters(max(w.shape[1] for w in weights[0].values() if w.ndim == 2))
+    counters = layer_counters(weights)
     want = np.asarray(candidates[0][1](x, weights[0], counters)[0], np.float32)
     result = {"weight_mb_per_layer": round(weight_bytes / 1e6, 2), "results": {}}
     # compiled side by side (most of the time on a GPU), checked, then timed taking turns

@@ -382,8 +382,9 @@ def _given_or_default(rows: int, k: int, n_out: int, *, itemsize: int, weight_ti
     """(block_n, block_k, splits) as given, or else as TILINGS_ENV has them for this shape,
     or else their defaults for these shapes (before `split_tiling` rounds K's splits to
     whole steps)."""
-    if block_n is None and (k, n_out) in tiling_overrides():
-        block_n, chosen = tiling_overrides()[k, n_out]
+    override = tiling_overrides().get((k, n_out)) if block_n is None else None
+    if override is not None:
+        block_n, chosen = override
         splits = splits or chosen
     if block_n is None:
         block_n, default = default_tiling(k, n_out, rope_head_dim)
@@ -492,12 +493,13 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
                   norm_eps=float(norm_eps), block_n=block_n, block_k=block_k, n_out=n_out,
                   rope_columns=rope_columns, rope_half=rope_half, dot_precision=dot_precision)
     out_shape = jax.ShapeDtypeStruct((padded, n_out), dtype)
-    counts = split_counters(n_out) if counters is None else counters
+    counts = counters
     if splits == 1:
         (out,) = call(functools.partial(_kernel, **common), (column_programs,),
                       products + epilogue, [out_shape],
                       f"small_batch_matmul_n{block_n}_k{block_k}")
     else:
+        counts = split_counters(n_out) if counters is None else counters
         if counts.dtype != jnp.int32 or counts.ndim != 1 or counts.shape[0] < column_programs:
             raise ValueError(f"counters {counts.dtype}{list(counts.shape)}: int32 zeros, at "
                              f"least {column_programs} (split_counters)")
