@@ -117,13 +117,31 @@ def _kernel(
     tok, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     if num_splits == 1:
         o_ref, k_cache_ref, v_cache_ref = refs
+        split_refs = None
     else:
         _, o_ref, acc_ref, m_ref, l_ref, k_cache_ref, v_cache_ref, counts_ref = refs
+        split_refs = (acc_ref, m_ref, l_ref, counts_ref)
+    attend_program(tok, head, split, seq_lens_ref=seq_lens_ref, slots_ref=slots_ref,
+                   layer=layer_ref[0], block_tables_ref=block_tables_ref, qkv_ref=qkv_ref,
+                   k_cache_in=k_cache_in, v_cache_in=v_cache_in, k_cache_ref=k_cache_ref,
+                   v_cache_ref=v_cache_ref, o_ref=o_ref, split_refs=split_refs,
+                   count=tok * k_cache_ref.shape[3] + head, scale=scale, group=group,
+                   rows=rows, block_k=block_k, num_splits=num_splits, split_keys=split_keys,
+                   sliding_window=sliding_window, soft_cap=soft_cap, on_gpu=on_gpu)
+
+
+def attend_program(tok, head, split, *, seq_lens_ref, slots_ref, layer, block_tables_ref,
+                   qkv_ref, k_cache_in, v_cache_in, k_cache_ref, v_cache_ref, o_ref,
+                   split_refs, count, scale: float, group: int, rows: int, block_k: int,
+                   num_splits: int, split_keys: int | None, sliding_window: int | None,
+                   soft_cap: float | None, on_gpu: bool, written=None):
+    """Program (token, KV head, split): the KV write and its share of the attention; with
+    splits (`split_refs`: acc, m, l and the counts, `count` this row and head's), the last
+    to finish merges. `written()`, where given, runs once the output is stored."""
     num_kv_heads = k_cache_ref.shape[3]
     num_heads, head_dim = qkv_ref.shape[1] - 2 * num_kv_heads, qkv_ref.shape[2]
     block_size = k_cache_ref.shape[2]
     max_blocks = block_tables_ref.shape[1]
-    layer = layer_ref[0]
     seq_len = seq_lens_ref[tok]
     pos = seq_len - 1  # this token's position; -1 for padding
 
@@ -184,9 +202,12 @@ def _kernel(
     if num_splits == 1:
         out = jnp.where(seq_len > 0, acc / l[:, None], 0.0)
         o_ref[jnp.full((rows,), tok, jnp.int32), q_head, :] = out.astype(o_ref.dtype)
+        if written is not None:
+            written()
     else:  # the split's running softmax, then the merge by the last split to finish
         from jax.experimental.pallas import triton as plgpu
 
+        acc_ref, m_ref, l_ref, counts_ref = split_refs
         m_ref[tok, head, split, :] = m_next
         l_ref[tok, head, split, :] = l
 
@@ -198,7 +219,6 @@ def _kernel(
             # every thread's stores issued before the one atomic that publishes them (its
             # acquire-release at GPU scope orders them for the program that merges)
             plgpu.debug_barrier()
-        count = tok * num_kv_heads + head
         arrived = plgpu.atomic_add(counts_ref, (count,), jnp.int32(1))
 
         @pl.when(arrived == num_splits - 1)
@@ -207,6 +227,8 @@ def _kernel(
             out = jnp.where(seq_len > 0, out, 0.0)  # padding rows come out zero
             o_ref[jnp.full((rows,), tok, jnp.int32), q_head, :] = out.astype(o_ref.dtype)
             counts_ref[count] = jnp.int32(0)
+            if written is not None:
+                written()
 
 
 def _merge(acc_ref, m_ref, l_ref, tok, head, num_splits: int):

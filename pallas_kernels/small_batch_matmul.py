@@ -181,16 +181,18 @@ def supports(rows: int, k: int, n_out: int, *, block_n: Optional[int] = None,
 # -- the kernels' parts --------------------------------------------------------------------------
 
 
-def _tile_columns(n_out: int, block_n: int, rope_half: int, gated: bool):
-    """(col, cols, freq_at) of program (i, ...): its output tile's first column, the first
-    weight column of each tile it multiplies (RoPE: a head's rotation partners i and
-    i + half; gated: the gate's and the up's), and with RoPE the tile's first frequency."""
+def _tile_columns(n_out: int, block_n: int, rope_half: int, gated: bool, tile=None):
+    """(col, cols, freq_at) of column tile `tile` (None: program (i, ...)'s, i): its output
+    tile's first column, the first weight column of each tile it multiplies (RoPE: a
+    head's rotation partners i and i + half; gated: the gate's and the up's), and with RoPE
+    the tile's first frequency."""
+    tile = pl.program_id(0) if tile is None else tile
     if rope_half:
         per_half = rope_half // block_n
-        freq_at = (pl.program_id(0) % per_half) * block_n
-        col = (pl.program_id(0) // per_half) * 2 * rope_half + freq_at
+        freq_at = (tile % per_half) * block_n
+        col = (tile // per_half) * 2 * rope_half + freq_at
         return col, (col, col + rope_half), freq_at
-    col = pl.program_id(0) * block_n
+    col = tile * block_n
     return col, ((col, n_out + col) if gated else (col,)), None
 
 
@@ -247,9 +249,14 @@ def _products(x_ref, w_ref, scale_ref, cols, load, *, k_start, steps: int, block
 
 def _write_output(accs, col, cols, freq_at, o_ref, bias_ref, residual_ref, positions_ref,
                   inv_freq_ref, *, gated_act: Optional[Callable], block_n: int,
-                  rope_columns: int):
+                  rope_columns: int, rows_at=slice(None), store=None):
     """The epilogue on a program's sums and its output tile's store: + bias; RoPE on the q
-    and k heads, or act(gate) * up; + residual."""
+    and k heads, or act(gate) * up; + residual. `rows_at` indexes the rows of the residual
+    and positions (and of o_ref); `store(first_col, y)` replaces the store to o_ref."""
+    if store is None:
+        def store(c, y):
+            o_ref[rows_at, pl.ds(c, block_n)] = y
+
     def biased(acc, c):
         # the projection's result in the model's dtype, as XLA's dot + bias gives it
         y = acc.astype(o_ref.dtype)
@@ -261,22 +268,20 @@ def _write_output(accs, col, cols, freq_at, o_ref, bias_ref, residual_ref, posit
     if rope_columns:
         # rotate-half (layers.apply_rope) on the q and k heads; the v heads pass through
         a, b = y.astype(jnp.float32), biased(accs[1], cols[1]).astype(jnp.float32)
-        angle = (positions_ref[...].astype(jnp.float32)[:, None]
+        angle = (positions_ref[rows_at].astype(jnp.float32)[:, None]
                  * inv_freq_ref[pl.ds(freq_at, block_n)][None, :])
         cos, sin = jnp.cos(angle), jnp.sin(angle)
         rotate = col < rope_columns
-        o_ref[:, pl.ds(col, block_n)] = jnp.where(rotate, a * cos - b * sin, a).astype(
-            o_ref.dtype)
-        o_ref[:, pl.ds(cols[1], block_n)] = jnp.where(rotate, b * cos + a * sin, b).astype(
-            o_ref.dtype)
+        store(col, jnp.where(rotate, a * cos - b * sin, a).astype(o_ref.dtype))
+        store(cols[1], jnp.where(rotate, b * cos + a * sin, b).astype(o_ref.dtype))
         return
     if gated_act is not None:
         y = (gated_act(y.astype(jnp.float32)).astype(o_ref.dtype).astype(jnp.float32)
              * biased(accs[1], cols[1]).astype(jnp.float32)).astype(o_ref.dtype)
     if residual_ref is not None:
-        y = (residual_ref[:, pl.ds(col, block_n)].astype(jnp.float32)
+        y = (residual_ref[rows_at, pl.ds(col, block_n)].astype(jnp.float32)
              + y.astype(jnp.float32)).astype(o_ref.dtype)
-    o_ref[:, pl.ds(col, block_n)] = y
+    store(col, y)
 
 
 def _epilogue_refs(refs: list, has_bias: bool, has_residual: bool, rope: bool):
