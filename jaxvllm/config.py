@@ -56,6 +56,12 @@ class EngineConfig:
     # XLA's fusions. None: on a GPU, measured at start-up like small_batch_matmuls; off on
     # the CPU
     sampling_kernels: Optional[bool] = None
+    # decode-only steps of up to 64 rows run each decoder layer as one Pallas kernel
+    # (pallas_kernels/decode_layer.py: projections and attention as stages of one grid);
+    # unrolled layers of RMSNorm models with a gated MLP and rotary embeddings, the Triton
+    # attention backend, one device; interpreted on the CPU. None: off (not yet the default
+    # anywhere: benchmarks/README.md says where it stands)
+    decode_layer_kernel: Optional[bool] = None
     # schedule and dispatch the next step before the one in flight is collected (vLLM's
     # async scheduling; not with tensor parallelism). None: only a multi-step decode after
     # another (pipelined); False: never; True: every step where the batch allows it

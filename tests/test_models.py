@@ -441,3 +441,33 @@ def test_small_batch_matmuls_in_bfloat16(qwen2_head_dim_32):
         logits.append(SimpleGenerator(lm.model, block_size=8).prompt_logits(LONG_PROMPT[:30]))
     assert_logits_close(logits[1], logits[0], rtol=3e-2)
     assert not np.array_equal(logits[1], logits[0])  # the kernels did run
+
+
+def test_one_kernel_layers_generate_what_xla_generates(qwen2_head_dim_32, zoo):
+    """With `decode_layer_kernel` each layer of a multi-step decode call is one kernel
+    (pallas_kernels/decode_layer.py, interpreted here): the engine's greedy tokens equal
+    XLA's. A model it cannot run (head dim 16: no whole tile of rotation partners) is a
+    ValueError."""
+    import jax
+
+    from jaxvllm import LLM, SamplingParams
+
+    _, path = qwen2_head_dim_32
+    kwargs = dict(attention_backend="pallas", max_model_len=64, max_num_seqs=4,
+                  max_num_batched_tokens=32, num_scheduler_steps=4)
+    prompts = [{"prompt_token_ids": [3, 14, 15, 92, 65, 35, 89][: 2 + i]} for i in range(4)]
+    params = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
+    generate = lambda llm: [o.outputs[0].token_ids
+                            for o in llm.generate(prompts, params, use_tqdm=False)]
+    want = generate(LLM(str(path), **kwargs))
+    one = LLM(str(path), **kwargs, decode_layer_kernel=True)
+    runner = one.llm_engine.runner
+    key, args = runner.dummy_multi_step(one.llm_engine.vocab_size, runner.multi_step_rows(2),
+                                        runner.min_table_width)
+    step, args, _ = runner.step_function(key, args)
+    assert "decode_layer_t" in str(jax.make_jaxpr(step)(*args))
+    assert generate(one) == want
+    assert runner.counters.multi_steps > 0
+    assert one.llm_engine.stats()["decode_layer_rows"] == 64
+    with pytest.raises(ValueError, match="decode_layer_kernel=True needs"):
+        LLM(str(zoo.case("llama_gqa").path), **kwargs, decode_layer_kernel=True)

@@ -38,7 +38,11 @@ from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxvllm.models.attention import kv_cache_bytes_per_block
 from jaxvllm.models.config import resolve_dtype
 from jaxvllm.models.loader import load_model
-from jaxvllm.models.transformer import SMALL_BATCH_ACTIVATIONS, small_batch_supported
+from jaxvllm.models.attention import fused_decode_kernel
+from jaxvllm.models.transformer import (SMALL_BATCH_ACTIVATIONS, decode_layer_supported,
+                                        small_batch_supported)
+from pallas_kernels import decode_layer
+from pallas_kernels.decode_attention_triton import decode_attention_triton
 from jaxvllm.outputs import CompletionOutput, DeltaTracker, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -142,6 +146,7 @@ class LLMEngine:
         self.kernel_choices: dict[str, autotune.KernelChoice] = {}
         self.loaded.model.small_batch_matmuls = self._small_batch_matmuls()
         self.loaded.model.sampling_kernel_rows = self._sampling_kernel_rows()
+        self.loaded.model.decode_layer_rows = self._decode_layer_rows()
         distributed.check_same_everywhere(
             (dataclasses.replace(config, model=None, tokenizer=None), self.model_config))
         self.tokenizer = self._load_tokenizer()
@@ -284,6 +289,20 @@ class LLMEngine:
                             "unrolled layers (unroll_layers, one device) and a model with "
                             "RMSNorm before its projections and an activation among "
                             f"{SMALL_BATCH_ACTIVATIONS}", default=False)
+
+    def _decode_layer_rows(self) -> int:
+        """The most rows of a decode-only step that runs each layer as one kernel
+        (`decode_layer_kernel`; off unless asked for)."""
+        backend = self.config.resolved_attention_backend()
+        on = self._option(
+            "decode_layer_kernel",
+            self.loaded.model.layers.unstacked and decode_layer_supported(self.model_config)
+            and fused_decode_kernel(backend) is decode_attention_triton,
+            "unrolled layers (unroll_layers, one device), a pre-norm RMSNorm model with a "
+            "gated MLP and rotary embeddings over whole power-of-two heads (no q/k norms, no "
+            "O or MLP biases) and the Triton attention backend "
+            f"(not {backend!r})", default=False)
+        return decode_layer.MAX_ROWS if on else 0
 
     def _sampling_kernel_rows(self) -> int:
         """The most rows a step samples with the sampler's kernels (pallas_kernels/
@@ -678,6 +697,7 @@ class LLMEngine:
                 **self._memory_stats(),
                 "small_batch_matmul_rows": self.loaded.model.small_batch_limit(),
                 "sampling_kernel_rows": self.loaded.model.sampling_kernel_rows,
+                "decode_layer_rows": self.loaded.model.decode_layer_rows,
                 **{f"{name}_probe": choice.as_dict()
                    for name, choice in self.kernel_choices.items()}}
 

@@ -109,6 +109,10 @@ ENGINE_SWITCHES = {
     "sampling_kernels": "sample with Pallas kernels instead of XLA's fusions (one device; "
                         "interpreted on the CPU; default: on a GPU, for the step sizes where "
                         "a start-up measurement found them faster; off on the CPU)",
+    "decode_layer_kernel": "decode steps of up to 64 rows run each layer as one Pallas kernel "
+                           "(unrolled layers of RMSNorm models with a gated MLP and rotary "
+                           "embeddings, Triton attention, one device; interpreted on the CPU; "
+                           "default: off)",
     "precompile": "compile the decode steps in background threads at start-up "
                   "(default: on a GPU)",
     "wait_for_precompile": "start serving only once those are compiled (default: on a GPU; "

@@ -28,19 +28,28 @@ q/k norms), SiLU(gate) * up and residual add after it: four kernels a layer besi
 attention, where XLA launches about nine. Those split over K, and the decode attention split
 over keys, find their last program to finish with arrival counts: one int32 array of zeros
 a step (`_split_counters`), passed from kernel to kernel through the layers.
+
+With `decode_layer_rows` (the engine's `decode_layer_kernel`), a decode-only step of at most
+that many rows runs each layer as one kernel (pallas_kernels/decode_layer.py: the four
+projections and the attention as stages of one grid, on the same counts) where the model
+and the attention backend allow it (`decode_layer_supported`, `_layer_kernel`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxvllm import parallel
 from jaxvllm.models import layers as L
-from jaxvllm.models.attention import AttentionMetadata, KVCache, attend
+from jaxvllm.models.attention import AttentionMetadata, KVCache, attend, fused_decode_kernel
 from jaxvllm.models.config import ModelConfig
-from pallas_kernels import small_batch_matmul
+from pallas_kernels import decode_layer, small_batch_matmul
+from pallas_kernels.decode_attention_triton import decode_attention_triton
 
 
 def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -102,6 +111,16 @@ def small_batch_supported(cfg: ModelConfig) -> bool:
     """Whether `small_batch_matmuls` can run this model's layers: RMSNorm before the
     projections and an activation the kernels lower (see the module docstring)."""
     return cfg.pre_norm and cfg.norm == "rms" and cfg.activation in SMALL_BATCH_ACTIVATIONS
+
+
+def decode_layer_supported(cfg: ModelConfig) -> bool:
+    """Whether a decode step can run this model's layers as one kernel each
+    (pallas_kernels/decode_layer.py): what `small_batch_supported` asks, a gated MLP,
+    rotary embeddings over whole heads, no q/k norms and no O or MLP biases."""
+    return (small_batch_supported(cfg) and cfg.mlp == "gated" and cfg.position == "rope"
+            and not (cfg.qk_norm or cfg.o_bias or cfg.mlp_bias)
+            and decode_layer.supports(1, cfg.hidden_size, cfg.intermediate_size,
+                                      cfg.num_heads, cfg.num_kv_heads, cfg.head_dim))
 
 
 # Weights an unrolled layer keeps as one matrix (or bias): (name, parts, concatenated on the
@@ -179,6 +198,9 @@ class CausalLM(nnx.Module):
         # set by the engine: steps of at most this many rows sample with the Pallas kernels
         # of pallas_kernels/sampling.py (jaxvllm/engine/runner.py)
         self.sampling_kernel_rows = 0
+        # set by the engine: decode-only steps of at most this many rows run each layer as
+        # one kernel (see the module docstring)
+        self.decode_layer_rows = 0
         for name, shape in top_param_shapes(cfg).items():
             setattr(self, name, nnx.Param(_init(name, shape, rngs.params(), dtype)))
         self.layers = LayerStack(cfg, dtype, rngs)
@@ -204,12 +226,16 @@ class CausalLM(nnx.Module):
             # one jitted layer, called once a layer with that layer's weights and index: the
             # program traces and lowers it once instead of num_layers times (seconds a
             # program with the Pallas kernels), and XLA inlines the calls
-            layer_fn = jax.jit(self._layer, static_argnames="small_batch")
-            counters = self._split_counters(self.layers.per_layer[0].arrays())
+            first = self.layers.per_layer[0].arrays()
+            counters = self._split_counters(first)
+            if self._layer_kernel(first, x.shape[0], meta):
+                layer_fn = jax.jit(self._one_kernel_layer)
+            else:
+                layer_fn = functools.partial(jax.jit(self._layer, static_argnames="small_batch"),
+                                             small_batch=self.small_batch_limit())
             for layer, weights in enumerate(self.layers.per_layer):
                 x, kv, counters = layer_fn(weights.arrays(), np.int32(layer), x, positions,
-                                           inv_freq, meta, kv, counters,
-                                           small_batch=self.small_batch_limit())
+                                           inv_freq, meta, kv, counters)
         else:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
             (x, kv), _ = jax.lax.scan(one_layer, (x, kv), (self.layers.arrays(), layer_ids))
@@ -265,13 +291,39 @@ class CausalLM(nnx.Module):
         value = self.small_batch_matmuls
         return small_batch_matmul.MAX_ROWS if value is True else int(value)
 
-    @staticmethod
-    def _split_counters(p):
+    def _split_counters(self, p):
         """The arrival counts the small-batch kernels split over K share
-        (`small_batch_matmul.split_counters`) for layers of weights like `p`, passed from one
-        kernel to the next through a step (and dropped by XLA where none runs)."""
-        return small_batch_matmul.split_counters(
+        (`small_batch_matmul.split_counters`) for layers of weights like `p`, or the layer
+        kernels (`decode_layer.counters_size`), passed from one kernel to the next through a
+        step (and dropped by XLA where none runs)."""
+        counts = small_batch_matmul.split_counters(
             max((w.shape[1] for name, w in p.items() if name.endswith("_proj")), default=0))
+        if self.decode_layer_rows and decode_layer_supported(self.cfg):
+            cfg = self.cfg
+            size = decode_layer.counters_size(cfg.hidden_size, cfg.intermediate_size,
+                                              cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            counts = jnp.zeros((max(size, counts.shape[0]),), jnp.int32)
+        return counts
+
+    def _layer_kernel(self, p, t: int, meta: AttentionMetadata) -> bool:
+        """Whether this step runs each (unrolled) layer as one kernel: a decode-only step of
+        at most `decode_layer_rows` rows, a model `decode_layer_supported`, fused weights,
+        the attention backend's decode kernel the Triton one, one device."""
+        return (meta.decode_only and 0 < t <= self.decode_layer_rows
+                and decode_layer_supported(self.cfg) and "gate_up_proj" in p
+                and "qkv_proj" in p and parallel.active_mesh() is None
+                and fused_decode_kernel(self.attention_backend) is decode_attention_triton)
+
+    def _one_kernel_layer(self, p, layer, x, positions, inv_freq, meta, kv, counters):
+        """One decoder layer of a decode-only step as one kernel -> (x, kv, counters)."""
+        cfg = self.cfg
+        x, k_cache, v_cache, counters = decode_layer.decode_layer(
+            x, p, kv.k, kv.v, layer, positions, meta.seq_lens, meta.block_tables,
+            meta.slot_mapping, inv_freq=inv_freq, num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads, norm_eps=cfg.norm_eps,
+            gated_act=L.activation(cfg.activation), scale=cfg.head_dim ** -0.5,
+            sliding_window=cfg.sliding_window, counters=counters)
+        return x, KVCache(k_cache, v_cache), counters
 
     @staticmethod
     def _small_batch(x, p, name, counters, **epilogue):
