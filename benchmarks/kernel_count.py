@@ -19,7 +19,9 @@ decode kernel off (KV write and attention as separate kernels), in the same run,
 `--compare-small-batch-matmuls` with the model's small-batch projection kernels on
 (`small_batch_matmuls`, pallas_kernels/small_batch_matmul.py), with
 `--compare-sampling-kernels` with the sampler's kernels on (pallas_kernels/sampling.py; and
-the small-batch ones, where both are asked for).
+the small-batch ones, where both are asked for), and with `--compare-decode-layer` with each
+layer one kernel (`decode_layer_kernel`, pallas_kernels/decode_layer.py; with the sampler's
+kernels where those are compared too).
 
 Without a GPU XLA does not autotune: its GEMM configurations (and the split-K reductions they
 may bring) can differ from a real compile's; every other fusion is XLA's real decision. The
@@ -124,12 +126,13 @@ def count_kernels(hlo_text: str) -> dict:
 
 
 def _build_runner(args, max_rows: int, loaded=None, small_batch_matmuls: bool = False,
-                  sampling_kernels: bool = False):
+                  sampling_kernels: bool = False, decode_layer: bool = False):
     """The engine's runner for the model (`loaded`, else loaded from args.model) as a GPU
     engine builds it: layers unrolled (the default on one GPU), powers-of-two decode buckets
     from 16."""
     from jaxvllm.engine.runner import ModelRunner
     from jaxvllm.models.loader import load_model
+    from pallas_kernels import decode_layer as decode_layer_module
 
     if loaded is None:
         loaded = load_model(args.model, dtype=args.dtype,
@@ -139,6 +142,7 @@ def _build_runner(args, max_rows: int, loaded=None, small_batch_matmuls: bool = 
     loaded.model.small_batch_matmuls = small_batch_matmuls
     loaded.model.sampling_kernel_rows = max(max_rows, args.max_num_seqs) if sampling_kernels \
         else 0
+    loaded.model.decode_layer_rows = decode_layer_module.MAX_ROWS if decode_layer else 0
     runner = ModelRunner(loaded.model, num_blocks=args.num_blocks, block_size=args.block_size,
                          max_model_len=args.max_model_len,
                          max_num_batched_tokens=args.max_num_batched_tokens,
@@ -209,6 +213,12 @@ def run(args) -> dict:
                       contextlib.nullcontext,
                       _build_runner(args, max(rows), loaded, small_batch_matmuls=sb,
                                     sampling_kernels=True)[1]))
+    if args.compare_decode_layer:
+        sampling = args.compare_sampling_kernels
+        modes.append(("decode_layer+sampling_kernels" if sampling else "decode_layer",
+                      contextlib.nullcontext,
+                      _build_runner(args, max(rows), loaded, sampling_kernels=sampling,
+                                    decode_layer=True)[1]))
     results: dict = {}
     for mode, context, mode_runner in modes:
         for r in rows:
@@ -269,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-sampling-kernels", action="store_true",
                    help="also with the sampler's kernels (pallas_kernels/sampling.py), and the "
                         "small-batch ones where those are compared too")
+    p.add_argument("--compare-decode-layer", action="store_true",
+                   help="also with each layer one kernel (pallas_kernels/decode_layer.py)")
     p.add_argument("--compare-small-batch-matmuls", action="store_true",
                    help="also count with the small-batch projection kernels on")
     p.add_argument("--top", type=int, default=15, help="kinds listed")

@@ -52,6 +52,10 @@
 #   sbtlatency   sblatency with each projection's fastest tiling in smallmmp (after it)
 #   sblatency, sbprofile   the latency phase (no baselines) and the profile phase with
 #                --small-batch-matmuls (those kernels in the engine's small decode steps)
+#   dllatency, dlprofile   the latency phase (no baselines) and the profile phase with
+#                --decode-layer-kernel (each layer of a decode step one kernel)
+#   dlayer       whole layers three ways: XLA's projections, the small-batch kernels, one
+#                kernel a layer at several K chunks and warps (benchmarks/decode_layer.py)
 #   xlalatency   the latency phase (no baselines) with --no-small-batch-matmuls; the other
 #                phases leave the choice to the engine's start-up measurement
 #                (jaxvllm/engine/autotune.py; its results: "kernel_choices" in the
@@ -299,6 +303,28 @@ EOF
     grep -v '^{' "$WORK/sbtlatency.log" | tail -n 20
 }
 
+phase_dllatency() {  # batch 1 with each layer of a decode step one kernel, no baselines
+    run_phase dllatency 150 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
+        --temperature 0 --attention-backend "$BACKEND" "${LAT_ARGS[@]}" --decode-layer-kernel \
+        --output-json "$OUT/latency_decode_layer.json"
+    grep -v '^{' "$WORK/dllatency.log" | tail -n 20
+}
+
+phase_dlprofile() {  # the profile phase's steps with each layer of a decode step one kernel
+    run_phase dlprofile 120 "$PY" benchmarks/step_profile.py "${COMMON[@]}" --attention-backend \
+        "$BACKEND" "${PROF_ARGS[@]}" --decode-layer-kernel \
+        --output-json "$WORK/step_profile_decode_layer.json"
+    grep -v '^{' "$WORK/dlprofile.log" | tail -n 40
+}
+
+phase_dlayer() {  # whole layers: XLA's projections, the small-batch kernels, one kernel
+    local args=(--rows 1,8 --k-split 64,128,256 --num-warps 4,8)
+    [ "$MODE" = smoke ] && args=(--smoke)
+    run_phase dlayer 150 "$PY" benchmarks/decode_layer.py "${args[@]}" \
+        --output-json "$OUT/decode_layer.json"
+    grep -v '^{' "$WORK/dlayer.log" | tail -n 40
+}
+
 phase_xlalatency() {  # batch 1 with the projections left to XLA, no baselines
     run_phase xlalatency 120 "$PY" benchmarks/latency.py "${COMMON[@]}" --batch-size 1 \
         --temperature 0 --attention-backend "$BACKEND" "${LAT_ARGS[@]}" \
@@ -322,7 +348,7 @@ phase_mtests() {  # multi-step decoding against single steps, on the Pallas kern
 phase_tests() {
     # on a GPU every kernel test runs compiled
     local sel=(tests/test_kernels.py tests/test_small_batch_matmul.py
-               tests/test_sampling_kernel.py)
+               tests/test_sampling_kernel.py tests/test_decode_layer.py)
     [ "$MODE" = smoke ] && sel+=(-m gpu)  # on CPU they skip: the selection itself is checked
     [ -n "${TESTS_K:-}" ] && sel+=(-k "$TESTS_K")  # e.g. TESTS_K=decode: only those tests
     # Compiling dominates the kernel tests: with pytest-xdist (on the GPU image) 4 processes
@@ -449,7 +475,13 @@ if (m := load("small_batch_matmul_projections")) is not None:
         f'{s["rows"]} {name}': {"best": p.get("best")}
         | {k: r.get("us_per_layer", r.get("error")) for k, r in p["results"].items()}
         for s in m["shapes"] for name, p in s["projections"].items()}
-for label in ("latency_small_batch", "latency_small_batch_tuned", "latency_xla_matmuls"):
+if (m := load("decode_layer")) is not None:
+    summary["decode_layer"] = {
+        str(s["rows"]): {"best": s.get("best")}
+        | {k: r.get("us_per_layer", r.get("error")) for k, r in s["results"].items()}
+        for s in m["shapes"]}
+for label in ("latency_small_batch", "latency_small_batch_tuned", "latency_xla_matmuls",
+              "latency_decode_layer"):
     if (l := load(label)) is not None:
         summary[label] = {k: v for k, v in l.items() if not isinstance(v, (list, dict))}
 # the engine's start-up choices of its kernels (jaxvllm/engine/autotune.py), from the first
@@ -485,7 +517,8 @@ for label, name in (("step_profile_xla_default_command_buffers", "step_profile_g
                     ("step_profile_async_scheduling", "step_profile_async"),
                     ("step_profile_unfused_decode", "step_profile_unfused"),
                     ("step_profile_multi_output_fusion", "step_profile_mofusion"),
-                    ("step_profile_small_batch_matmuls", "step_profile_small_batch")):
+                    ("step_profile_small_batch_matmuls", "step_profile_small_batch"),
+                    ("step_profile_decode_layer", "step_profile_decode_layer")):
     if os.path.exists(path := os.path.join(work, f"{name}.json")):
         summary[label] = {
             b: {k: r.get(k) for k in ("wall_ms_per_step", "runner_host_ms_per_step",

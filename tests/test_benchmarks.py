@@ -784,6 +784,24 @@ def test_small_batch_matmul_benchmark(capsys, tmp_path):
     assert len(labels) == 8 and "bn64 bk256 st3 s1" in labels
 
 
+def test_decode_layer_benchmark(capsys, tmp_path):
+    """Whole layers (attention included) three ways, each checked against XLA's output:
+    XLA's projections, the small-batch kernels, one kernel a layer."""
+    from benchmarks import decode_layer
+
+    out = tmp_path / "dl.json"
+    decode_layer.main(["--smoke", "--output-json", str(out)])
+    printed = _last_json(capsys)
+    assert printed == json.loads(out.read_text())
+    assert printed["benchmark"] == "decode_layer"
+    (shape,) = printed["shapes"]
+    assert list(shape["results"]) == ["xla", "kernels", "layer k32 w4 attauto"]
+    for r in shape["results"].values():
+        assert "error" not in r and r["rel_err"] < 1e-4 and r["us_per_layer"] > 0
+    assert shape["results"]["xla"]["vs_xla"] == 1
+    assert shape["best"] in ("kernels", "layer k32 w4 attauto")
+
+
 def test_small_batch_matmul_benchmark_per_projection(capsys):
     """One projection's tilings timed in the layer, the others at their defaults, against
     the layer with that projection computed by XLA; each line names the tiling it runs."""

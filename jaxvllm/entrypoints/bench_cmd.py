@@ -1,5 +1,5 @@
 """`jaxvllm bench NAME ...` (throughput, latency, serve, sampler, cpu_attention, host_overhead,
-kernel_count, decode_kernel, small_batch_matmul): the benchmarks of `benchmarks/`, with the
+kernel_count, decode_kernel, small_batch_matmul, decode_layer): the benchmarks of `benchmarks/`, with the
 same flags as `python benchmarks/<name>.py` (`jaxvllm bench NAME --help`)."""
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ BENCHMARKS = {"throughput": "offline LLM.generate over a dataset (requests/s, to
               "decode_kernel": "the fused decode kernel's configurations against the "
                                "separate KV write and attention",
               "small_batch_matmul": "the small-batch projection kernels' tilings against "
-                                    "XLA on a decoder layer's projections"}
+                                    "XLA on a decoder layer's projections",
+              "decode_layer": "whole decoder layers of a decode step as one kernel against "
+                              "XLA's projections and the small-batch kernels"}
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="run a benchmark (throughput, latency, serve, sampler, cpu_attention, "
-                      "host_overhead, kernel_count, decode_kernel, small_batch_matmul)",
+                      "host_overhead, kernel_count, decode_kernel, small_batch_matmul, "
+                      "decode_layer)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a benchmark. Every benchmark prints a table, then one JSON line.\n\n"
                     + "\n".join(f"  {name:<18} {text}" for name, text in BENCHMARKS.items()),

@@ -309,7 +309,7 @@ class CausalLM(nnx.Module):
         """Whether this step runs each (unrolled) layer as one kernel: a decode-only step of
         at most `decode_layer_rows` rows, a model `decode_layer_supported`, fused weights,
         the attention backend's decode kernel the Triton one, one device."""
-        return (meta.decode_only and 0 < t <= self.decode_layer_rows
+        return (meta.decode_only and 0 < t <= min(self.decode_layer_rows, decode_layer.MAX_ROWS)
                 and decode_layer_supported(self.cfg) and "gate_up_proj" in p
                 and "qkv_proj" in p and parallel.active_mesh() is None
                 and fused_decode_kernel(self.attention_backend) is decode_attention_triton)
