@@ -28,12 +28,20 @@ running or done) whatever order the GPU starts programs in and however many it h
 The last program to finish sets the kernel's counts back to zero: the counts come in as
 int32 zeros (`counters_size` of them) and leave as zeros, like the split kernels'.
 
-Rows: the step's T rows (at most MAX_ROWS), padded to a power of two of at least 16 for
-Triton's dot by reading the last real row again; every padded row then computes the last
-row's values and stores them to the last row's place. Only real rows go through the split
-buffers. Stores of one program are published by a barrier of its threads and an atomic add
-(acquire-release at GPU scope), and read by programs that have seen that count with the same
-kind of atomic, the pattern of the split kernels. `reference` is the contract in plain jnp.
+Rows: the step's T rows (at most MAX_ROWS), of which the real ones come first and the
+padding rows (seq_len 0) last, as a multi-step decode pads them: a batch-1 step is 16 rows,
+one real. The kernel counts the real rows and reads only those, padded to a power of two of
+at least 16 for Triton's dot by reading the last real row again; every row past the real
+ones then computes the last real row's values and stores them there and to the padding
+rows (so these hold finite values, not garbage), and only the real rows go through the
+split buffers. A padding row's attention does nothing: its k and v are not stored (the
+unfused layer stores them to its slot, the null block).
+
+Stores of one program are published by a barrier of its threads and an atomic add
+(acquire-release at GPU scope). A waiting program polls the count with volatile loads (so
+hundreds of waiting programs do not queue on one address's atomics) and, once it is there,
+reads it once more with an atomic add of zero, the acquire that orders its loads after the
+writes, as the split kernels' last program does. `reference` is the contract in plain jnp.
 """
 
 from __future__ import annotations
@@ -55,9 +63,10 @@ MAX_ROWS = sbm.MAX_ROWS
 # K rows of a program's weight chunk: 128 x 64 columns of bfloat16 is 16 KB (gate/up's two
 # tiles 32 KB), 64 registers a thread at 4 warps, held while the program waits
 K_SPLIT = 128
-# Polls of a count before a waiting program goes on regardless: a count that never comes
-# (a bug) then gives wrong output instead of a hung GPU
-SPIN_LIMIT = 1 << 26
+# Polls of a count before a waiting program goes on regardless (~1 us a poll, a few seconds
+# in all, where a stage takes microseconds): a count that never comes (a bug) then gives
+# wrong output, which the tests catch, instead of a hung GPU
+SPIN_LIMIT = 1 << 22
 # The counts' places: the ticket, the finished programs, then each stage's finished output
 # tiles, then each split projection's arrivals a column tile and the attention's a row and
 # KV head
@@ -236,13 +245,19 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
     k_cache_ref, v_cache_ref, counts_ref = refs
 
     t, padded, head_dim = plan.rows, plan.padded_rows, plan.head_dim
-    rows_at = jnp.minimum(lax.broadcasted_iota(jnp.int32, (padded,), 0), t - 1)
-    real = lax.broadcasted_iota(jnp.int32, (1, padded, 1), 1) < t
     one = lambda i: pl.ds(i, 1)
 
     def count(index, by):
         return plgpu.atomic_add(counts_ref, (jnp.asarray(index, jnp.int32),),
                                 jnp.asarray(by, jnp.int32))
+
+    # the real rows (the first ones) and the rows each program reads and stores
+    rows_at = jnp.minimum(lax.broadcasted_iota(jnp.int32, (padded,), 0), t - 1)
+    real_rows = jnp.sum((seq_lens_ref[rows_at] > 0)
+                        & (lax.broadcasted_iota(jnp.int32, (padded,), 0) < t)).astype(jnp.int32)
+    read_at = jnp.minimum(lax.broadcasted_iota(jnp.int32, (padded,), 0),
+                          jnp.maximum(real_rows, 1) - 1)
+    real = lax.broadcasted_iota(jnp.int32, (1, padded, 1), 1) < real_rows
 
     def publish(stage):
         """This program's output stores, then `stage`'s done count up by one."""
@@ -250,18 +265,23 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
             plgpu.debug_barrier()  # every thread's stores issued before the release
         count(DONE[stage], 1)
 
+    def polled(index):
+        return jnp.max(plgpu.load(counts_ref.at[pl.ds(index, 1)], volatile=True))
+
     def wait(stage):
-        """Until `stage` has written all of its output (an acquire on its done count)."""
-        target, index, zero = plan.done_target(stage), jnp.int32(DONE[stage]), jnp.int32(0)
-        # (the count's index and the zero added in the carry: in interpret mode a loop may
-        # close over no array)
+        """Until `stage` has written all of its output: polls, then an acquire."""
+        index, zero = jnp.int32(DONE[stage]), jnp.int32(0)
+        target = real_rows * plan.num_kv_heads if stage == "attention" \
+            else plan.done_target(stage)
+        # (the count's index in the carry: in interpret mode a loop may close over no array)
         lax.while_loop(lambda c: (c[0] < target) & (c[1] < spin_limit),
-                       lambda c: (count(c[2], c[3]), c[1] + 1, c[2], c[3]),
-                       (count(index, zero), zero, index, zero))
+                       lambda c: (polled(c[2]), c[1] + 1, c[2]),
+                       (polled(index), zero, index))
+        count(index, zero)
 
     def inv_rms(ref, k, chunk):
         def squares(j, total):
-            xs = ref[rows_at, pl.ds(j * chunk, chunk)].astype(jnp.float32)
+            xs = ref[read_at, pl.ds(j * chunk, chunk)].astype(jnp.float32)
             return total + jnp.sum(xs * xs, axis=1)
 
         total = lax.fori_loop(0, k // chunk, squares, jnp.zeros((padded,), jnp.float32))
@@ -293,7 +313,8 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
             sbm._write_output(sums, col, cols, freq_at, out_ref, bias_ref, residual_ref,
                               positions_ref, inv_freq_ref, gated_act=gated,
                               block_n=proj.block_n, rope_columns=rope_columns,
-                              rows_at=rows_at, store=store)
+                              rows_at=read_at, store=store or functools.partial(
+                                  store_rows, out_ref, proj.block_n))
             if name != "down":
                 publish(name)
 
@@ -311,12 +332,15 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
         @pl.when(arrived == proj.splits - 1)
         def _():
             def add(s, acc, c):
-                return acc + partial_ref[s, rows_at, pl.ds(c, proj.block_n)]
+                return acc + partial_ref[s, read_at, pl.ds(c, proj.block_n)]
 
             finish([lax.fori_loop(0, proj.splits, functools.partial(add, c=c),
                                   jnp.zeros((padded, proj.block_n), jnp.float32))
                     for c in cols])
             counts_ref[plan.arrivals(name) + tile] = jnp.int32(0)
+
+    def store_rows(ref, block_n, c, y):  # every row: the padding ones get the last real's
+        ref[rows_at, pl.ds(c, block_n)] = y
 
     def store_qkv(c, y):  # into [T, H + 2 KVH, D], the attention's layout
         qkv_ref[rows_at, jnp.full((padded,), c // head_dim, jnp.int32),
@@ -325,22 +349,25 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
     def attend(i):
         per_row = plan.num_kv_heads * plan.attention_splits
         tok, head = i // per_row, i % per_row // plan.attention_splits
-        wait("qkv")
-        attention.attend_program(
-            tok, head, i % plan.attention_splits, seq_lens_ref=seq_lens_ref,
-            slots_ref=slots_ref, layer=layer_ref[0], block_tables_ref=block_tables_ref,
-            qkv_ref=qkv_ref, k_cache_in=k_cache_in, v_cache_in=v_cache_in,
-            k_cache_ref=k_cache_ref, v_cache_ref=v_cache_ref, o_ref=o_ref,
-            split_refs=None if attention_refs is None else (*attention_refs, counts_ref),
-            count=plan.arrivals("attention") + tok * plan.num_kv_heads + head, scale=scale,
-            group=plan.num_heads // plan.num_kv_heads, rows=plan.query_rows,
-            block_k=plan.attention_block_k, num_splits=plan.attention_splits, split_keys=None,
-            sliding_window=sliding_window, soft_cap=None, on_gpu=on_gpu,
-            written=lambda: publish("attention"))
+
+        @pl.when(tok < real_rows)  # a padding row: nothing to store, no one waits for it
+        def _():
+            wait("qkv")
+            attention.attend_program(
+                tok, head, i % plan.attention_splits, seq_lens_ref=seq_lens_ref,
+                slots_ref=slots_ref, layer=layer_ref[0], block_tables_ref=block_tables_ref,
+                qkv_ref=qkv_ref, k_cache_in=k_cache_in, v_cache_in=v_cache_in,
+                k_cache_ref=k_cache_ref, v_cache_ref=v_cache_ref, o_ref=o_ref,
+                split_refs=None if attention_refs is None else (*attention_refs, counts_ref),
+                count=plan.arrivals("attention") + tok * plan.num_kv_heads + head, scale=scale,
+                group=plan.num_heads // plan.num_kv_heads, rows=plan.query_rows,
+                block_k=plan.attention_block_k, num_splits=plan.attention_splits, split_keys=None,
+                sliding_window=sliding_window, soft_cap=None, on_gpu=on_gpu,
+                written=lambda: publish("attention"))
 
     def chunk(ref, name):  # the rows' K range of a program of projection `name`
         k_split = getattr(plan, name).k_split
-        return lambda split, k0: ref[rows_at, pl.ds(k0, k_split)]
+        return lambda split, k0: ref[read_at, pl.ds(k0, k_split)]
 
     stages = {
         "qkv": lambda i: project(
@@ -350,7 +377,7 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
         "attention": attend,
         "o": lambda i: project(
             i, "o", before="attention",
-            load_x=lambda split, k0: o_ref[rows_at, jnp.full((padded,), split, jnp.int32), :],
+            load_x=lambda split, k0: o_ref[read_at, jnp.full((padded,), split, jnp.int32), :],
             w_ref=w_o_ref, residual_ref=x_ref, out_ref=x1_ref),
         "gate_up": lambda i: project(
             i, "gate_up", before="o", load_x=chunk(x1_ref, "gate_up"), w_ref=w_gu_ref,
