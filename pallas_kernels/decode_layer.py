@@ -279,12 +279,14 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
                        (polled(index), zero, index))
         count(index, zero)
 
+    # Sums over chunks below are Python loops: straight-line loads that do not depend on
+    # each other, which the compiler issues together, where a loop's would wait on L2 one
+    # after another (38 of them for the down projection's splits)
     def inv_rms(ref, k, chunk):
-        def squares(j, total):
+        total = jnp.zeros((padded,), jnp.float32)
+        for j in range(k // chunk):
             xs = ref[read_at, pl.ds(j * chunk, chunk)].astype(jnp.float32)
-            return total + jnp.sum(xs * xs, axis=1)
-
-        total = lax.fori_loop(0, k // chunk, squares, jnp.zeros((padded,), jnp.float32))
+            total = total + jnp.sum(xs * xs, axis=1)
         return lax.rsqrt(total / k + norm_eps)
 
     def project(i, name, *, before, load_x, w_ref, norm=None, bias_ref=None, residual_ref=None,
@@ -331,12 +333,13 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
 
         @pl.when(arrived == proj.splits - 1)
         def _():
-            def add(s, acc, c):
-                return acc + partial_ref[s, read_at, pl.ds(c, proj.block_n)]
+            def added(c):  # in split order, whoever adds: the same sums every run
+                total = jnp.zeros((padded, proj.block_n), jnp.float32)
+                for split_index in range(proj.splits):
+                    total = total + partial_ref[split_index, read_at, pl.ds(c, proj.block_n)]
+                return total
 
-            finish([lax.fori_loop(0, proj.splits, functools.partial(add, c=c),
-                                  jnp.zeros((padded, proj.block_n), jnp.float32))
-                    for c in cols])
+            finish([added(c) for c in cols])
             counts_ref[plan.arrivals(name) + tile] = jnp.int32(0)
 
     def store_rows(ref, block_n, c, y):  # every row: the padding ones get the last real's
