@@ -279,14 +279,23 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
                        (polled(index), zero, index))
         count(index, zero)
 
-    # Sums over chunks below are Python loops: straight-line loads that do not depend on
-    # each other, which the compiler issues together, where a loop's would wait on L2 one
-    # after another (38 of them for the down projection's splits)
+    def summed(n, term, zeros):
+        """term(0) + ... + term(n - 1), in that order. Up to 16 rows a Python loop:
+        straight-line loads that do not depend on each other, which the compiler issues
+        together, where a loop's wait on L2 one after another (38 of them for the down
+        projection's splits); more rows hold too many registers that way (64 rows spilled)."""
+        if padded > sbm.MIN_ROWS:
+            return lax.fori_loop(0, n, lambda i, total: total + term(i), zeros)
+        for i in range(n):
+            zeros = zeros + term(i)
+        return zeros
+
     def inv_rms(ref, k, chunk):
-        total = jnp.zeros((padded,), jnp.float32)
-        for j in range(k // chunk):
+        def squares(j):
             xs = ref[read_at, pl.ds(j * chunk, chunk)].astype(jnp.float32)
-            total = total + jnp.sum(xs * xs, axis=1)
+            return jnp.sum(xs * xs, axis=1)
+
+        total = summed(k // chunk, squares, jnp.zeros((padded,), jnp.float32))
         return lax.rsqrt(total / k + norm_eps)
 
     def project(i, name, *, before, load_x, w_ref, norm=None, bias_ref=None, residual_ref=None,
@@ -333,13 +342,10 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
 
         @pl.when(arrived == proj.splits - 1)
         def _():
-            def added(c):  # in split order, whoever adds: the same sums every run
-                total = jnp.zeros((padded, proj.block_n), jnp.float32)
-                for split_index in range(proj.splits):
-                    total = total + partial_ref[split_index, read_at, pl.ds(c, proj.block_n)]
-                return total
-
-            finish([added(c) for c in cols])
+            # in split order, whoever adds: the same sums every run
+            finish([summed(proj.splits,
+                           lambda i, c=c: partial_ref[i, read_at, pl.ds(c, proj.block_n)],
+                           jnp.zeros((padded, proj.block_n), jnp.float32)) for c in cols])
             counts_ref[plan.arrivals(name) + tile] = jnp.int32(0)
 
     def store_rows(ref, block_n, c, y):  # every row: the padding ones get the last real's
