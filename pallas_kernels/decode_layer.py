@@ -279,16 +279,7 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
                        (polled(index), zero, index))
         count(index, zero)
 
-    def summed(n, term, zeros):
-        """term(0) + ... + term(n - 1), in that order. Up to 16 rows a Python loop:
-        straight-line loads that do not depend on each other, which the compiler issues
-        together, where a loop's wait on L2 one after another (38 of them for the down
-        projection's splits); more rows hold too many registers that way (64 rows spilled)."""
-        if padded > sbm.MIN_ROWS:
-            return lax.fori_loop(0, n, lambda i, total: total + term(i), zeros)
-        for i in range(n):
-            zeros = zeros + term(i)
-        return zeros
+    summed = functools.partial(sbm.ordered_sum, rows=padded)
 
     def inv_rms(ref, k, chunk):
         def squares(j):

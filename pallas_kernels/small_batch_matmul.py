@@ -284,6 +284,19 @@ def _write_output(accs, col, cols, freq_at, o_ref, bias_ref, residual_ref, posit
     store(col, y)
 
 
+def ordered_sum(n: int, term: Callable, zeros, *, rows: int):
+    """term(0) + ... + term(n - 1), in that order (the same bits whichever program adds).
+    Up to MIN_ROWS rows a Python loop: straight-line loads that do not depend on each
+    other, which the compiler issues together, where a loop's wait on L2 one after another
+    (19-38 of them for a down projection's splits); more rows hold too many registers that
+    way (64 rows spilled), and loop."""
+    if rows > MIN_ROWS:
+        return lax.fori_loop(0, n, lambda i, total: total + term(i), zeros)
+    for i in range(n):
+        zeros = zeros + term(i)
+    return zeros
+
+
 def _epilogue_refs(refs: list, has_bias: bool, has_residual: bool, rope: bool):
     """(bias, residual, positions, inv_freq) refs from the front of `refs`, None where
     absent."""
@@ -350,13 +363,14 @@ def _split_kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
 
     @pl.when(arrived == splits - 1)
     def _():
-        def add(s, acc, c):
+        def partial_sums(s, c):
             # volatile: past this SM's L1, which may hold stale lines of the partial buffer
-            return acc + plgpu.load(partial_ref.at[one(s), :, pl.ds(c, block_n)], mask=real,
-                                    other=0.0, volatile=True)[0]
+            return plgpu.load(partial_ref.at[one(s), :, pl.ds(c, block_n)], mask=real,
+                              other=0.0, volatile=True)[0]
 
-        sums = tuple(lax.fori_loop(0, splits, functools.partial(add, c=c),
-                                   jnp.zeros((rows, block_n), jnp.float32)) for c in cols)
+        sums = tuple(ordered_sum(splits, functools.partial(partial_sums, c=c),
+                                 jnp.zeros((rows, block_n), jnp.float32), rows=rows)
+                     for c in cols)
         _write_output(sums, col, cols, freq_at, o_ref, *epilogue, gated_act=gated_act,
                       block_n=block_n, rope_columns=rope_columns)
         counts_ref[tile] = jnp.int32(0)
