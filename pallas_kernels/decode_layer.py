@@ -274,10 +274,12 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
         target = real_rows * plan.num_kv_heads if stage == "attention" \
             else plan.done_target(stage)
         # (the count's index in the carry: in interpret mode a loop may close over no array)
-        lax.while_loop(lambda c: (c[0] < target) & (c[1] < spin_limit),
-                       lambda c: (polled(c[2]), c[1] + 1, c[2]),
-                       (polled(index), zero, index))
-        count(index, zero)
+        seen, *_ = lax.while_loop(lambda c: (c[0] < target) & (c[1] < spin_limit),
+                                  lambda c: (polled(c[2]), c[1] + 1, c[2]),
+                                  (polled(index), zero, index))
+        # adds zero, but from the loop's result: a loop whose result goes unused only reads,
+        # and tracing drops it
+        count(index, seen - seen)
 
     summed = functools.partial(sbm.ordered_sum, rows=padded)
 

@@ -5,6 +5,7 @@ for an H100 on this machine (and, on a GPU, run after run under racing programs)
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,26 @@ def test_triton_compiles_to_cubin():
                                 *_qwen_specs(rows))
         assert len(builds) == 1 and builds[0].name.startswith("decode_layer_t"), builds
         assert builds[0].shared_bytes <= 227 * 1024 and builds[0].spill_bytes == 0, builds
+
+
+def test_the_waits_survive_lowering():
+    """Each stage but the first waits for the one before in a loop that polls its count:
+    four loops of volatile loads in the Triton IR, each followed by an atomic. (A polling
+    loop whose result went unused was dropped as a mere read, and the interpreter, running
+    programs in order, cannot tell.)"""
+    from pallas_kernels.gpu_lowering import triton_modules
+
+    size = dl.counters_size(896, 4864, 14, 2, 64)
+    layer = functools.partial(dl.decode_layer, inv_freq=jnp.ones((32,), jnp.float32),
+                              num_heads=14, num_kv_heads=2, norm_eps=1e-6,
+                              gated_act=jax.nn.silu, scale=0.125, interpret=False)
+    (ir, _, _), = triton_modules(lambda *a: layer(*a, counters=jnp.zeros((size,), jnp.int32)),
+                                 *_qwen_specs(16))
+    loops = ir.split("scf.while")[1:]
+    assert len(loops) == 4
+    for loop in loops:
+        body = loop.split("scf.yield")[0]
+        assert re.search(r"tt\.load .*isVolatile = true.*tensor<1x!tt\.ptr<i32>>", body), body
 
 
 @pytest.mark.gpu
