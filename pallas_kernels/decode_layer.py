@@ -41,7 +41,8 @@ Stores of one program are published by a barrier of its threads and an atomic ad
 (acquire-release at GPU scope). A waiting program polls the count with volatile loads (so
 hundreds of waiting programs do not queue on one address's atomics) and, once it is there,
 reads it once more with an atomic add of zero, the acquire that orders its loads after the
-writes, as the split kernels' last program does. `reference` is the contract in plain jnp.
+writes (one thread's, then a barrier of the program's threads), as the split kernels' last
+program does. `reference` is the contract in plain jnp.
 """
 
 from __future__ import annotations
@@ -280,6 +281,10 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
         # adds zero, but from the loop's result: a loop whose result goes unused only reads,
         # and tracing drops it
         count(index, seen - seen)
+        if on_gpu:
+            # one thread does that atomic (its result unused, none is shared): the others'
+            # loads wait here for its acquire (CUTLASS's semaphore does the same)
+            plgpu.debug_barrier()
 
     summed = functools.partial(sbm.ordered_sum, rows=padded)
 
