@@ -331,17 +331,20 @@ def _kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
 def _split_kernel(*refs, has_norm: bool, has_bias: bool, has_residual: bool,
                   gated_act: Optional[Callable], norm_eps: float, block_n: int, block_k: int,
                   k_split: int, n_out: int, rope_columns: int, rope_half: int, dot_precision,
-                  on_gpu: bool, real_rows: int):
+                  on_gpu: bool, real_rows: int, has_row_count: bool):
     """Program (i, s): tile i's float32 sums over K split s, into partial [S, M, N]; then the
     arrival count of tile i goes up by one, and the program that finds the others all there
     adds the S sums up, does the epilogue and sets the count back to zero. Only the first
-    `real_rows` of the padded rows go through the partial buffer (one of 16 at batch 1)."""
+    `real_rows` of the padded rows go through the partial buffer, or fewer where a row count
+    comes in (`has_row_count`: a decode step's requests, known at run time)."""
     from jax.experimental.pallas import triton as plgpu
 
     refs = list(refs)
     x_ref, w_ref = refs.pop(0), refs.pop(0)
     scale_ref = refs.pop(0) if has_norm else None
     epilogue = _epilogue_refs(refs, has_bias, has_residual, bool(rope_columns))
+    if has_row_count:
+        real_rows = jnp.minimum(refs.pop(0)[0], real_rows)
     _, o_ref, partial_ref, counts_ref = refs  # the counts come in aliased to counts_ref
     splits, rows = partial_ref.shape[:2]
     k = x_ref.shape[1]
@@ -435,7 +438,8 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
                  rope_inv_freq=None, rope_columns: int = 0, block_n: Optional[int] = None,
                  block_k: Optional[int] = None, splits: Optional[int] = None,
                  num_warps: Optional[int] = None, num_stages: int = 3,
-                 counters: Optional[jax.Array] = None, interpret: Optional[bool] = None):
+                 counters: Optional[jax.Array] = None, row_count: Optional[jax.Array] = None,
+                 interpret: Optional[bool] = None):
     """`reference`'s result from Pallas Triton kernels. x [M, K] (M <= MAX_ROWS; padded
     inside to `padded_rows(M)`), w [K, N] (gate/up concatenated, [K, 2 I], when `gated_act`),
     bias [N], norm_scale [K], residual [M, N_out]. RoPE: the first `rope_columns` output
@@ -445,7 +449,10 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
     `splits` splits (more than one: the last program of a column tile to finish adds them
     up and does the epilogue). `counters`: `split_counters` zeros for the split kernel,
     given back beside the result, `(y, counters)`, zero again; None: the call makes its
-    own (one more small kernel) and returns y alone."""
+    own (one more small kernel) and returns y alone. `row_count`: how many of the first rows
+    matter (an int32 scalar known at run time, e.g. a decode step's requests before its
+    padding rows); the split kernel's partial sums carry only those, and the rows past them
+    come out as if their products were zero (bias, residual and rotation still applied)."""
     rows, k = x.shape
     if w.ndim != 2 or w.shape[0] != k:
         raise ValueError(f"x {x.shape} and w {w.shape} do not multiply")
@@ -468,6 +475,11 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
         raise ValueError(f"fused_matmul takes at most {MAX_ROWS} rows, K a multiple of 16, "
                          f"whole {block_n}-column output tiles and a power-of-two block_k >= "
                          f"16: x {x.shape}, w {w.shape}, block_k {block_k}")
+    if row_count is not None and (jnp.shape(row_count) != ()
+                                  or not jnp.issubdtype(jnp.result_type(row_count),
+                                                        jnp.integer)):
+        raise ValueError(f"row_count must be an integer scalar, not "
+                         f"{jnp.result_type(row_count)}{list(jnp.shape(row_count))}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias {bias.shape} must be ({n},)")
     if norm_scale is not None and norm_scale.shape != (k,):
@@ -522,10 +534,11 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
         if counts.dtype != jnp.int32 or counts.ndim != 1 or counts.shape[0] < column_programs:
             raise ValueError(f"counters {counts.dtype}{list(counts.shape)}: int32 zeros, at "
                              f"least {column_programs} (split_counters)")
-        operands = products + epilogue + [counts]
+        counted = [] if row_count is None else [jnp.reshape(row_count, (1,)).astype(jnp.int32)]
+        operands = products + epilogue + counted + [counts]
         out, _, counts = call(
             functools.partial(_split_kernel, k_split=k_split, on_gpu=not interpret,
-                              real_rows=rows, **common),
+                              real_rows=rows, has_row_count=bool(counted), **common),
             (column_programs, splits), operands,
             [out_shape, jax.ShapeDtypeStruct((splits, padded, n), jnp.float32),
              jax.ShapeDtypeStruct(counts.shape, jnp.int32)],

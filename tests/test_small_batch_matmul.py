@@ -244,6 +244,21 @@ def test_tilings_from_the_environment_replace_the_defaults(monkeypatch):
         sbm.fused_matmul(x, w, **kw)
 
 
+def test_a_row_count_limits_the_split_sums_to_the_rows_that_matter():
+    """16 rows, 3 of them real (a decode step's requests, known at run time): those equal
+    the reference, the rest come out as if their products were zero (residual alone); a
+    row count that is no integer scalar is a ValueError."""
+    x, w, kw = _operands(16, 128, 64, residual=True)
+    got = jax.jit(functools.partial(sbm.fused_matmul, block_n=16, splits=2, **kw))(
+        x, w, row_count=jnp.int32(3))
+    np.testing.assert_allclose(np.asarray(got[:3]), np.asarray(sbm.reference(x, w, **kw))[:3],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[3:]), np.asarray(kw["residual"][3:]), rtol=1e-6)
+    for bad in (jnp.ones(2, jnp.int32), jnp.float32(3)):
+        with pytest.raises(ValueError, match="row_count"):
+            sbm.fused_matmul(x, w, splits=2, row_count=bad, **kw)
+
+
 @pytest.mark.parametrize("counters", [jnp.zeros(3, jnp.int32), jnp.zeros(8, jnp.float32),
                                       jnp.zeros((2, 4), jnp.int32)])
 def test_counters_of_the_wrong_kind_raise_value_error(counters):

@@ -326,16 +326,24 @@ class CausalLM(nnx.Module):
         return x, KVCache(k_cache, v_cache), counters
 
     @staticmethod
-    def _small_batch(x, p, name, counters, **epilogue):
+    def _small_batch(x, p, name, counters, row_count, **epilogue):
         """(x @ p[name] (+ its bias) with `epilogue` as one kernel where its shapes fit (a
-        rotation in `epilogue` the caller has checked: see `_layer`), counters)."""
+        rotation in `epilogue` the caller has checked: see `_layer`), counters). `row_count`:
+        the rows that matter (see `_real_rows`), or None."""
         w = p[name]
         n_out = w.shape[1] // (2 if epilogue.get("gated_act") else 1)
         bias = p.get(name.replace("_proj", "_bias"))
         if small_batch_matmul.supports(x.shape[0], w.shape[0], n_out):
             return small_batch_matmul.fused_matmul(x, w, bias=bias, counters=counters,
-                                                   **epilogue)
+                                                   row_count=row_count, **epilogue)
         return small_batch_matmul.reference(x, w, bias=bias, **epilogue), counters
+
+    @staticmethod
+    def _real_rows(meta: AttentionMetadata):
+        """A decode-only step's requests (its rows of seq_len > 0, which come first): the
+        rows the small-batch kernels' split sums carry (a batch-1 multi-step decode is 16
+        rows, one real); None for other steps."""
+        return jnp.sum(meta.seq_lens > 0, dtype=jnp.int32) if meta.decode_only else None
 
     def _layer(self, p, layer, x, positions, inv_freq, meta, kv, counters,
                small_batch: int = 0):
@@ -346,15 +354,16 @@ class CausalLM(nnx.Module):
         is cached by function, and would keep an earlier setting."""
         cfg = self.cfg
         fused = self._fused_kernels(p, x.shape[0], small_batch)
+        row_count = self._real_rows(meta) if fused else None
         q, k, v, qkv_heads, counters = self._attention_inputs(p, x, positions, inv_freq,
-                                                              fused, counters)
+                                                              fused, counters, row_count)
         o, kv, *counted = attend(q, k, v, kv, layer, meta, scale=cfg.head_dim ** -0.5,
                                  sliding_window=cfg.sliding_window,
                                  backend=self.attention_backend, qkv=qkv_heads,
                                  counters=counters)
         counters = counted[0] if counted else None
         x, counters = self._after_attention(p, x, o.reshape(x.shape[0], cfg.q_size), fused,
-                                            counters)
+                                            counters, row_count)
         return x, kv, counters
 
     def layer_projections(self, p, x, positions, inv_freq, small_batch: int = 0):
@@ -363,11 +372,12 @@ class CausalLM(nnx.Module):
         `jaxvllm.engine.autotune`, which times them with and without the kernels)."""
         fused = self._fused_kernels(p, x.shape[0], small_batch)
         counters = self._split_counters(p)
-        q, *_, counters = self._attention_inputs(p, x, positions, inv_freq, fused, counters)
+        q, *_, counters = self._attention_inputs(p, x, positions, inv_freq, fused, counters,
+                                                 None)
         return self._after_attention(p, x, q.reshape(x.shape[0], self.cfg.q_size), fused,
-                                     counters)[0]
+                                     counters, None)[0]
 
-    def _attention_inputs(self, p, x, positions, inv_freq, fused: bool, counters):
+    def _attention_inputs(self, p, x, positions, inv_freq, fused: bool, counters, row_count):
         """(q [T, H, D], k, v [T, KVH, D], qkv: the three as one [T, H + 2 KVH, D] array
         where the small-batch QKV kernel gave them so, else None, counters), normed,
         projected, rotated."""
@@ -383,7 +393,7 @@ class CausalLM(nnx.Module):
         if fused:
             rope = dict(rope_positions=positions, rope_inv_freq=inv_freq,
                         rope_columns=cfg.q_size + cfg.kv_size) if rope_fused else {}
-            qkv, counters = self._small_batch(x, p, "qkv_proj", counters,
+            qkv, counters = self._small_batch(x, p, "qkv_proj", counters, row_count,
                                               norm_scale=p["attn_norm_scale"],
                                               norm_eps=cfg.norm_eps, **rope)
             if rope_fused or inv_freq is None and not cfg.qk_norm:
@@ -405,23 +415,23 @@ class CausalLM(nnx.Module):
             k = L.apply_rope(k, positions, inv_freq)
         return q, k, v, qkv_heads, counters
 
-    def _after_attention(self, p, x, o, fused: bool, counters):
+    def _after_attention(self, p, x, o, fused: bool, counters, row_count):
         """(The rest of the layer from the attention's output o [T, H * D]: the O projection
         and residual, then the MLP block; counters)."""
         cfg = self.cfg
         attn_norm = lambda h: self._norm(h, p["attn_norm_scale"], p.get("attn_norm_bias"))
         mlp_norm = lambda h: self._norm(h, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
         if fused:
-            x, counters = self._small_batch(o, p, "o_proj", counters, residual=x)
+            x, counters = self._small_batch(o, p, "o_proj", counters, row_count, residual=x)
             act = L.activation(cfg.activation)
             norm = dict(norm_scale=p["mlp_norm_scale"], norm_eps=cfg.norm_eps)
             if cfg.mlp == "gated":
-                up, counters = self._small_batch(x, p, "gate_up_proj", counters,
+                up, counters = self._small_batch(x, p, "gate_up_proj", counters, row_count,
                                                  gated_act=act, **norm)
             else:
-                up, counters = self._small_batch(x, p, "up_proj", counters, **norm)
+                up, counters = self._small_batch(x, p, "up_proj", counters, row_count, **norm)
                 up = act(up)
-            return self._small_batch(up, p, "down_proj", counters, residual=x)
+            return self._small_batch(up, p, "down_proj", counters, row_count, residual=x)
         o = o @ p["o_proj"]
         if cfg.o_bias:
             o = o + p["o_bias"]
