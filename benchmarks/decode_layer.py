@@ -6,9 +6,10 @@ engine's other two ways, in one run.
     python benchmarks/decode_layer.py --smoke            # tiny shapes, interpret mode (CPU)
     jaxvllm bench decode_layer ...                       # the same
 
-Each row is a request decoding its next token at position `--context` - 1 of its own KV
+Each of `--rows` requests decodes its next token at position `--context` - 1 of its own KV
 blocks, through `--layers` layers of their own random weights (bfloat16, Qwen2.5-0.5B's
-geometry), as a multi-step decode call runs them:
+geometry), as a multi-step decode call runs them: padded to a power of two of at least 16
+rows, the padding rows of seq_len 0 (a batch-1 step is 16 rows, one real);
 
 - `xla`: the projections, norms, RoPE and residuals by XLA, the fused decode attention
   kernel (pallas_kernels/decode_attention_triton.py): the engine's way where its start-up
@@ -88,38 +89,52 @@ def make_layers(args, seed: int = 0) -> list[dict]:
     return layers
 
 
-def step_inputs(rows: int, args):
-    """(x, k_cache, v_cache, positions, seq_lens, block_tables, slots, inv_freq): each row's
-    new token at position context - 1 of its own blocks, caches of random keys and values."""
+def step_inputs(requests: int, args):
+    """(x, k_cache, v_cache, positions, seq_lens, block_tables, slots, inv_freq): each
+    request's new token at position context - 1 of its own blocks, the rows padded as the
+    engine pads them (`padded_rows`; padding rows of seq_len 0 write to slot 0, the null
+    block), caches of random keys and values."""
     import jax
     import jax.numpy as jnp
 
+    from benchmarks.decode_kernel import padded_rows
+
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
-    per_row = -(-args.context // BLOCK_SIZE)
-    shape = (args.layers, rows * per_row + 1, BLOCK_SIZE, args.kv_heads, args.head_dim)
-    k_key, v_key, x_key = jax.random.split(jax.random.key(rows), 3)
-    tables = 1 + np.arange(rows * per_row, dtype=np.int32).reshape(rows, per_row)
-    pos = np.full(rows, args.context - 1, np.int32)
-    slots = tables[:, -1] * BLOCK_SIZE + pos % BLOCK_SIZE
+    rows, per_row = padded_rows(requests), -(-args.context // BLOCK_SIZE)
+    shape = (args.layers, requests * per_row + 1, BLOCK_SIZE, args.kv_heads, args.head_dim)
+    k_key, v_key, x_key = jax.random.split(jax.random.key(requests), 3)
+    tables = np.zeros((rows, per_row), np.int32)
+    tables[:requests] = 1 + np.arange(requests * per_row, dtype=np.int32).reshape(requests,
+                                                                                  per_row)
+    real = np.arange(rows) < requests
+    pos = np.where(real, args.context - 1, 0).astype(np.int32)
+    slots = np.where(real, tables[:, -1] * BLOCK_SIZE + pos % BLOCK_SIZE, 0).astype(np.int32)
     inv_freq = 1.0 / 10000 ** (np.arange(0, args.head_dim, 2) / args.head_dim)
     return (jax.random.normal(x_key, (rows, args.hidden), dtype),
             jax.random.normal(k_key, shape, dtype), jax.random.normal(v_key, shape, dtype),
-            jnp.asarray(pos), jnp.asarray(pos + 1), jnp.asarray(tables), jnp.asarray(slots),
-            jnp.asarray(inv_freq, jnp.float32))
+            jnp.asarray(pos), jnp.asarray(np.where(real, pos + 1, 0).astype(np.int32)),
+            jnp.asarray(tables), jnp.asarray(slots), jnp.asarray(inv_freq, jnp.float32))
 
 
 def layer_around_attention(project):
     """A layer as the model's `_layer` runs it with `project(x, w, counters, **epilogue)`
-    for each projection and the fused decode attention kernel between."""
+    for each projection (and the step's request count, as the model passes it to the
+    small-batch kernels) and the fused decode attention kernel between."""
     import jax
 
     from pallas_kernels.decode_attention_triton import decode_attention_triton
 
     def layer(x, p, kv, step, counters, *, args):
+        import jax.numpy as jnp
+
         k_cache, v_cache, layer_index = kv
         positions, seq_lens, tables, slots, inv_freq = step
         q, kvs = args.heads * args.head_dim, args.kv_heads * args.head_dim
-        qkv, counters = project(x, p["qkv_proj"], counters, bias=p["qkv_bias"],
+        if project is xla_project:
+            proj = project
+        else:
+            proj = functools.partial(project, row_count=jnp.sum(seq_lens > 0, dtype=jnp.int32))
+        qkv, counters = proj(x, p["qkv_proj"], counters, bias=p["qkv_bias"],
                                 norm_scale=p["attn_norm_scale"], rope_positions=positions,
                                 rope_inv_freq=inv_freq, rope_columns=q + kvs)
         qkv = qkv.reshape(x.shape[0], args.heads + 2 * args.kv_heads, args.head_dim)
@@ -127,10 +142,10 @@ def layer_around_attention(project):
             qkv, k_cache, v_cache, layer_index, seq_lens, tables, slots,
             scale=args.head_dim ** -0.5, num_kv_heads=args.kv_heads, counters=counters,
             interpret=args.smoke or None)
-        x, counters = project(o.reshape(x.shape[0], q), p["o_proj"], counters, residual=x)
-        up, counters = project(x, p["gate_up_proj"], counters,
-                               norm_scale=p["mlp_norm_scale"], gated_act=jax.nn.silu)
-        x, counters = project(up, p["down_proj"], counters, residual=x)
+        x, counters = proj(o.reshape(x.shape[0], q), p["o_proj"], counters, residual=x)
+        up, counters = proj(x, p["gate_up_proj"], counters, norm_scale=p["mlp_norm_scale"],
+                            gated_act=jax.nn.silu)
+        x, counters = proj(up, p["down_proj"], counters, residual=x)
         return x, (k_cache, v_cache), counters
 
     return layer
@@ -142,10 +157,11 @@ def xla_project(x, w, counters, **kw):
     return reference(x, w, **kw), counters
 
 
-def kernel_project(x, w, counters, *, smoke: bool, **kw):
+def kernel_project(x, w, counters, *, smoke: bool, row_count=None, **kw):
     from pallas_kernels.small_batch_matmul import fused_matmul
 
-    return fused_matmul(x, w, counters=counters, interpret=smoke or None, **kw)
+    return fused_matmul(x, w, counters=counters, interpret=smoke or None,
+                        row_count=row_count, **kw)
 
 
 def one_kernel_layer(x, p, kv, step, counters, *, args, **tiling):
@@ -218,16 +234,16 @@ def bench_rows(rows: int, weights, args) -> dict:
     weight_bytes = sum(int(w.size) * w.dtype.itemsize for w in weights[0].values())
     ways = candidates(args)
 
-    def one_layer(layer):
+    def one_layer(layer):  # the requests' rows (the padding rows' differ by way)
         return np.asarray(jax.jit(layer)(x, weights[0], (k_cache, v_cache, 0), step,
-                                         counters)[0], np.float32)
+                                         counters)[0], np.float32)[:rows]
 
     def compile_loop(layer):
         return looped(layer, len(weights), args.iters).lower(*operands).compile(
             compiler_options=xla_flags.step_compiler_options())
 
     want = one_layer(ways[0][1])
-    result = {"rows": rows, "context": args.context,
+    result = {"rows": rows, "padded_rows": int(x.shape[0]), "context": args.context,
               "weight_mb_per_layer": round(weight_bytes / 1e6, 2), "results": {}}
     with concurrent.futures.ThreadPoolExecutor(args.compile_threads) as pool:
         compiled = {label: pool.submit(compile_loop, layer) for label, layer in ways}
@@ -271,7 +287,8 @@ def run(args) -> dict:
     shapes = []
     for rows in args.rows:
         r = bench_rows(rows, weights, args)
-        print(f"-- {rows} rows, context {args.context}, {args.layers} layers, "
+        print(f"-- {rows} requests ({r['padded_rows']} rows), context {args.context}, "
+              f"{args.layers} layers, "
               f"{r['weight_mb_per_layer']} MB of weights a layer --")
         common.print_sweep(r["results"], columns, width=26)
         print(f"   best: {r.get('best')}", flush=True)

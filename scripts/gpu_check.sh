@@ -318,7 +318,7 @@ phase_dlprofile() {  # the profile phase's steps with each layer of a decode ste
 }
 
 phase_dlayer() {  # whole layers: XLA's projections, the small-batch kernels, one kernel
-    local args=(--rows 1,8 --k-split 64,128,256 --num-warps 4,8)
+    local args=(--rows 1,8 --k-split 64,128 --num-warps 4,8)
     [ "$MODE" = smoke ] && args=(--smoke)
     run_phase dlayer 150 "$PY" benchmarks/decode_layer.py "${args[@]}" \
         --output-json "$OUT/decode_layer.json"
