@@ -75,7 +75,7 @@ MODE=full
 [ "${1:-}" = "--smoke" ] && MODE=smoke
 OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
-PHASES="${PHASES:-model,throughput,latency,sblatency,xlalatency,smallmm,pthroughput,coldstart,profile,sbprofile,tests,decode,spread,mtests,unfused,sthroughput,bthroughput,nocb,mofusion,sampler,athroughput,async,scan,eager,kernels}"
+PHASES="${PHASES:-model,throughput,latency,dllatency,sblatency,xlalatency,dlayer,smallmm,pthroughput,coldstart,profile,sbprofile,tests,decode,spread,mtests,unfused,sthroughput,bthroughput,nocb,mofusion,sampler,athroughput,async,scan,eager,kernels}"
 DEADLINE="${DEADLINE:-450}"
 WORK="$(mktemp -d)"
 MODEL_DIR="$WORK/model"
