@@ -284,17 +284,29 @@ def _write_output(accs, col, cols, freq_at, o_ref, bias_ref, residual_ref, posit
     store(col, y)
 
 
+SUM_GROUP = 8  # terms `ordered_sum` adds in straight-line code, a loop iteration
+
+
 def ordered_sum(n: int, term: Callable, zeros, *, rows: int):
     """term(0) + ... + term(n - 1), in that order (the same bits whichever program adds).
-    Up to MIN_ROWS rows a Python loop: straight-line loads that do not depend on each
-    other, which the compiler issues together, where a loop's wait on L2 one after another
-    (19-38 of them for a down projection's splits); more rows hold too many registers that
-    way (64 rows spilled), and loop."""
+    Up to MIN_ROWS rows, SUM_GROUP terms an iteration in straight-line code: loads that do
+    not depend on each other, which the compiler issues together, where a plain loop's wait
+    on L2 one after another (19-38 of them for Qwen2.5-0.5B's down projection's splits).
+    More rows, or all of a long sum unrolled (112 splits at Llama-3-8B's shapes), hold too
+    many registers that way (64 rows spilled): one term an iteration."""
     if rows > MIN_ROWS:
         return lax.fori_loop(0, n, lambda i, total: total + term(i), zeros)
-    for i in range(n):
-        zeros = zeros + term(i)
-    return zeros
+
+    def group(g, total):
+        for i in range(SUM_GROUP):
+            total = total + term(g * SUM_GROUP + i)
+        return total
+
+    whole = n // SUM_GROUP
+    total = group(0, zeros) if whole == 1 else lax.fori_loop(0, whole, group, zeros)
+    for i in range(whole * SUM_GROUP, n):
+        total = total + term(i)
+    return total
 
 
 def _epilogue_refs(refs: list, has_bias: bool, has_residual: bool, rope: bool):
