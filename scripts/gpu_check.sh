@@ -355,7 +355,7 @@ phase_tests() {
     # share the GPU, each allocating only what it uses.
     local par=()
     "$PY" -c "import xdist" 2>/dev/null && par=(-n 4)
-    run_phase tests 200 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest "${sel[@]}" \
+    run_phase tests 240 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest "${sel[@]}" \
         "${par[@]}" -q -rfs -p no:cacheprovider --junitxml="$WORK/pytest.xml"
     grep -E "^(FAILED|ERROR)|passed|failed|skipped" "$WORK/tests.log" | tail -n 25
 }
