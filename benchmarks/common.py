@@ -92,6 +92,71 @@ def print_sweep(results: dict, columns: Sequence[tuple[str, str, int, str]],
             for key, _, w, spec in columns))
 
 
+def random_layers(shapes: dict, num_layers: int, dtype, seed: int = 0,
+                  scales: Sequence[str] = ("_norm", "_scale")) -> list[dict]:
+    """`num_layers` dicts of random weights of `shapes` ({name: shape}): norm scales (names
+    ending in one of `scales`) near 1, the rest normal with variance 1 / their first
+    dimension (a projection's fan-in), each layer from its own key (seed + layer)."""
+    import jax
+
+    layers = []
+    for layer in range(num_layers):
+        keys = jax.random.split(jax.random.key(seed + layer), len(shapes))
+        layers.append({
+            name: (1 + 0.1 * jax.random.normal(key, shape, dtype) if name.endswith(tuple(scales))
+                   else jax.random.normal(key, shape, dtype) * shape[0] ** -0.5)
+            for key, (name, shape) in zip(keys, shapes.items())})
+    return layers
+
+
+def time_against_first(ways, compile_loop: Callable, one_output: Callable, operands,
+                       args, *, layers_a_call: int, weight_bytes: int) -> dict:
+    """Each `(label, layer)` of `ways` timed against the first (XLA's way): compiled side by
+    side (`compile_loop(layer)`, most of the time on a GPU), its output (`one_output(layer)`)
+    checked against the first's, then each compiled loop called on `operands`, taking turns
+    (`jaxvllm.engine.autotune.fastest_each`, `args.reps` times). A call runs
+    `layers_a_call` layers of `weight_bytes` each. {"results": {label: {us_per_layer,
+    rel_err, weight_tb_per_s, vs_xla} or {error}}, "best": the fastest label but the
+    first}."""
+    import concurrent.futures
+
+    import jax
+
+    from jaxvllm.engine import autotune
+
+    want = one_output(ways[0][1])
+    result = {"weight_mb_per_layer": round(weight_bytes / 1e6, 2), "results": {}}
+    with concurrent.futures.ThreadPoolExecutor(args.compile_threads) as pool:
+        compiled = {label: pool.submit(compile_loop, layer) for label, layer in ways}
+    runnable = {}  # label -> (compiled loop, difference from the first's output)
+    for label, layer in ways:
+        try:
+            got = one_output(layer)
+            err = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
+            fn = compiled[label].result()
+            jax.block_until_ready(fn(*operands))
+            runnable[label] = fn, err
+        except Exception as e:  # noqa: BLE001 - a way that fails is reported
+            result["results"][label] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    seconds = autotune.fastest_each([fn for fn, _ in runnable.values()], operands, args.reps)
+    for (label, (_, err)), s in zip(runnable.items(), seconds):
+        us = 1e6 * s / layers_a_call
+        result["results"][label] = {
+            "us_per_layer": _r(us, 2), "rel_err": _r(err, 5),
+            "weight_tb_per_s": _r(weight_bytes / (us * 1e-6) / 1e12)}
+        if err > 0.05:
+            result["results"][label]["error"] = f"output differs from XLA's by {err:.3g}"
+    first = ways[0][0]
+    base = result["results"].get(first, {}).get("us_per_layer")
+    for r in result["results"].values():
+        if "us_per_layer" in r:
+            r["vs_xla"] = ratio(base, r["us_per_layer"])
+    ok = {k: r for k, r in result["results"].items() if "error" not in r and k != first}
+    if ok:
+        result["best"] = min(ok, key=lambda k: ok[k]["us_per_layer"])
+    return result
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """vLLM's engine flags (those jaxvllm has); unset ones keep the engine's defaults."""
     g = parser.add_argument_group("engine")

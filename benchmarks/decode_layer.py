@@ -31,7 +31,6 @@ meant for it.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import itertools
 import sys
@@ -70,23 +69,15 @@ def build_parser():
 
 def make_layers(args, seed: int = 0) -> list[dict]:
     """Each layer's weights by the unrolled model's names."""
-    import jax
     import jax.numpy as jnp
 
-    dtype = jnp.float32 if args.smoke else jnp.bfloat16
     h, i = args.hidden, args.intermediate
     q, kv = args.heads * args.head_dim, args.kv_heads * args.head_dim
     shapes = {"attn_norm_scale": (h,), "qkv_proj": (h, q + 2 * kv), "qkv_bias": (q + 2 * kv,),
               "o_proj": (q, h), "mlp_norm_scale": (h,), "gate_up_proj": (h, 2 * i),
               "down_proj": (i, h)}
-    layers = []
-    for layer in range(args.layers):
-        keys = jax.random.split(jax.random.key(seed + layer), len(shapes))
-        layers.append({
-            name: (1 + 0.1 * jax.random.normal(key, shape, dtype) if name.endswith("_scale")
-                   else jax.random.normal(key, shape, dtype) * shape[0] ** -0.5)
-            for key, (name, shape) in zip(keys, shapes.items())})
-    return layers
+    return common.random_layers(shapes, args.layers,
+                                jnp.float32 if args.smoke else jnp.bfloat16, seed)
 
 
 def step_inputs(requests: int, args):
@@ -225,14 +216,11 @@ def bench_rows(rows: int, weights, args) -> dict:
     import jax
 
     from jaxvllm import xla_flags
-    from jaxvllm.engine import autotune
 
     x, k_cache, v_cache, *step = step_inputs(rows, args)
     step = tuple(step)
     counters = counters_for(args)
     operands = (x, weights, k_cache, v_cache, step, counters)
-    weight_bytes = sum(int(w.size) * w.dtype.itemsize for w in weights[0].values())
-    ways = candidates(args)
 
     def one_layer(layer):  # the requests' rows (the padding rows' differ by way)
         return np.asarray(jax.jit(layer)(x, weights[0], (k_cache, v_cache, 0), step,
@@ -242,37 +230,11 @@ def bench_rows(rows: int, weights, args) -> dict:
         return looped(layer, len(weights), args.iters).lower(*operands).compile(
             compiler_options=xla_flags.step_compiler_options())
 
-    want = one_layer(ways[0][1])
-    result = {"rows": rows, "padded_rows": int(x.shape[0]), "context": args.context,
-              "weight_mb_per_layer": round(weight_bytes / 1e6, 2), "results": {}}
-    with concurrent.futures.ThreadPoolExecutor(args.compile_threads) as pool:
-        compiled = {label: pool.submit(compile_loop, layer) for label, layer in ways}
-    runnable = {}
-    for label, layer in ways:
-        try:
-            got = one_layer(layer)
-            err = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
-            fn = compiled[label].result()
-            jax.block_until_ready(fn(*operands))
-            runnable[label] = fn, err
-        except Exception as e:  # noqa: BLE001 - a way that fails is reported
-            result["results"][label] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    seconds = autotune.fastest_each([fn for fn, _ in runnable.values()], operands, args.reps)
-    for (label, (_, err)), s in zip(runnable.items(), seconds):
-        us = 1e6 * s / (args.iters * len(weights))
-        result["results"][label] = {
-            "us_per_layer": common._r(us, 2), "rel_err": common._r(err, 5),
-            "weight_tb_per_s": common._r(weight_bytes / (us * 1e-6) / 1e12)}
-        if err > 0.05:
-            result["results"][label]["error"] = f"output differs from XLA's by {err:.3g}"
-    base = result["results"].get("xla", {}).get("us_per_layer")
-    for r in result["results"].values():
-        if "us_per_layer" in r:
-            r["vs_xla"] = common.ratio(base, r["us_per_layer"])
-    ok = {k: r for k, r in result["results"].items() if "error" not in r and k != "xla"}
-    if ok:
-        result["best"] = min(ok, key=lambda k: ok[k]["us_per_layer"])
-    return result
+    timed = common.time_against_first(
+        candidates(args), compile_loop, one_layer, operands, args,
+        layers_a_call=args.iters * len(weights),
+        weight_bytes=sum(int(w.size) * w.dtype.itemsize for w in weights[0].values()))
+    return {"rows": rows, "padded_rows": int(x.shape[0]), "context": args.context, **timed}
 
 
 def run(args) -> dict:

@@ -36,7 +36,6 @@ interpreted: only `--smoke` is meant for it.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import itertools
 import sys
@@ -80,25 +79,14 @@ def build_parser():
 
 def make_weights(args, seed: int = 0) -> list[dict]:
     """One dict of projection weights (and norm scales, the QKV bias) per layer."""
-    import jax
     import jax.numpy as jnp
 
-    dtype = jnp.float32 if args.smoke else jnp.bfloat16
     h, i = args.hidden, args.intermediate
     shapes = {"w_qkv": (h, h + 2 * args.kv_size), "b_qkv": (h + 2 * args.kv_size,),
               "attn_norm": (h,), "w_o": (h, h), "mlp_norm": (h,), "w_gate_up": (h, 2 * i),
               "w_down": (i, h)}
-    layers = []
-    for layer in range(args.layers):
-        keys = jax.random.split(jax.random.key(seed + layer), len(shapes))
-        weights = {}
-        for key, (name, shape) in zip(keys, shapes.items()):
-            if name.endswith("_norm"):
-                weights[name] = 1 + 0.1 * jax.random.normal(key, shape, dtype)
-            else:
-                weights[name] = jax.random.normal(key, shape, dtype) * shape[0] ** -0.5
-        layers.append(weights)
-    return layers
+    return common.random_layers(shapes, args.layers,
+                                jnp.float32 if args.smoke else jnp.bfloat16, seed)
 
 
 def rope_arguments(rows: int, args) -> dict:
@@ -261,49 +249,20 @@ def time_candidates(candidates, x, weights, args) -> dict:
     import jax
 
     from jaxvllm import xla_flags
-    from jaxvllm.engine import autotune
-
-    weight_bytes = sum(int(w.size) * w.dtype.itemsize for w in weights[0].values())
 
     def compile_loop(layer):
         return looped(layer, len(weights), args.iters).lower(x, weights).compile(
             compiler_options=xla_flags.step_compiler_options())
 
-    # one iteration of one layer against XLA's, for the check
     counters = layer_counters(weights)
-    want = np.asarray(candidates[0][1](x, weights[0], counters)[0], np.float32)
-    result = {"weight_mb_per_layer": round(weight_bytes / 1e6, 2), "results": {}}
-    # compiled side by side (most of the time on a GPU), checked, then timed taking turns
-    with concurrent.futures.ThreadPoolExecutor(args.compile_threads) as pool:
-        compiled = {label: pool.submit(compile_loop, layer) for label, layer in candidates}
-    runnable = {}  # label -> (compiled loop, difference from XLA's output)
-    for label, layer in candidates:
-        try:
-            got = np.asarray(jax.jit(layer)(x, weights[0], counters)[0], np.float32)
-            err = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
-            fn = compiled[label].result()
-            jax.block_until_ready(fn(x, weights))
-            runnable[label] = fn, err
-        except Exception as e:  # noqa: BLE001 - a configuration that fails is reported
-            result["results"][label] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    seconds = autotune.fastest_each([fn for fn, _ in runnable.values()], (x, weights),
-                                    args.reps)
-    for (label, (_, err)), s in zip(runnable.items(), seconds):
-        us = 1e6 * s / (args.iters * len(weights))  # a layer's
-        result["results"][label] = {
-            "us_per_layer": common._r(us, 2), "rel_err": common._r(err, 5),
-            "weight_tb_per_s": common._r(weight_bytes / (us * 1e-6) / 1e12)}
-        if err > 0.05:
-            result["results"][label]["error"] = f"output differs from XLA's by {err:.3g}"
-    base = result["results"].get(candidates[0][0], {}).get("us_per_layer")
-    for r in result["results"].values():
-        if "us_per_layer" in r:
-            r["vs_xla"] = common.ratio(base, r["us_per_layer"])
-    ok = {k: r for k, r in result["results"].items()
-          if "error" not in r and k != candidates[0][0]}
-    if ok:
-        result["best"] = min(ok, key=lambda k: ok[k]["us_per_layer"])
-    return result
+
+    def one_output(layer):  # one iteration of one layer, for the check
+        return np.asarray(jax.jit(layer)(x, weights[0], counters)[0], np.float32)
+
+    return common.time_against_first(
+        candidates, compile_loop, one_output, (x, weights), args,
+        layers_a_call=args.iters * len(weights),
+        weight_bytes=sum(int(w.size) * w.dtype.itemsize for w in weights[0].values()))
 
 
 def run(args) -> dict:
