@@ -117,6 +117,7 @@ class TritonBuild:
     spill_bytes: int
     num_warps: int
     num_stages: int
+    ir: str = ""  # the Triton IR it was built from
 
 
 def compile_triton(fn, *args, arch: int = 90) -> list[TritonBuild]:
@@ -143,7 +144,8 @@ def compile_triton(fn, *args, arch: int = 90) -> list[TritonBuild]:
             name = re.search(r"tt\.func public @(\w+)", ir)
             builds.append(TritonBuild(name.group(1) if name else f"kernel{i}",
                                       kernel.metadata.shared, int(regs.group(1)) if regs else -1,
-                                      int(spill.group(1)) if spill else 0, warps, stages))
+                                      int(spill.group(1)) if spill else 0, warps, stages,
+                                      ir))
     return builds
 
 

@@ -163,41 +163,36 @@ def _qwen_specs(rows, dtype=jnp.bfloat16):  # Qwen2.5-0.5B's layer
             i32(), i32(rows), i32(rows), i32(rows, 64), i32(rows))
 
 
-def test_triton_compiles_to_cubin():
-    """The whole layer is one Triton kernel for sm_90 within an H100's limits, without
-    spills, at batch 1 and at the most rows it takes."""
-    pytest.importorskip("triton")
-    from pallas_kernels.gpu_lowering import compile_triton
-
-    for rows in (1, dl.MAX_ROWS):
-        size = dl.counters_size(896, 4864, 14, 2, 64)
-        layer = functools.partial(dl.decode_layer, inv_freq=jnp.ones((32,), jnp.float32),
-                                  num_heads=14, num_kv_heads=2, norm_eps=1e-6,
-                                  gated_act=jax.nn.silu, scale=0.125, interpret=False)
-        builds = compile_triton(lambda *a: layer(*a, counters=jnp.zeros((size,), jnp.int32)),
-                                *_qwen_specs(rows))
-        assert len(builds) == 1 and builds[0].name.startswith("decode_layer_t"), builds
-        assert builds[0].shared_bytes <= 227 * 1024 and builds[0].spill_bytes == 0, builds
-
-
-def test_the_waits_survive_lowering():
-    """Each stage but the first waits for the one before in a loop that polls its count:
-    four loops of volatile loads in the Triton IR, each followed by an atomic. (A polling
-    loop whose result went unused was dropped as a mere read, and the interpreter, running
-    programs in order, cannot tell.)"""
-    from pallas_kernels.gpu_lowering import triton_modules
+def test_lowers_with_its_waits_and_builds_for_sm_90():
+    """At 16 rows (a batch-1 multi-step decode; its sums in straight-line code) the whole
+    layer is one Triton kernel. Each stage but the first waits for the one before in a loop
+    that polls its count: four loops of volatile loads in the IR. (A polling loop whose
+    result went unused was once dropped as a mere read; the interpreter, running programs
+    in order, cannot tell.) Built for sm_90 with the triton package (~40 s here, so once) it
+    fits an H100's limits without spills."""
+    from pallas_kernels.gpu_lowering import compile_triton, triton_modules
 
     size = dl.counters_size(896, 4864, 14, 2, 64)
     layer = functools.partial(dl.decode_layer, inv_freq=jnp.ones((32,), jnp.float32),
                               num_heads=14, num_kv_heads=2, norm_eps=1e-6,
                               gated_act=jax.nn.silu, scale=0.125, interpret=False)
-    (ir, _, _), = triton_modules(lambda *a: layer(*a, counters=jnp.zeros((size,), jnp.int32)),
-                                 *_qwen_specs(16))
+    fn = lambda *a: layer(*a, counters=jnp.zeros((size,), jnp.int32))
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        (ir, _, _), = triton_modules(fn, *_qwen_specs(16))
+        build = None
+    else:
+        (build,) = compile_triton(fn, *_qwen_specs(16))
+        ir = build.ir
     loops = ir.split("scf.while")[1:]
     assert len(loops) == 4
     for loop in loops:
         body = loop.split("scf.yield")[0]
         assert re.search(r"tt\.load .*isVolatile = true.*tensor<1x!tt\.ptr<i32>>", body), body
+    if build is not None:
+        assert build.name.startswith("decode_layer_t16"), build
+        assert build.shared_bytes <= 227 * 1024 and build.spill_bytes == 0, build
 
 
 @pytest.mark.gpu
