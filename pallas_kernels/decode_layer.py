@@ -14,7 +14,7 @@ stages of one grid:
     down        column tiles x K splits           up @ W_down + x1
 
 A program first loads its share of the weights ([K_SPLIT, block_n] a weight tile: at most
-32 KB, held in registers), then waits until the stage before has written all of its output,
+32 KB, staged in shared memory), then waits until the stage before has written all of its output,
 then multiplies. So programs of the next stage read their weights while the stage before is
 still finishing, and no stage boundary leaves the memory idle. A program whose split of K is
 the last of its column tile to finish adds the tile's partial sums up and does the epilogue
@@ -26,16 +26,20 @@ ticket says, not as its program id does: tickets go in start order and stages in
 order, so a program waits only for programs with lower tickets, which have started (are
 running or done) whatever order the GPU starts programs in and however many it holds at once.
 The last program to finish sets the kernel's counts back to zero: the counts come in as
-int32 zeros (`counters_size` of them) and leave as zeros, like the split kernels'.
+int32 zeros (`counters_size` of them) and leave as zeros, like the split kernels'. A wait
+that gives up (SPIN_LIMIT polls, or at once in interpret mode, where programs run in ticket
+order and a count short of its target can only be a bug) adds one to TIMED_OUT, which stays:
+the tests require all counts back at zero.
 
-Rows: the step's T rows (at most MAX_ROWS), of which the real ones come first and the
-padding rows (seq_len 0) last, as a multi-step decode pads them: a batch-1 step is 16 rows,
-one real. The kernel counts the real rows and reads only those, padded to a power of two of
-at least 16 for Triton's dot by reading the last real row again; every row past the real
-ones then computes the last real row's values and stores them there and to the padding
-rows (so these hold finite values, not garbage), and only the real rows go through the
-split buffers. A padding row's attention does nothing: its k and v are not stored (the
-unfused layer stores them to its slot, the null block).
+Rows: the step's T rows (at most MAX_ROWS). A multi-step decode puts its padding rows
+(seq_len 0) last: a batch-1 step is 16 rows, one real. The kernel runs the rows up to the
+last real one (at least one row) as the unfused layer runs them, a padding row among them
+included (zero attention output, its k and v stored to its slot), padded to a power of two
+of at least 16 for Triton's dot by reading the last of them again. Every row past them
+computes that row's values and stores them there and to the padding rows (finite values,
+not garbage); only the rows run go through the split buffers, and the padding rows past
+them skip the attention (their k and v, which the unfused layer stores to their slots, the
+null block, are not stored).
 
 Stores of one program are published by a barrier of its threads and an atomic add
 (acquire-release at GPU scope). A waiting program polls the count with volatile loads (so
@@ -62,18 +66,23 @@ from pallas_kernels.ragged_tiles import next_power_of_2
 
 MAX_ROWS = sbm.MAX_ROWS
 # K rows of a program's weight chunk: 128 x 64 columns of bfloat16 is 16 KB (gate/up's two
-# tiles 32 KB), 64 registers a thread at 4 warps, held while the program waits
+# tiles 32 KB), loaded into shared memory before the program waits
 K_SPLIT = 128
 # Polls of a count before a waiting program goes on regardless (~1 us a poll, a few seconds
 # in all, where a stage takes microseconds): a count that never comes (a bug) then gives
-# wrong output, which the tests catch, instead of a hung GPU
+# wrong output and a nonzero TIMED_OUT instead of a hung GPU
 SPIN_LIMIT = 1 << 22
-# The counts' places: the ticket, the finished programs, then each stage's finished output
-# tiles, then each split projection's arrivals a column tile and the attention's a row and
-# KV head
-TICKET, FINISHED = 0, 1
+# The counts' places, each of the first ones on a 128-byte line of its own (hundreds of
+# programs poll a stage's done count; the ticket and the finished programs take an atomic
+# from every program): the ticket, the finished programs, each stage's finished output
+# tiles, the waits that gave up; then each split projection's arrivals a column tile and
+# the attention's a row and KV head
+LINE = 32
 STAGES = ("qkv", "attention", "o", "gate_up", "down")
-DONE = {stage: 2 + i for i, stage in enumerate(STAGES[:-1])}
+TICKET, FINISHED = 0, LINE
+DONE = {stage: (2 + i) * LINE for i, stage in enumerate(STAGES[:-1])}
+TIMED_OUT = (2 + len(DONE)) * LINE
+ARRIVALS = TIMED_OUT + LINE
 WEIGHTS = ("attn_norm_scale", "qkv_proj", "o_proj", "mlp_norm_scale", "gate_up_proj",
            "down_proj")  # and "qkv_bias" where the model has one
 
@@ -148,7 +157,7 @@ class LayerPlan:
 
     def arrivals(self, stage: str) -> int:
         """The first of `stage`'s arrival counts (one a column tile, or a row and KV head)."""
-        at = 2 + len(DONE)
+        at = ARRIVALS
         for s in STAGES[:STAGES.index(stage)]:
             at += self._arrival_counts(s)
         return at
@@ -173,6 +182,8 @@ def plan(rows: int, hidden: int, intermediate: int, num_heads: int, num_kv_heads
          k_split: Optional[int] = None) -> LayerPlan:
     """The layer kernel's plan for these shapes (`k_split`: the projections' K a program, as
     far as it divides K; None: the largest power of two up to K_SPLIT that does)."""
+    if k_split is not None and (k_split < 16 or k_split & (k_split - 1)):
+        raise ValueError(f"k_split={k_split} must be a power of two of at least 16")
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     pick = lambda k, **kw: _projection(k, kw.pop("n_out"), k_split=k_split if k_split and
                                        k % k_split == 0 else None, **kw)
@@ -190,9 +201,10 @@ def plan(rows: int, hidden: int, intermediate: int, num_heads: int, num_kv_heads
 def supports(rows: int, hidden: int, intermediate: int, num_heads: int, num_kv_heads: int,
              head_dim: int) -> bool:
     """Whether `decode_layer` takes these shapes: at most MAX_ROWS rows, a power-of-two head
-    dim of at least 16 and whole tiles everywhere (see small_batch_matmul.supports)."""
+    dim of at least 32 (rotation partners in whole tiles of 16 columns) and whole tiles
+    everywhere (see small_batch_matmul.supports)."""
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    return (0 < rows <= MAX_ROWS and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return (0 < rows <= MAX_ROWS and head_dim >= 32 and head_dim & (head_dim - 1) == 0
             and num_heads % num_kv_heads == 0 and hidden % 16 == 0 and intermediate % 16 == 0
             and sbm.supports(rows, hidden, q_size + 2 * kv_size, rope_head_dim=head_dim)
             and sbm.supports(rows, q_size, hidden) and sbm.supports(rows, intermediate, hidden)
@@ -252,12 +264,13 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
         return plgpu.atomic_add(counts_ref, (jnp.asarray(index, jnp.int32),),
                                 jnp.asarray(by, jnp.int32))
 
-    # the real rows (the first ones) and the rows each program reads and stores
-    rows_at = jnp.minimum(lax.broadcasted_iota(jnp.int32, (padded,), 0), t - 1)
-    real_rows = jnp.sum((seq_lens_ref[rows_at] > 0)
-                        & (lax.broadcasted_iota(jnp.int32, (padded,), 0) < t)).astype(jnp.int32)
-    read_at = jnp.minimum(lax.broadcasted_iota(jnp.int32, (padded,), 0),
-                          jnp.maximum(real_rows, 1) - 1)
+    # the rows run (up to the last real one, at least one: the module docstring), the rows
+    # each program stores and those it reads
+    iota = lax.broadcasted_iota(jnp.int32, (padded,), 0)
+    rows_at = jnp.minimum(iota, t - 1)
+    real_rows = jnp.maximum(
+        jnp.max(jnp.where((seq_lens_ref[rows_at] > 0) & (iota < t), iota + 1, 0)), 1)
+    read_at = jnp.minimum(iota, real_rows - 1)
     real = lax.broadcasted_iota(jnp.int32, (1, padded, 1), 1) < real_rows
 
     def publish(stage):
@@ -279,8 +292,14 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
                                   lambda c: (polled(c[2]), c[1] + 1, c[2]),
                                   (polled(index), zero, index))
         # adds zero, but from the loop's result: a loop whose result goes unused only reads,
-        # and tracing drops it
+        # and JAX's tracing drops it (Triton then folds the zero; the volatile loads keep
+        # the loop)
         count(index, seen - seen)
+
+        @pl.when(seen < target)
+        def _():
+            count(TIMED_OUT, 1)
+
         if on_gpu:
             # one thread does that atomic (its result unused, none is shared): the others'
             # loads wait here for its acquire (CUTLASS's semaphore does the same)
@@ -357,7 +376,7 @@ def _kernel(*refs, plan: LayerPlan, has_bias: bool, gated_act: Callable, norm_ep
         per_row = plan.num_kv_heads * plan.attention_splits
         tok, head = i // per_row, i % per_row // plan.attention_splits
 
-        @pl.when(tok < real_rows)  # a padding row: nothing to store, no one waits for it
+        @pl.when(tok < real_rows)  # a padding row past them: no one waits for it
         def _():
             wait("qkv")
             attention.attend_program(
@@ -440,6 +459,9 @@ def decode_layer(x, p: dict, k_cache, v_cache, layer, positions, seq_lens, block
     if wrong:
         raise ValueError(f"decode_layer weights of the wrong shape: {wrong}, want "
                          f"{ {name: expected[name] for name in wrong} }")
+    if k_cache.shape[3:] != (num_kv_heads, head_dim) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches {k_cache.shape}, {v_cache.shape} do not hold {num_kv_heads} "
+                         f"KV heads of {head_dim}")
     if positions.shape != (t,) or seq_lens.shape != (t,) or slot_mapping.shape != (t,) \
             or block_tables.shape[0] != t:
         raise ValueError(f"one row per token: positions {positions.shape}, seq_lens "

@@ -462,9 +462,10 @@ def fused_matmul(x, w, *, bias=None, residual=None, norm_scale=None, norm_eps: f
     up and does the epilogue). `counters`: `split_counters` zeros for the split kernel,
     given back beside the result, `(y, counters)`, zero again; None: the call makes its
     own (one more small kernel) and returns y alone. `row_count`: how many of the first rows
-    matter (an int32 scalar known at run time, e.g. a decode step's requests before its
-    padding rows); the split kernel's partial sums carry only those, and the rows past them
-    come out as if their products were zero (bias, residual and rotation still applied)."""
+    matter (an int32 scalar known at run time, e.g. a decode step's rows up to its last
+    request); the split kernel's partial sums carry only those, and the rows past them come
+    out as if their products were zero (bias, residual and rotation still applied). The
+    unsplit kernel computes every row."""
     rows, k = x.shape
     if w.ndim != 2 or w.shape[0] != k:
         raise ValueError(f"x {x.shape} and w {w.shape} do not multiply")

@@ -340,10 +340,13 @@ class CausalLM(nnx.Module):
 
     @staticmethod
     def _real_rows(meta: AttentionMetadata):
-        """A decode-only step's requests (its rows of seq_len > 0, which come first): the
-        rows the small-batch kernels' split sums carry (a batch-1 multi-step decode is 16
-        rows, one real); None for other steps."""
-        return jnp.sum(meta.seq_lens > 0, dtype=jnp.int32) if meta.decode_only else None
+        """A decode-only step's rows up to its last request (of seq_len > 0; the padding
+        rows come last): the rows the small-batch kernels' split sums carry (a batch-1
+        multi-step decode is 16 rows, one real); None for other steps."""
+        if not meta.decode_only:
+            return None
+        rows = jnp.arange(1, meta.seq_lens.shape[0] + 1, dtype=jnp.int32)
+        return jnp.max(jnp.where(meta.seq_lens > 0, rows, 0))
 
     def _layer(self, p, layer, x, positions, inv_freq, meta, kv, counters,
                small_batch: int = 0):
