@@ -222,9 +222,15 @@ def bench_rows(rows: int, weights, args) -> dict:
     counters = counters_for(args)
     operands = (x, weights, k_cache, v_cache, step, counters)
 
-    def one_layer(layer):  # the requests' rows (the padding rows' differ by way)
-        return np.asarray(jax.jit(layer)(x, weights[0], (k_cache, v_cache, 0), step,
-                                         counters)[0], np.float32)[:rows]
+    def one_layer(layer):
+        """One layer's output for the check: the requests' rows (the padding rows' differ
+        by way). Counts left nonzero (a wait that gave up, a count not reset) fail the way."""
+        out, _, counts = jax.jit(layer)(x, weights[0], (k_cache, v_cache, 0), step, counters)
+        left = int(np.count_nonzero(np.asarray(counts)))
+        if left:
+            raise RuntimeError(f"{left} counts not back at zero: a wait gave up (the layer "
+                               "kernel's TIMED_OUT) or a count was not reset")
+        return np.asarray(out, np.float32)[:rows]
 
     def compile_loop(layer):
         return looped(layer, len(weights), args.iters).lower(*operands).compile(
