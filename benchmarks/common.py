@@ -103,7 +103,8 @@ def random_layers(shapes: dict, num_layers: int, dtype, seed: int = 0,
     for layer in range(num_layers):
         keys = jax.random.split(jax.random.key(seed + layer), len(shapes))
         layers.append({
-            name: (1 + 0.1 * jax.random.normal(key, shape, dtype) if name.endswith(tuple(scales))
+            name: (1 + 0.1 * jax.random.normal(key, shape, dtype)
+                   if name.endswith(tuple(scales))
                    else jax.random.normal(key, shape, dtype) * shape[0] ** -0.5)
             for key, (name, shape) in zip(keys, shapes.items())})
     return layers
