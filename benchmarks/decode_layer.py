@@ -245,7 +245,7 @@ def bench_rows(rows: int, weights, args) -> dict:
 
 def run(args) -> dict:
     if args.smoke:
-        args.rows, args.iters, args.reps, args.layers, args.context = [3], 2, 1, 2, 40
+        args.rows, args.iters, args.reps, args.layers, args.context = [3], 2, 1, 1, 40
         args.hidden, args.intermediate, args.heads, args.kv_heads, args.head_dim = (
             64, 128, 4, 2, 32)
         args.k_split, args.num_warps = [32], [4]
