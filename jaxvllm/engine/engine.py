@@ -38,13 +38,10 @@ from jaxvllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxvllm.models.attention import kv_cache_bytes_per_block
 from jaxvllm.models.config import resolve_dtype
 from jaxvllm.models.loader import load_model
-from jaxvllm.models.attention import fused_decode_kernel
-from jaxvllm.models.transformer import (SMALL_BATCH_ACTIVATIONS, decode_layer_supported,
-                                        small_batch_supported)
-from pallas_kernels import decode_layer
-from pallas_kernels.decode_attention_triton import decode_attention_triton
+from jaxvllm.models.transformer import SMALL_BATCH_ACTIVATIONS, small_batch_supported
 from jaxvllm.outputs import CompletionOutput, DeltaTracker, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
+from pallas_kernels import decode_layer
 
 logger = logging.getLogger(__name__)
 
@@ -295,9 +292,7 @@ class LLMEngine:
         (`decode_layer_kernel`; off unless asked for)."""
         backend = self.config.resolved_attention_backend()
         on = self._option(
-            "decode_layer_kernel",
-            self.loaded.model.layers.unstacked and decode_layer_supported(self.model_config)
-            and fused_decode_kernel(backend) is decode_attention_triton,
+            "decode_layer_kernel", self.loaded.model.layer_kernel_possible(),
             "unrolled layers (unroll_layers, one device), a pre-norm RMSNorm model with a "
             "gated MLP and rotary embeddings over whole power-of-two heads (no q/k norms, no "
             "O or MLP biases) and the Triton attention backend "

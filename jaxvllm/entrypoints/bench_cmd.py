@@ -1,6 +1,7 @@
 """`jaxvllm bench NAME ...` (throughput, latency, serve, sampler, cpu_attention, host_overhead,
-kernel_count, decode_kernel, small_batch_matmul, decode_layer): the benchmarks of `benchmarks/`, with the
-same flags as `python benchmarks/<name>.py` (`jaxvllm bench NAME --help`)."""
+kernel_count, decode_kernel, small_batch_matmul, decode_layer): the benchmarks of
+`benchmarks/`, with the same flags as `python benchmarks/<name>.py` (`jaxvllm bench NAME
+--help`)."""
 
 from __future__ import annotations
 

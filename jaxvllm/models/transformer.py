@@ -228,7 +228,7 @@ class CausalLM(nnx.Module):
             # program with the Pallas kernels), and XLA inlines the calls
             first = self.layers.per_layer[0].arrays()
             counters = self._split_counters(first)
-            if self._layer_kernel(first, x.shape[0], meta):
+            if self._layer_kernel(x.shape[0], meta):
                 layer_fn = jax.jit(self._one_kernel_layer)
             else:
                 layer_fn = functools.partial(jax.jit(self._layer, static_argnames="small_batch"),
@@ -305,14 +305,18 @@ class CausalLM(nnx.Module):
             counts = jnp.zeros((max(size, counts.shape[0]),), jnp.int32)
         return counts
 
-    def _layer_kernel(self, p, t: int, meta: AttentionMetadata) -> bool:
-        """Whether this step runs each (unrolled) layer as one kernel: a decode-only step of
-        at most `decode_layer_rows` rows, a model `decode_layer_supported`, fused weights,
-        the attention backend's decode kernel the Triton one, one device."""
-        return (meta.decode_only and 0 < t <= min(self.decode_layer_rows, decode_layer.MAX_ROWS)
-                and decode_layer_supported(self.cfg) and "gate_up_proj" in p
-                and "qkv_proj" in p and parallel.active_mesh() is None
+    def layer_kernel_possible(self) -> bool:
+        """Whether decode steps can run each layer as one kernel: unrolled (fused) weights,
+        a model `decode_layer_supported`, the attention backend's decode kernel the Triton
+        one."""
+        return (self.layers.unstacked and decode_layer_supported(self.cfg)
                 and fused_decode_kernel(self.attention_backend) is decode_attention_triton)
+
+    def _layer_kernel(self, t: int, meta: AttentionMetadata) -> bool:
+        """Whether this step runs each layer as one kernel: a decode-only step of at most
+        `decode_layer_rows` rows, on one device, where `layer_kernel_possible`."""
+        return (meta.decode_only and 0 < t <= min(self.decode_layer_rows, decode_layer.MAX_ROWS)
+                and parallel.active_mesh() is None and self.layer_kernel_possible())
 
     def _one_kernel_layer(self, p, layer, x, positions, inv_freq, meta, kv, counters):
         """One decoder layer of a decode-only step as one kernel -> (x, kv, counters)."""
